@@ -1,0 +1,4 @@
+"""StyleHEAT inference side: engine, checkpoint manager, ZeroMQ server and the `styleheat` CLI.
+
+Nothing in this package imports bpy.
+"""
