@@ -1,0 +1,540 @@
+"""StyleHEAT wire protocol, version 1: the schema shared by the server and the Blender add-on.
+
+This module is the single source of truth for message types, fields and limits. It imports only
+the standard library, ``msgpack`` and ``numpy`` (no torch, no zmq, no bpy) so that the add-on can
+vendor a verbatim copy. The prose version is ``docs/protocol.md``.
+
+Transport: a ZeroMQ DEALER (client) connects to the server's ROUTER. Every message is multipart::
+
+    [header, part0, part1, ...]
+
+``header`` is a msgpack map (``use_bin_type=True``); the parts are raw bytes (encoded images, PCM
+samples, pixels). Pixels and other bulk data are never inside the msgpack header of a reply.
+
+Helpers here:
+
+* :func:`pack` / :func:`unpack` -- header + parts <-> list of frames, with strict limits.
+* :func:`request` -- build a client request header (the add-on uses this).
+* :func:`array_field` / :func:`decode_array` -- numpy arrays in headers (inline or by part).
+* ``validate_*`` -- schema checks of every request, raising :class:`ProtocolError` with a code and
+  a sentence. The server runs them; a client may run them before sending.
+* :func:`decode_raw_frame` -- turn a ``frame`` reply's raw RGB8 part into an ``(H, W, 3)`` array.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# Limits (the server advertises them in its hello reply; a client should respect them)
+# --------------------------------------------------------------------------------------------
+MiB = 1 << 20
+MAX_HEADER_BYTES = 32 * MiB        # msgpack header of one message
+MAX_PART_BYTES = 96 * MiB          # one bulk part (encoded image, PCM samples)
+MAX_PARTS = 4                      # bulk parts after the header
+MAX_MESSAGE_BYTES = 128 * MiB      # zmq MAXMSGSIZE per frame; bigger frames drop the connection
+MAX_ID_LENGTH = 64                 # request ids and identity ids
+MAX_ROWS = 20_000                  # rows (frames of coefficients) in one render request
+MAX_FRAMES = 20_000                # frames rendered by one request
+MAX_CREDIT = 64                    # granted-but-unsent frames one request may hold
+DEFAULT_CREDIT = 4                 # initial credit when a render request does not say
+MAX_IMAGE_SIDE = 8192              # decoded portrait side, pixels
+MIN_IMAGE_SIDE = 64
+MAX_AUDIO_SAMPLES = MAX_PART_BYTES // 4
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
+MAX_FPS = 240.0
+MAX_ATTRIBUTES = 64
+MAX_FRAME_NUMBER = 10_000_000      # |scene frame numbers|
+
+ROW_WIDTH = 73                     # exp 64 | angles 3 | trans 3 | crop 3
+ROW_LAYOUT = ("exp", 64, "angle", 3, "trans", 3, "crop", 3)
+ENCODINGS = ("raw", "png")
+
+# --------------------------------------------------------------------------------------------
+# Message types
+# --------------------------------------------------------------------------------------------
+# client -> server
+HELLO = "hello"
+PREPARE = "prepare"
+RENDER = "render"
+CREDIT = "credit"
+CANCEL = "cancel"
+FORGET = "forget"
+HEARTBEAT = "heartbeat"
+SHUTDOWN = "shutdown"
+REQUEST_TYPES = (HELLO, PREPARE, RENDER, CREDIT, CANCEL, FORGET, HEARTBEAT, SHUTDOWN)
+
+# server -> client (HELLO and HEARTBEAT are also replies)
+PREPARED = "prepared"
+ACCEPTED = "accepted"
+PROGRESS = "progress"
+FRAME = "frame"
+DONE = "done"
+FORGOTTEN = "forgotten"
+BYE = "bye"
+ERROR = "error"
+REPLY_TYPES = (HELLO, PREPARED, ACCEPTED, PROGRESS, FRAME, DONE, FORGOTTEN, HEARTBEAT, BYE, ERROR)
+
+# --------------------------------------------------------------------------------------------
+# Error codes (``error`` replies carry ``code`` and a sentence in ``message``)
+# --------------------------------------------------------------------------------------------
+E_BAD_MESSAGE = "bad_message"            # not a msgpack map / garbage bytes / too many parts
+E_TOO_LARGE = "too_large"                # header or part over the limits
+E_VERSION = "version_mismatch"           # header "v" is not PROTOCOL_VERSION
+E_UNKNOWN_TYPE = "unknown_type"          # header "type" is not a request type
+E_BAD_FIELD = "bad_field"                # missing/wrong type/wrong shape/NaN/out of range
+E_BAD_IMAGE = "bad_image"                # image bytes are not a decodable PNG/JPEG or bad size
+E_UNKNOWN_IDENTITY = "unknown_identity"  # identity id never prepared (or forgotten)
+E_UNKNOWN_REQUEST = "unknown_request"    # cancel for a request id that is not running
+E_DUPLICATE = "duplicate_request"        # a request with this id is still running
+E_UNSUPPORTED = "unsupported"            # e.g. audio when the server has no audio path
+E_BUSY = "busy"                          # job queue full; retry later
+E_OUT_OF_MEMORY = "out_of_memory"        # device OOM even at batch size 1
+E_STALLED = "stalled"                    # no credit granted for too long; job dropped
+E_SHUTTING_DOWN = "shutting_down"        # server is stopping
+E_INTERNAL = "internal"                  # unexpected server failure (message has the reason)
+ERROR_CODES = (E_BAD_MESSAGE, E_TOO_LARGE, E_VERSION, E_UNKNOWN_TYPE, E_BAD_FIELD, E_BAD_IMAGE,
+               E_UNKNOWN_IDENTITY, E_UNKNOWN_REQUEST, E_DUPLICATE, E_UNSUPPORTED, E_BUSY,
+               E_OUT_OF_MEMORY, E_STALLED, E_SHUTTING_DOWN, E_INTERNAL)
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served: ``code`` (one of ERROR_CODES) and a one-sentence ``message``."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+# --------------------------------------------------------------------------------------------
+# Framing
+# --------------------------------------------------------------------------------------------
+def pack_header(header: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(dict(header), use_bin_type=True)
+
+
+def unpack_header(data: bytes, max_bytes: int = MAX_HEADER_BYTES) -> dict:
+    """Decode one msgpack header frame with strict limits; never executes anything."""
+    if len(data) == 0:
+        raise ProtocolError(E_BAD_MESSAGE, "the header frame is empty; send a msgpack map")
+    if len(data) > max_bytes:
+        raise ProtocolError(E_TOO_LARGE, f"the header is {len(data)} bytes, over the limit of "
+                                         f"{max_bytes}; put bulk data in parts")
+    try:
+        obj = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, max_buffer_size=max_bytes,
+            max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes,
+            max_map_len=1 << 16, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise ProtocolError(E_BAD_MESSAGE, f"the header is not valid msgpack ({type(exc).__name__}: "
+                                           f"{exc}); encode a map with msgpack") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(E_BAD_MESSAGE, f"the header must be a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+def pack(header: Mapping[str, Any], parts: Sequence[Any] = ()) -> list:
+    """Frames of one message: msgpack header then the raw parts (bytes-like, sent as is)."""
+    return [pack_header(header), *parts]
+
+
+def unpack(frames: Sequence[Any], max_parts: int = MAX_PARTS,
+           max_part_bytes: int = MAX_PART_BYTES) -> tuple[dict, list]:
+    """Split received frames (without the ROUTER identity) into (header, parts), checking limits."""
+    if not frames:
+        raise ProtocolError(E_BAD_MESSAGE, "empty message")
+    head = frames[0]
+    head = head.bytes if hasattr(head, "bytes") else bytes(head)
+    header = unpack_header(head)
+    parts = list(frames[1:])
+    if len(parts) > max_parts:
+        raise ProtocolError(E_BAD_MESSAGE, f"{len(parts)} parts after the header, at most {max_parts} allowed")
+    for i, p in enumerate(parts):
+        n = len(p.buffer) if hasattr(p, "buffer") else len(p)
+        if n > max_part_bytes:
+            raise ProtocolError(E_TOO_LARGE, f"part {i} is {n} bytes, over the limit of {max_part_bytes}")
+    return header, parts
+
+
+def request(type_: str, id_: str | None = None, **fields: Any) -> dict:
+    """A client request header: ``{"v": 1, "type": type_, "id": id_, **fields}``."""
+    h = {"v": PROTOCOL_VERSION, "type": type_}
+    if id_ is not None:
+        h["id"] = id_
+    h.update(fields)
+    return h
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays
+# --------------------------------------------------------------------------------------------
+_DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1"), "int32": np.dtype("<i4")}
+
+
+def array_field(arr: np.ndarray, parts: list | None = None) -> dict:
+    """Encode an array for a header: inline ``data`` bytes, or (``parts`` given) by ``part`` index.
+
+    Only float32, uint8 and int32 travel; float arrays are sent as little-endian float32.
+    """
+    a = np.asarray(arr)
+    if a.dtype.kind == "f":
+        a = a.astype("<f4", copy=False)
+        name = "float32"
+    elif a.dtype == np.uint8:
+        name = "uint8"
+    elif a.dtype.kind in "iu":
+        a = a.astype("<i4", copy=False)
+        name = "int32"
+    else:
+        raise TypeError(f"cannot send arrays of dtype {a.dtype}")
+    a = np.ascontiguousarray(a)
+    out: dict[str, Any] = {"dtype": name, "shape": list(a.shape)}
+    if parts is None:
+        out["data"] = a.tobytes()
+    else:
+        out["part"] = len(parts)
+        parts.append(a.tobytes())
+    return out
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    return "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
+
+
+def decode_array(value: Any, name: str, shape: Sequence[int | None], parts: Sequence[Any] = (),
+                 dtype: str = "float32", finite: bool = True, max_elements: int | None = None) -> np.ndarray:
+    """Decode and validate an array field.
+
+    ``value`` is either an array map (``{"dtype", "shape", "data"|"part"}``) or nested lists of
+    numbers. ``shape`` uses None for a free dimension. Returns a C-contiguous array of ``dtype``.
+    """
+    want = _DTYPES[dtype]
+    if isinstance(value, dict):
+        keys = set(value)
+        allowed = {"dtype", "shape", "data", "part"}
+        if not keys <= allowed or "dtype" not in keys or "shape" not in keys or len(keys & {"data", "part"}) != 1:
+            raise ProtocolError(E_BAD_FIELD, f"{name}: an array map needs 'dtype', 'shape' and exactly one of "
+                                             f"'data' or 'part' (got keys {sorted(keys)})")
+        dt = value["dtype"]
+        if dt not in _DTYPES:
+            raise ProtocolError(E_BAD_FIELD, f"{name}: dtype {dt!r} is not one of {sorted(_DTYPES)}")
+        shp = value["shape"]
+        if (not isinstance(shp, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                 for s in shp)):
+            raise ProtocolError(E_BAD_FIELD, f"{name}: shape must be a list of non-negative integers")
+        if "data" in value:
+            buf = value["data"]
+            if not isinstance(buf, (bytes, bytearray)):
+                raise ProtocolError(E_BAD_FIELD, f"{name}: 'data' must be msgpack bin bytes")
+        else:
+            idx = value["part"]
+            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(parts):
+                raise ProtocolError(E_BAD_FIELD, f"{name}: 'part' {idx!r} does not name one of the "
+                                                 f"{len(parts)} parts of this message")
+            p = parts[idx]
+            buf = p.buffer if hasattr(p, "buffer") else p
+        if len(shp) != len(shape):
+            raise ProtocolError(E_BAD_FIELD, f"{name}: expected shape {_shape_text(shape)}, got {tuple(shp)}")
+        count = math.prod(shp)
+        if max_elements is not None and count > max_elements:
+            raise ProtocolError(E_TOO_LARGE, f"{name}: {count} values, at most {max_elements} allowed")
+        src = _DTYPES[dt]
+        if len(buf) != count * src.itemsize:
+            raise ProtocolError(E_BAD_FIELD, f"{name}: {len(buf)} bytes do not hold {dt} of shape {tuple(shp)} "
+                                             f"({count * src.itemsize} bytes expected)")
+        arr = np.frombuffer(buf, dtype=src).reshape(shp)
+        if src != want:
+            if want.kind == "f":
+                arr = arr.astype(want)
+            else:
+                raise ProtocolError(E_BAD_FIELD, f"{name}: dtype must be {dtype}, got {dt}")
+        arr = np.array(arr, dtype=want, copy=True, order="C")
+    elif isinstance(value, list):
+        try:
+            arr = np.asarray(value, dtype=np.float64 if want.kind == "f" else np.int64)
+        except (ValueError, TypeError, OverflowError):
+            raise ProtocolError(E_BAD_FIELD, f"{name}: must be a rectangular list of numbers of shape "
+                                             f"{_shape_text(shape)}") from None
+        if arr.dtype == object:
+            raise ProtocolError(E_BAD_FIELD, f"{name}: must be a rectangular list of numbers")
+        if any(isinstance(x, bool) for x in _first_items(value)):
+            raise ProtocolError(E_BAD_FIELD, f"{name}: booleans are not numbers here")
+        if max_elements is not None and arr.size > max_elements:
+            raise ProtocolError(E_TOO_LARGE, f"{name}: {arr.size} values, at most {max_elements} allowed")
+        if arr.ndim != len(shape):
+            raise ProtocolError(E_BAD_FIELD, f"{name}: expected shape {_shape_text(shape)}, got {arr.shape}")
+        if want.kind == "f" and np.isfinite(arr).all() and np.abs(arr).max(initial=0.0) > 3.0e38:
+            raise ProtocolError(E_BAD_FIELD, f"{name}: values overflow float32")
+        arr = np.ascontiguousarray(arr.astype(want))
+    else:
+        raise ProtocolError(E_BAD_FIELD, f"{name}: must be an array map or a list of numbers, "
+                                         f"got {type(value).__name__}")
+    for i, (got, exp) in enumerate(zip(arr.shape, shape)):
+        if exp is not None and got != exp:
+            raise ProtocolError(E_BAD_FIELD, f"{name}: expected shape {_shape_text(shape)}, got {tuple(arr.shape)}")
+    if finite and want.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ProtocolError(E_BAD_FIELD, f"{name}: {bad} value(s) are NaN or infinite; send finite numbers")
+    return arr
+
+
+def _first_items(value: list, limit: int = 4) -> list:
+    out = []
+    v = value
+    while isinstance(v, list) and v:
+        if not isinstance(v[0], list):
+            out.extend(v[:limit])
+            break
+        v = v[0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar field checks
+# --------------------------------------------------------------------------------------------
+_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,%d}$" % MAX_ID_LENGTH)
+_MISSING = object()
+
+
+def _get(h: Mapping, key: str, default: Any = _MISSING) -> Any:
+    if key in h:
+        return h[key]
+    if default is _MISSING:
+        raise ProtocolError(E_BAD_FIELD, f"missing field {key!r}")
+    return default
+
+
+def check_id(value: Any, name: str = "id") -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be a string of 1-{MAX_ID_LENGTH} characters from "
+                                         f"[A-Za-z0-9._:@/+=-], got {value!r:.80}")
+    return value
+
+
+def check_int(value: Any, name: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_float(value: Any, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be finite, got {v}")
+    if not lo <= v <= hi:
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _no_extra(h: Mapping, allowed: set[str], what: str) -> None:
+    extra = sorted(k for k in h if k not in allowed)
+    if extra:
+        raise ProtocolError(E_BAD_FIELD, f"{what}: unknown field(s) {extra}; allowed: {sorted(allowed)}")
+
+
+_BASE = {"v", "type", "id"}
+
+
+def check_envelope(h: Mapping) -> tuple[str, str | None]:
+    """Check ``v`` and ``type`` (and ``id`` when present); returns (type, id)."""
+    v = h.get("v", _MISSING)
+    if v is _MISSING:
+        raise ProtocolError(E_VERSION, f"the header has no 'v'; this server speaks protocol {PROTOCOL_VERSION}")
+    if v != PROTOCOL_VERSION or isinstance(v, bool):
+        raise ProtocolError(E_VERSION, f"protocol version {v!r} is not supported; this server speaks "
+                                       f"{PROTOCOL_VERSION}: update the add-on or the server")
+    t = h.get("type")
+    if not isinstance(t, str) or t not in REQUEST_TYPES:
+        raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {t!r:.40}; known: {list(REQUEST_TYPES)}")
+    rid = h.get("id")
+    if rid is not None:
+        check_id(rid)
+    return t, rid
+
+
+# --------------------------------------------------------------------------------------------
+# Requests (validated forms)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PrepareRequest:
+    id: str
+    image: bytes                 # encoded PNG/JPEG bytes
+    align: bool = True
+
+
+@dataclass
+class AudioInput:
+    samples: np.ndarray          # (S,) float32 mono PCM
+    sample_rate: int             # Hz
+    fps: float                   # scene frames per second
+    frame_offset: float          # scene frame at which samples[0] plays
+
+
+@dataclass
+class RenderRequest:
+    id: str
+    identity: str
+    rows: np.ndarray             # (N, 73) float32
+    first_frame: int             # scene frame of rows[0]
+    frames: list[int]            # scene frame numbers to render, strictly increasing
+    size: int | None = None
+    encoding: str = "raw"
+    credit: int = DEFAULT_CREDIT
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (N,) float32
+    audio: AudioInput | None = None
+
+    @property
+    def indices(self) -> list[int]:
+        """Row indices of the requested frames."""
+        return [f - self.first_frame for f in self.frames]
+
+
+def validate_hello(h: Mapping, parts: Sequence = ()) -> str | None:
+    _no_extra(h, _BASE | {"client"}, "hello")
+    if "client" in h and not isinstance(h["client"], str):
+        raise ProtocolError(E_BAD_FIELD, "hello: 'client' must be a string (name and version of the client)")
+    return h.get("id")
+
+
+def validate_prepare(h: Mapping, parts: Sequence) -> PrepareRequest:
+    _no_extra(h, _BASE | {"align"}, "prepare")
+    rid = check_id(_get(h, "id"))
+    align = check_bool(h.get("align", True), "align")
+    if len(parts) != 1:
+        raise ProtocolError(E_BAD_FIELD, f"prepare: send exactly one part with the PNG or JPEG bytes, "
+                                         f"got {len(parts)} parts")
+    p = parts[0]
+    data = p.bytes if hasattr(p, "bytes") else bytes(p)
+    if len(data) == 0:
+        raise ProtocolError(E_BAD_IMAGE, "prepare: the image part is empty")
+    return PrepareRequest(id=rid, image=data, align=align)
+
+
+def validate_render(h: Mapping, parts: Sequence) -> RenderRequest:
+    allowed = _BASE | {"identity", "rows", "first_frame", "frames", "size", "encoding", "credit",
+                       "attributes", "audio"}
+    _no_extra(h, allowed, "render")
+    rid = check_id(_get(h, "id"))
+    identity = check_id(_get(h, "identity"), "identity")
+    rows = decode_array(_get(h, "rows"), "rows", (None, ROW_WIDTH), parts, max_elements=MAX_ROWS * ROW_WIDTH)
+    n = rows.shape[0]
+    if n < 1:
+        raise ProtocolError(E_BAD_FIELD, "rows: send at least one row of 73 coefficients")
+    first = check_int(h.get("first_frame", 0), "first_frame", -MAX_FRAME_NUMBER, MAX_FRAME_NUMBER)
+    frames_v = _get(h, "frames")
+    if not isinstance(frames_v, list) or not frames_v:
+        raise ProtocolError(E_BAD_FIELD, "frames must be a non-empty list of scene frame numbers")
+    if len(frames_v) > MAX_FRAMES:
+        raise ProtocolError(E_TOO_LARGE, f"frames: {len(frames_v)} frames, at most {MAX_FRAMES} per request")
+    frames = [check_int(f, "frames[]", first, first + n - 1) for f in frames_v]
+    if any(b <= a for a, b in zip(frames, frames[1:])):
+        raise ProtocolError(E_BAD_FIELD, "frames must be strictly increasing (no repeats)")
+    size = h.get("size")
+    if size is not None:
+        size = check_int(size, "size", 1, 4096)
+    enc = h.get("encoding", "raw")
+    if enc not in ENCODINGS:
+        raise ProtocolError(E_BAD_FIELD, f"encoding must be one of {list(ENCODINGS)}, got {enc!r:.40}")
+    credit = check_int(h.get("credit", DEFAULT_CREDIT), "credit", 0, MAX_CREDIT)
+    attrs: dict[str, np.ndarray] = {}
+    av = h.get("attributes")
+    if av is not None:
+        if not isinstance(av, dict) or len(av) > MAX_ATTRIBUTES:
+            raise ProtocolError(E_BAD_FIELD, f"attributes must be a map name -> per-row strengths "
+                                             f"(at most {MAX_ATTRIBUTES} names)")
+        for k, v in av.items():
+            if not isinstance(k, str) or not k or len(k) > MAX_ID_LENGTH:
+                raise ProtocolError(E_BAD_FIELD, "attributes: names must be non-empty strings")
+            attrs[k] = decode_array(v, f"attributes[{k!r}]", (n,), parts)
+    audio = None
+    if h.get("audio") is not None:
+        a = h["audio"]
+        if not isinstance(a, dict):
+            raise ProtocolError(E_BAD_FIELD, "audio must be a map with samples, sample_rate, fps, frame_offset")
+        _no_extra(a, {"samples", "sample_rate", "fps", "frame_offset"}, "audio")
+        samples = decode_array(_get(a, "samples"), "audio.samples", (None,), parts,
+                               max_elements=MAX_AUDIO_SAMPLES)
+        if samples.size == 0:
+            raise ProtocolError(E_BAD_FIELD, "audio.samples is empty")
+        audio = AudioInput(
+            samples=samples,
+            sample_rate=check_int(_get(a, "sample_rate"), "audio.sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
+            fps=check_float(_get(a, "fps"), "audio.fps", 1e-3, MAX_FPS),
+            frame_offset=check_float(a.get("frame_offset", 0.0), "audio.frame_offset",
+                                     -MAX_FRAME_NUMBER, MAX_FRAME_NUMBER))
+    return RenderRequest(id=rid, identity=identity, rows=rows, first_frame=first, frames=frames, size=size,
+                         encoding=enc, credit=credit, attributes=attrs, audio=audio)
+
+
+def validate_credit(h: Mapping, parts: Sequence = ()) -> tuple[str, int]:
+    _no_extra(h, _BASE | {"frames"}, "credit")
+    return check_id(_get(h, "id")), check_int(_get(h, "frames"), "frames", 1, MAX_CREDIT)
+
+
+def validate_cancel(h: Mapping, parts: Sequence = ()) -> str:
+    _no_extra(h, _BASE, "cancel")
+    return check_id(_get(h, "id"))
+
+
+def validate_forget(h: Mapping, parts: Sequence = ()) -> tuple[str | None, str]:
+    _no_extra(h, _BASE | {"identity"}, "forget")
+    rid = h.get("id")
+    return rid, check_id(_get(h, "identity"), "identity")
+
+
+def validate_simple(h: Mapping, parts: Sequence = ()) -> str | None:
+    """heartbeat and shutdown: only the envelope."""
+    _no_extra(h, _BASE, str(h.get("type")))
+    return h.get("id")
+
+
+# --------------------------------------------------------------------------------------------
+# Replies
+# --------------------------------------------------------------------------------------------
+def reply(type_: str, id_: str | None, **fields: Any) -> dict:
+    h = {"v": PROTOCOL_VERSION, "type": type_, "id": id_}
+    h.update(fields)
+    return h
+
+
+def error_reply(id_: str | None, code: str, message: str, **fields: Any) -> dict:
+    return reply(ERROR, id_, code=code, message=message, **fields)
+
+
+def frame_reply(id_: str, frame: int, index: int, total: int, width: int, height: int,
+                encoding: str, **fields: Any) -> dict:
+    """Header of a ``frame`` message; its single part holds the pixels."""
+    return reply(FRAME, id_, frame=frame, index=index, total=total, width=width, height=height,
+                 channels=3, dtype="uint8", encoding=encoding, **fields)
+
+
+def decode_raw_frame(header: Mapping, part: Any) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, top row first, from a ``frame`` reply with ``encoding == "raw"``."""
+    if header.get("encoding") != "raw":
+        raise ValueError("decode_raw_frame handles encoding 'raw' only; PNG parts are plain PNG files")
+    w, hgt = int(header["width"]), int(header["height"])
+    buf = part.buffer if hasattr(part, "buffer") else part
+    if len(buf) != w * hgt * 3:
+        raise ValueError(f"frame part has {len(buf)} bytes, expected {w * hgt * 3} for {w}x{hgt} RGB8")
+    return np.frombuffer(buf, dtype=np.uint8).reshape(hgt, w, 3)
