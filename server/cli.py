@@ -7,6 +7,8 @@ import sys
 
 # Subcommand modules, in the order `styleheat --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
+    "server.commands.download",
+    "server.commands.doctor",
 )
 
 

@@ -1,0 +1,346 @@
+"""`styleheat doctor`: check the checkpoint directory before running inference.
+
+For every file of every asset in :mod:`server.assets` it says whether the file is present,
+whether it loads safely (``torch.load(weights_only=True)``: tensors and plain containers only,
+never code; ``scipy.io.loadmat`` for the BFM ``.mat``), and whether its contents have the layout
+the loaders expect:
+
+* when :func:`server.weights.expected_layout` exists (our own model definitions), every part's
+  keys and tensor shapes are compared with it;
+* otherwise (or for assets it does not describe) the network-independent checks of the
+  registry apply: the top-level parts the official loaders read, a few key prefixes, tensor
+  sizes.
+
+Exit status 0 only when every file is present and valid.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+NAME = "doctor"
+HELP = "check that the downloaded weights are present, load safely and have the expected layout"
+DESCRIPTION = (
+    "Check the checkpoint directory: which files are present or missing, whether each loads "
+    "safely (torch.load with weights_only=True: no code is run) and whether its contents have "
+    "the layout the StyleHEAT loaders expect. Exit status 0 only when everything is present and "
+    "valid. Directory: --dir, else $STYLEHEAT_CHECKPOINTS, else the per-user cache."
+)
+
+LayoutFn = Callable[[str], Mapping[str, Mapping[str, Any]]]
+AUTO = object()  # check_dir(layout_fn=AUTO): use server.weights.expected_layout if it exists
+
+MAX_LISTED = 4  # how many key names a problem line shows
+
+
+class CheckFailed(Exception):
+    """A file failed a check; ``status`` is 'unreadable', 'refused' or 'wrong'."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class FileReport:
+    path: str
+    status: str                    # ok | missing | unreadable | refused | wrong
+    detail: str = ""
+    checked_against: str = ""      # "model definitions" | "basic structure" | ""
+
+
+@dataclass
+class AssetReport:
+    asset: Any
+    files: list[FileReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.status == "ok" for f in self.files)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _allowed_globals() -> list:
+    import argparse as _argparse
+
+    # Training scripts sometimes store their options as a Namespace; rebuilding one runs no code.
+    return [_argparse.Namespace]
+
+
+def load_torch(path: Path) -> Any:
+    """``torch.load(..., map_location='cpu', weights_only=True)``; raises ``CheckFailed``."""
+    import pickle
+
+    import torch
+
+    try:
+        use_mmap = zipfile.is_zipfile(path)  # mmap keeps multi-GB checkpoints out of RAM
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text:
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" ({m.group(1)})" if m else ""
+            raise CheckFailed("refused", "refused: the file holds Python objects" + what +
+                              " that would run code when loaded, not just weights") from None
+        raise CheckFailed("unreadable", f"cannot be read: damaged or not a PyTorch checkpoint ({_short(err)})") from None
+    except MemoryError:
+        raise CheckFailed("unreadable", "cannot be read: not enough memory to load it") from None
+    except Exception as err:  # RuntimeError (zip reader), EOFError, IndexError, ... on damaged files
+        raise CheckFailed("unreadable", "cannot be read: the file is damaged or incomplete, or not a "
+                          f"PyTorch checkpoint ({_short(err)})") from None
+
+
+def load_mat(path: Path) -> dict:
+    try:
+        import scipy.io
+
+        return scipy.io.loadmat(str(path))
+    except Exception as err:  # ValueError, MatReadError, NotImplementedError (v7.3), ...
+        raise CheckFailed("unreadable", "cannot be read: damaged or not a MATLAB v5 .mat file "
+                          f"({_short(err)})") from None
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.split(". This is an internal")[0]
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# --------------------------------------------------------------------------- layout checks
+
+def _is_tensor(x) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:MAX_LISTED])
+    return shown + (f" and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else "")
+
+
+def _get_part(obj: Any, part: str, kind: str) -> Any:
+    """The top-level entry ``part`` of a loaded checkpoint (``""``: the object itself)."""
+    if part == "":
+        value = obj
+    else:
+        if not isinstance(obj, Mapping):
+            raise CheckFailed("wrong", f"wrong layout: expected a dictionary with '{part}', found a "
+                              f"{type(obj).__name__}")
+        if part not in obj:
+            found = _names(str(k) for k in obj.keys()) or "nothing"
+            raise CheckFailed("wrong", f"wrong layout: no '{part}' entry (found: {found})")
+        value = obj[part]
+    where = f"'{part}'" if part else "the file"
+    if kind == "tensor":
+        if not _is_tensor(value):
+            raise CheckFailed("wrong", f"wrong layout: {where} should be a tensor, found a {type(value).__name__}")
+        return value
+    if not isinstance(value, Mapping):
+        raise CheckFailed("wrong", f"wrong layout: {where} should be a state dict, found a {type(value).__name__}")
+    not_tensors = [str(k) for k, v in value.items() if not _is_tensor(v)]
+    if not_tensors:
+        raise CheckFailed("wrong", f"wrong layout: {where} has non-tensor entries: {_names(not_tensors)}")
+    if not value:
+        raise CheckFailed("wrong", f"wrong layout: {where} is an empty state dict")
+    return value
+
+
+def check_basic(obj: Any, spec) -> str:
+    """Network-independent checks from the registry; returns a summary, raises ``CheckFailed``."""
+    summary = []
+    for part in spec.parts:
+        value = _get_part(obj, part.name, part.kind)
+        where = f"'{part.name}'" if part.name else "the file"
+        if part.kind == "tensor":
+            if part.last_dim is not None and (value.dim() == 0 or value.shape[-1] != part.last_dim):
+                raise CheckFailed("wrong", f"wrong layout: {where} has shape {tuple(value.shape)}, "
+                                  f"expected a last dimension of {part.last_dim}")
+            summary.append(f"{part.name or 'tensor'} {tuple(value.shape)}")
+        else:
+            missing = [p for p in part.prefixes if not any(str(k).startswith(p) for k in value)]
+            if missing:
+                raise CheckFailed("wrong", f"wrong layout: {where} has no keys starting with "
+                                  f"{_names(missing)} (is this the right file?)")
+            summary.append(f"{part.name + ': ' if part.name else ''}{len(value)} tensors")
+    return "; ".join(summary)
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(d) for d in x)
+
+
+def check_layout(obj: Any, spec, layout: Mapping[str, Mapping[str, Any]], allow_extra: bool) -> str:
+    """Compare keys and shapes with ``layout`` (part -> key -> shape); raises ``CheckFailed``."""
+    summary = []
+    for part, expected in layout.items():
+        where = f"'{part}'" if part else "the file"
+        declared = next((p for p in spec.parts if p.name == part), None)
+        if declared is not None and declared.kind == "tensor":
+            value = _get_part(obj, part, "tensor")
+            (want,) = expected.values() if len(expected) == 1 else (None,)
+            if want is not None and tuple(value.shape) != _shape(want):
+                raise CheckFailed("wrong", f"wrong shape: {where} is {tuple(value.shape)}, the model "
+                                  f"expects {_shape(want)}")
+            summary.append(f"{part} {tuple(value.shape)}")
+            continue
+        value = _get_part(obj, part, "state_dict")
+        missing = [k for k in expected if k not in value]
+        if missing:
+            raise CheckFailed("wrong", f"wrong keys: {where} lacks {len(missing)} of the "
+                              f"{len(expected)} weights the model needs: {_names(missing)}")
+        bad = [(k, tuple(value[k].shape), _shape(s)) for k, s in expected.items()
+               if tuple(value[k].shape) != _shape(s)]
+        if bad:
+            k, got, want = bad[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise CheckFailed("wrong", f"wrong shape: {where} '{k}' is {got}, the model expects {want}{more}")
+        extra = [str(k) for k in value if k not in expected]
+        if extra and not allow_extra:
+            raise CheckFailed("wrong", f"wrong keys: {where} has {len(extra)} weights the model does "
+                              f"not know: {_names(extra)}")
+        summary.append(f"{part + ': ' if part else ''}{len(expected)} tensors match")
+    return "; ".join(summary)
+
+
+# Loaders that read with strict=False, so extra keys are harmless there.
+_EXTRA_KEYS_OK = {"styleheat"}
+
+
+def find_layout_fn() -> LayoutFn | None:
+    """``server.weights.expected_layout`` when the core module provides it, else ``None``."""
+    try:
+        from server import weights
+    except ImportError:
+        return None
+    fn = getattr(weights, "expected_layout", None)
+    return fn if callable(fn) else None
+
+
+def _layout_for(layout_fn: LayoutFn | None, asset, spec):
+    if layout_fn is None or spec.fmt != "torch":
+        return None
+    for key in (asset.name, spec.path, asset.filename):
+        try:
+            layout = layout_fn(key)
+        except (KeyError, ValueError, NotImplementedError, LookupError):
+            continue
+        if layout:
+            return layout
+    return None
+
+
+def check_file(asset, spec, root: Path, layout_fn: LayoutFn | None) -> FileReport:
+    path = Path(root) / spec.path
+    if not path.is_file():
+        return FileReport(spec.path, "missing", "missing")
+    if path.stat().st_size == 0:
+        return FileReport(spec.path, "unreadable", "cannot be read: the file is empty")
+    try:
+        if spec.fmt == "mat":
+            data = load_mat(path)
+            for key, shape in spec.mat_keys.items():
+                if key not in data:
+                    raise CheckFailed("wrong", f"wrong layout: no variable '{key}' in the .mat file")
+                got = tuple(getattr(data[key], "shape", ()))
+                if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+                    raise CheckFailed("wrong", f"wrong layout: '{key}' has shape {got}, expected {shape}")
+            return FileReport(spec.path, "ok", ", ".join(f"{k} {tuple(data[k].shape)}" for k in spec.mat_keys),
+                              "basic structure")
+        obj = load_torch(path)
+        layout = _layout_for(layout_fn, asset, spec)
+        if layout is not None:
+            detail = check_layout(obj, spec, layout, allow_extra=asset.name in _EXTRA_KEYS_OK)
+            return FileReport(spec.path, "ok", detail, "model definitions")
+        return FileReport(spec.path, "ok", check_basic(obj, spec), "basic structure")
+    except CheckFailed as err:
+        return FileReport(spec.path, err.status, str(err))
+
+
+def check_dir(root: Path, assets=None, layout_fn: Any = AUTO) -> list[AssetReport]:
+    """Check every file of ``assets`` (default: the official registry) under ``root``."""
+    from server.assets import OFFICIAL_ASSETS
+
+    assets = OFFICIAL_ASSETS if assets is None else assets
+    if layout_fn is AUTO:
+        layout_fn = find_layout_fn()
+    reports = []
+    for asset in assets:
+        rep = AssetReport(asset)
+        for spec in asset.files:
+            rep.files.append(check_file(asset, spec, Path(root), layout_fn))
+        reports.append(rep)
+    return reports
+
+
+# --------------------------------------------------------------------------- command
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", metavar="DIR", default=None,
+                        help="checkpoint directory (default: $STYLEHEAT_CHECKPOINTS or the user cache)")
+
+
+_LABEL = {"ok": "OK", "missing": "MISSING", "unreadable": "DAMAGED", "refused": "UNSAFE", "wrong": "WRONG"}
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.download import read_manifest
+    from server.paths import resolve_checkpoint_dir
+
+    root, origin = resolve_checkpoint_dir(args.dir)
+    print(f"Checkpoint directory: {root} ({origin})")
+    if root.exists() and not root.is_dir():
+        print(f"  {root} is a file, not a directory.")
+        print("What to do next: pass the checkpoint folder with --dir, or set STYLEHEAT_CHECKPOINTS.")
+        return 1
+    layout_fn = find_layout_fn()
+    reports = check_dir(root, layout_fn=layout_fn)
+    manifest = read_manifest(root)["assets"] if root.is_dir() else {}
+
+    for rep in reports:
+        for f in rep.files:
+            line = f"  {_LABEL[f.status]:8s} {rep.asset.name:13s} {f.path}"
+            if f.status != "missing":
+                line += f" -- {f.detail}"
+            print(line)
+    print("Layout checked against: " + ("our model definitions (server.weights) where they describe the "
+                                          "file, basic structure elsewhere" if layout_fn else
+                                          "basic structure only (top-level parts, key prefixes, tensor sizes)"))
+
+    bad = [r for r in reports if not r.ok]
+    if not bad:
+        print(f"All {len(reports)} assets are present and valid.")
+        print("What to do next: nothing -- the weights are ready for inference.")
+        return 0
+    missing = [r.asset.name for r in bad if all(f.status == "missing" for f in r.files)]
+    broken = [r.asset.name for r in bad if r.asset.name not in missing]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({', '.join(missing)})")
+    if broken:
+        parts.append(f"{len(broken)} damaged or wrong ({', '.join(broken)})")
+    print(f"Problems: {len(bad)} of {len(reports)} assets need attention: " + "; ".join(parts) + ".")
+    steps = []
+    if missing and len(missing) == len(reports):
+        steps.append(f"`styleheat download --dir {root}` to fetch all weights (about 3 GB)")
+    elif missing:
+        steps.append(f"`styleheat download --dir {root} --only {' '.join(missing)}`")
+    if broken:
+        steps.append(f"`styleheat download --dir {root} --only {' '.join(broken)} --force` to replace "
+                     "the bad files")
+        foreign = [n for n in broken if n not in manifest]
+        if foreign:
+            steps[-1] += (f" ({', '.join(foreign)} not fetched by styleheat download: if you copied "
+                          "them in by hand, check where they came from)")
+    print("What to do next: run " + ", then ".join(steps) + f", then `styleheat doctor --dir {root}` again.")
+    return 1
