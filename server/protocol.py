@@ -133,14 +133,15 @@ def unpack_header(data: bytes, max_bytes: int = MAX_HEADER_BYTES) -> dict:
                                          f"{max_bytes}; put bulk data in parts")
     try:
         obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, max_buffer_size=max_bytes,
-            max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes,
+            data, raw=False, strict_map_key=True, use_list=True, max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes,
             max_map_len=1 << 16, max_ext_len=0)
     except Exception as exc:  # msgpack raises several types for garbage
         raise ProtocolError(E_BAD_MESSAGE, f"the header is not valid msgpack ({type(exc).__name__}: "
                                            f"{exc}); encode a map with msgpack") from None
     if not isinstance(obj, dict):
         raise ProtocolError(E_BAD_MESSAGE, f"the header must be a msgpack map, got {type(obj).__name__}")
+    if not all(isinstance(k, str) for k in obj):
+        raise ProtocolError(E_BAD_MESSAGE, "header keys must be strings")
     return obj
 
 
