@@ -9,6 +9,9 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.download",
     "server.commands.doctor",
+    "server.commands.ping",
+    "server.commands.align",
+    "server.commands.extract",
 )
 
 
