@@ -1,0 +1,65 @@
+"""What the animator hears, as mono PCM for the server.
+
+Blender's own mixdown renders the sequencer exactly as playback does -- strip position, trims,
+sound offset, volume (keyed volume included), pan and mute -- so the add-on mixes the scene down
+over the clip's frame range instead of reading ``strip.sound.filepath`` (which ignores all of
+that). Mono avoids the -3 dB stereo pan law; 16 kHz is what StyleHEAT's audio path consumes.
+The mixdown lags one sample (sample k+1 holds time k), which is removed here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import bpy
+import numpy as np
+
+from . import compat
+
+SAMPLE_RATE = 16000
+
+
+def audible_sound_strips(scene) -> list:
+    return [s for s in compat.all_strips(scene) if compat.is_sound_strip(s) and not s.mute]
+
+
+def mixdown(scene, first: int, last: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
+    """Mono float32 PCM of scene frames first..last (inclusive); sample 0 plays at frame ``first``.
+    None when no unmuted sound strip exists."""
+    if not audible_sound_strips(scene):
+        return None
+    fps = compat.scene_fps(scene)
+    n_total = int(round((last - first + 1) * sample_rate / fps))
+    pad = 0
+    lo = first
+    if lo < 0:  # scene ranges cannot start below frame 0; nothing plays there anyway
+        pad, lo = int(round(-lo * sample_rate / fps)), 0
+    saved = (scene.frame_start, scene.frame_end, scene.use_preview_range)
+    fd, path = tempfile.mkstemp(prefix="styleheat_mix_", suffix=".wav", dir=bpy.app.tempdir or None)
+    os.close(fd)
+    try:
+        scene.use_preview_range = False
+        if last < lo:
+            return np.zeros(n_total, dtype=np.float32)
+        scene.frame_start = lo
+        scene.frame_end = last
+        with bpy.context.temp_override(scene=scene):
+            result = bpy.ops.sound.mixdown(filepath=path, check_existing=False, container="WAV", codec="PCM",
+                                           format="F32", mixrate=sample_rate, channels="MONO")
+        if "FINISHED" not in result:
+            raise RuntimeError(f"Blender's audio mixdown did not finish ({result}); "
+                               "check that the sound files of the strips exist")
+        import aud
+        data = np.asarray(aud.Sound(path).data(), dtype=np.float32)
+    finally:
+        scene.frame_start, scene.frame_end, scene.use_preview_range = saved[0], saved[1], saved[2]
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    mono = data[:, 0] if data.ndim == 2 else data.reshape(-1)
+    mono = mono[1:]  # the mixdown's one-sample lag
+    out = np.zeros(n_total, dtype=np.float32)
+    body = mono[: max(0, n_total - pad)]
+    out[pad:pad + body.shape[0]] = body
+    return out

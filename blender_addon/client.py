@@ -1,0 +1,354 @@
+"""bpy-free client of the StyleHEAT server (ZeroMQ DEALER, protocol in ``protocol.py``).
+
+One background thread owns the socket (zmq sockets are not thread-safe); callers talk to it
+through queues, so Blender's main thread never blocks on the network for longer than it asks.
+
+    client = Client("tcp://127.0.0.1:5555", timeout=5.0)
+    info = client.hello()                              # raises ServerUnavailable when nobody answers
+    ident = client.prepare(png_bytes)                  # {"identity": ..., "coefficients": ...}
+    stream = client.render(ident["identity"], rows, first_frame, frames, encoding="png")
+    for frame in stream:                               # Frame(frame, index, total, width, height, data)
+        ...                                            # each consumed frame grants the server one credit
+    stream.cancel()                                    # stops the job; frames already received stay valid
+
+Errors: :class:`ServerUnavailable` (nobody answers / went silent), :class:`ServerError` (the server
+replied with an ``error``; ``code`` is one of ``protocol.ERROR_CODES``).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from . import protocol as P
+
+CLIENT_NAME = "styleheat-blender-addon"
+
+
+class ClientError(Exception):
+    """Base class of the errors this client raises (their text is meant for the user)."""
+
+
+class ServerUnavailable(ClientError):
+    pass
+
+
+class ServerError(ClientError):
+    def __init__(self, code: str, message: str, header: Mapping | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.header = dict(header or {})
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
+
+
+@dataclass
+class Frame:
+    frame: int                 # scene frame number
+    index: int                 # position among the requested frames
+    total: int
+    width: int
+    height: int
+    encoding: str              # "png" (data = PNG bytes) or "raw" (data = RGB8 bytes)
+    data: bytes
+
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) uint8, top row first (raw encoding only)."""
+        return P.decode_raw_frame({"encoding": self.encoding, "width": self.width, "height": self.height},
+                                  self.data)
+
+
+_ids = itertools.count(1)
+
+
+def _new_id(kind: str) -> str:
+    return f"{kind}-{os.getpid()}-{next(_ids)}"
+
+
+class Client:
+    """Connection to one server address. Thread-safe for callers; call :meth:`close` when done."""
+
+    def __init__(self, address: str, timeout: float = 5.0):
+        import zmq  # imported here so that importing the add-on never requires zmq
+
+        if not address or "://" not in address:
+            raise ClientError(f"server address {address!r} is not a ZeroMQ endpoint; use e.g. tcp://127.0.0.1:5555")
+        self.address = address
+        self.timeout = float(timeout)
+        self._zmq = zmq
+        self._ctx = zmq.Context.instance()
+        self._outbox: queue.Queue = queue.Queue()
+        self._routes: dict[str, queue.Queue] = {}
+        self._routes_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.last_seen = 0.0          # time.monotonic() of the last message from the server
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)      # no queueing towards a server that is not there
+        self._sock.setsockopt(zmq.RCVHWM, 0)         # credit flow bounds what the server sends
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        try:
+            self._sock.connect(address)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise ClientError(f"cannot use server address {address!r}: {exc}") from None
+        self._thread = threading.Thread(target=self._run, name="styleheat-client", daemon=True)
+        self._thread.start()
+
+    # -- I/O thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        pending: list[tuple[list, float, queue.Queue | None]] = []
+        while not self._stop.is_set():
+            while True:
+                try:
+                    pending.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            keep = []
+            for frames, deadline, errq in pending:
+                try:
+                    self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    if time.monotonic() < deadline:
+                        keep.append((frames, deadline, errq))
+                    elif errq is not None:
+                        errq.put(("unreachable", None, None))
+                except zmq.ZMQError as exc:  # pragma: no cover - socket closed under us
+                    if errq is not None:
+                        errq.put(("unreachable", str(exc), None))
+            pending = keep
+            try:
+                events = dict(poller.poll(10 if pending else 20))
+            except zmq.ZMQError:  # pragma: no cover
+                break
+            if self._sock in events:
+                while True:
+                    try:
+                        msg = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self.last_seen = time.monotonic()
+                    try:
+                        header, parts = P.unpack(msg)
+                    except P.ProtocolError:
+                        continue
+                    rid = header.get("id")
+                    with self._routes_lock:
+                        q = self._routes.get(rid) if isinstance(rid, str) else None
+                    if q is not None:
+                        q.put(("msg", header, parts))
+        self._sock.close(0)
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _open_route(self, rid: str) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        with self._routes_lock:
+            self._routes[rid] = q
+        return q
+
+    def _close_route(self, rid: str) -> None:
+        with self._routes_lock:
+            self._routes.pop(rid, None)
+
+    def _send(self, header: Mapping, parts: Sequence = (), errq: queue.Queue | None = None) -> None:
+        if self._stop.is_set():
+            raise ClientError("the StyleHEAT client is closed")
+        self._outbox.put((P.pack(header, parts), time.monotonic() + self.timeout, errq))
+
+    def _unavailable(self, what: str) -> ServerUnavailable:
+        return ServerUnavailable(
+            f"No StyleHEAT server answered at {self.address} within {self.timeout:g} s ({what}). "
+            f"Start one (Preferences > Add-ons > StyleHEAT > Start Local Server, or run "
+            f"'styleheat-server --bind {self.address}') or fix the server address.")
+
+    def call(self, type_: str, fields: Mapping | None = None, parts: Sequence = (),
+             timeout: float | None = None, expect: Sequence[str] = ()) -> tuple[dict, list]:
+        """Send one request and wait for its single reply; raises on error replies and silence."""
+        rid = _new_id(type_)
+        q = self._open_route(rid)
+        try:
+            self._send(P.request(type_, rid, **dict(fields or {})), parts, errq=q)
+            wait = self.timeout if timeout is None else float(timeout)
+            try:
+                kind, header, rparts = q.get(timeout=wait)
+            except queue.Empty:
+                raise self._unavailable(f"no reply to '{type_}'") from None
+            if kind == "unreachable":
+                raise self._unavailable("could not connect")
+            if header.get("type") == P.ERROR:
+                raise ServerError(str(header.get("code", P.E_INTERNAL)), str(header.get("message", "server error")),
+                                  header)
+            if expect and header.get("type") not in expect:
+                raise ClientError(f"unexpected reply {header.get('type')!r} to '{type_}' from {self.address}")
+            return header, rparts
+        finally:
+            self._close_route(rid)
+
+    # -- API -------------------------------------------------------------------------------
+    def hello(self) -> dict:
+        """The server's hello reply (model, device, sizes, attributes, limits...)."""
+        header, _ = self.call(P.HELLO, {"client": CLIENT_NAME}, expect=(P.HELLO,))
+        return header
+
+    def heartbeat(self) -> dict:
+        header, _ = self.call(P.HEARTBEAT, expect=(P.HEARTBEAT,))
+        return header
+
+    def prepare(self, image: bytes, align: bool = True, timeout: float | None = None) -> dict:
+        """Invert a portrait (PNG/JPEG bytes) once; returns the ``prepared`` reply header."""
+        header, _ = self.call(P.PREPARE, {"align": bool(align)}, [bytes(image)],
+                              timeout=timeout if timeout is not None else max(self.timeout, 300.0),
+                              expect=(P.PREPARED,))
+        return header
+
+    def forget(self, identity: str) -> None:
+        self.call(P.FORGET, {"identity": identity}, expect=(P.FORGOTTEN,))
+
+    def render(self, identity: str, rows: np.ndarray, first_frame: int, frames: Sequence[int], *,
+               size: int | None = None, encoding: str = "png", credit: int = P.DEFAULT_CREDIT,
+               attributes: Mapping[str, np.ndarray] | None = None, audio: Mapping[str, Any] | None = None,
+               frame_timeout: float = 300.0) -> "RenderStream":
+        """Start a render; ``audio`` is {"samples": (S,) float32, "sample_rate", "fps", "frame_offset"}."""
+        rid = _new_id("render")
+        parts: list = []
+        fields: dict[str, Any] = {
+            "identity": identity, "rows": P.array_field(np.asarray(rows, dtype=np.float32), parts),
+            "first_frame": int(first_frame), "frames": [int(f) for f in frames],
+            "encoding": encoding, "credit": int(credit),
+        }
+        if size is not None:
+            fields["size"] = int(size)
+        if attributes:
+            fields["attributes"] = {k: P.array_field(np.asarray(v, dtype=np.float32)) for k, v in attributes.items()}
+        if audio is not None:
+            fields["audio"] = {"samples": P.array_field(np.asarray(audio["samples"], dtype=np.float32), parts),
+                               "sample_rate": int(audio["sample_rate"]), "fps": float(audio["fps"]),
+                               "frame_offset": float(audio["frame_offset"])}
+        q = self._open_route(rid)
+        stream = RenderStream(self, rid, q, len(fields["frames"]), frame_timeout)
+        self._send(P.request(P.RENDER, rid, **fields), parts, errq=q)
+        return stream
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RenderStream:
+    """Frames of one render request, in order. Iterate, or call :meth:`next` with a timeout."""
+
+    def __init__(self, client: Client, rid: str, q: queue.Queue, total: int, frame_timeout: float):
+        self.client, self.id, self._q, self.total = client, rid, q, total
+        self.frame_timeout = frame_timeout
+        self.accepted: dict | None = None
+        self.done: dict | None = None
+        self.received = 0
+        self.cancelled = False
+        self.progress: dict | None = None
+        self._last = time.monotonic()
+        self._pinged = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.done is not None
+
+    def next(self, timeout: float | None = None) -> Frame | None:
+        """The next frame; None at the end or when ``timeout`` (s) passes without one (check
+        :attr:`finished`). Raises ServerError/ServerUnavailable."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+            try:
+                kind, header, parts = self._q.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                silent = now - max(self._last, self.client.last_seen)
+                if silent > self.frame_timeout:
+                    self._finish()
+                    raise self.client._unavailable(f"render went silent for {silent:.0f} s")
+                if silent > 2.0 and now - self._pinged > 2.0:   # liveness: any reply counts
+                    self._pinged = now
+                    try:
+                        self.client._send(P.request(P.HEARTBEAT, None))
+                    except ClientError:
+                        pass
+                if deadline is not None and now >= deadline:
+                    return None
+                continue
+            self._last = time.monotonic()
+            if kind == "unreachable":
+                self._finish()
+                raise self.client._unavailable("could not connect")
+            t = header.get("type")
+            if t == P.ERROR:
+                self._finish()
+                raise ServerError(str(header.get("code", P.E_INTERNAL)), str(header.get("message", "server error")),
+                                  header)
+            if t == P.ACCEPTED:
+                self.accepted = header
+            elif t == P.PROGRESS:
+                self.progress = header
+            elif t == P.DONE:
+                self.done = header
+                self._finish()
+            elif t == P.FRAME:
+                if not parts:
+                    raise ClientError("the server sent a frame without pixels")
+                self.received += 1
+                if not self.cancelled:
+                    try:
+                        self.client._send(P.request(P.CREDIT, self.id, frames=1))
+                    except ClientError:
+                        pass
+                return Frame(int(header["frame"]), int(header.get("index", self.received - 1)),
+                             int(header.get("total", self.total)), int(header["width"]), int(header["height"]),
+                             str(header.get("encoding", "raw")), bytes(parts[0]))
+        return None
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            f = self.next()
+            if f is None:
+                return
+            yield f
+
+    def cancel(self, wait: float = 0.0) -> None:
+        """Ask the server to stop; with ``wait`` > 0, drain until its ``done`` (or the wait ends)."""
+        if self.finished or self.cancelled:
+            return
+        self.cancelled = True
+        try:
+            self.client._send(P.request(P.CANCEL, self.id))
+        except ClientError:
+            pass
+        end = time.monotonic() + wait
+        while wait > 0 and not self.finished and time.monotonic() < end:
+            try:
+                self.next(timeout=max(0.0, end - time.monotonic()))
+            except ClientError:
+                break
+        if not self.finished:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.client._close_route(self.id)
+        if self.done is None:
+            self.done = {"type": P.DONE, "id": self.id, "incomplete": True}

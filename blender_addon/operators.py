@@ -1,0 +1,257 @@
+"""Operators. The modal render keeps its body in plain functions (``RenderSession.step``) so
+headless runs and tests execute the same code without an event loop."""
+from __future__ import annotations
+
+import bpy
+from bpy.props import BoolProperty, StringProperty
+
+from . import localserver, preferences, render as R, rig as rig_mod
+from .client import ClientError
+
+progress = {"text": "", "running": False}
+
+
+def _fail(op, exc: Exception):
+    msg = R.explain(exc)
+    if isinstance(exc, ClientError) and not isinstance(exc, R.UserError):
+        preferences.set_status("error", msg)
+    op.report({"ERROR"}, msg)
+    return {"CANCELLED"}
+
+
+class STYLEHEAT_OT_connect(bpy.types.Operator):
+    bl_idname = "styleheat.connect"
+    bl_label = "Connect to Server"
+    bl_description = "Ask the StyleHEAT server for its model, device and sizes"
+
+    def execute(self, context):
+        s = preferences.settings(context)
+        try:
+            info = R.connect(s.address, s.timeout)
+        except ClientError as exc:
+            return _fail(self, exc)
+        preferences.set_status("ok", f"Connected to {s.address}", info)
+        rig = rig_mod.find_rig(context)
+        if rig is not None:
+            rig_mod.ensure_attributes(rig.styleheat, R.info_field(info, "attributes", {}))
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_server_start(bpy.types.Operator):
+    bl_idname = "styleheat.server_start"
+    bl_label = "Start Local Server"
+    bl_description = "Start the StyleHEAT server as a subprocess of Blender (its own Python; torch stays out of Blender)"
+
+    def execute(self, context):
+        p = preferences.get_prefs(context)
+        s = preferences.settings(context)
+        try:
+            argv = localserver.build_command(
+                interpreter=bpy.path.abspath(getattr(p, "server_python", "")) if p else "",
+                command=getattr(p, "server_command", "") if p else "", bind=s.address,
+                checkpoints=bpy.path.abspath(getattr(p, "checkpoint_dir", "")) if p else "",
+                device=getattr(p, "device", "auto") if p else "auto", extra=getattr(p, "server_args", "") if p else "")
+            localserver.start(argv)
+        except (ValueError, RuntimeError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        preferences.set_status("unknown", "Server starting... press refresh to connect")
+        self.report({"INFO"}, "StyleHEAT server started: " + " ".join(argv))
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_server_stop(bpy.types.Operator):
+    bl_idname = "styleheat.server_stop"
+    bl_label = "Stop Local Server"
+    bl_description = "Stop the server this Blender started"
+
+    def execute(self, context):
+        R.close_clients()
+        localserver.stop()
+        preferences.set_status("unknown", "Local server stopped")
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_add_rig(bpy.types.Operator):
+    bl_idname = "styleheat.add_rig"
+    bl_label = "StyleHEAT Face Rig"
+    bl_description = ("Add a face rig: rotate it to turn the head, move it to shift the face, key the "
+                      "expression and attribute controls in the StyleHEAT panel")
+    bl_options = {"REGISTER", "UNDO"}
+
+    portrait: StringProperty(name="Portrait", subtype="FILE_PATH", default="")
+
+    def execute(self, context):
+        obj = rig_mod.create_rig(context, portrait=self.portrait)
+        info = R.server_info.get(preferences.settings(context).address)
+        if info:
+            rig_mod.ensure_attributes(obj.styleheat, R.info_field(info, "attributes", {}))
+        for o in context.scene.objects:
+            o.select_set(False)
+        obj.select_set(True)
+        context.view_layer.objects.active = obj
+        return {"FINISHED"}
+
+
+def _active_rig(context):
+    return rig_mod.find_rig(context)
+
+
+class STYLEHEAT_OT_prepare(bpy.types.Operator):
+    bl_idname = "styleheat.prepare_portrait"
+    bl_label = "Prepare Portrait"
+    bl_description = "Send the portrait to the server once (face alignment + inversion) and read its coefficients"
+
+    force: BoolProperty(default=True, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return _active_rig(context) is not None
+
+    def execute(self, context):
+        s = preferences.settings(context)
+        obj = _active_rig(context)
+        try:
+            info = R.connect(s.address, s.timeout)
+            rig_mod.ensure_attributes(obj.styleheat, R.info_field(info, "attributes", {}))
+            R.ensure_identity(R.get_client(s.address, s.timeout), obj, force=self.force)
+        except (ClientError, R.UserError) as exc:
+            return _fail(self, exc)
+        self.report({"INFO"}, f"Portrait prepared ({obj.styleheat.identity})")
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_preview(bpy.types.Operator):
+    bl_idname = "styleheat.preview"
+    bl_label = "Preview Frame"
+    bl_description = "Render the current frame at the preview size into the 'StyleHEAT Preview' image"
+
+    @classmethod
+    def poll(cls, context):
+        return _active_rig(context) is not None
+
+    def execute(self, context):
+        s = preferences.settings(context)
+        try:
+            R.preview_frame(context.scene, _active_rig(context), s.address, s.timeout)
+        except (ClientError, R.UserError) as exc:
+            return _fail(self, exc)
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_render(bpy.types.Operator):
+    bl_idname = "styleheat.render"
+    bl_label = "Render Face Animation"
+    bl_description = ("Render the scene (or preview) range to //styleheat/<rig>/ and show it as an image strip; "
+                      "unchanged frames are kept. Esc cancels")
+
+    force: BoolProperty(name="Re-render All", default=False, options={"SKIP_SAVE"},
+                        description="Render every frame even when its inputs did not change")
+
+    @classmethod
+    def poll(cls, context):
+        return _active_rig(context) is not None and not progress["running"]
+
+    # blocking path: scripts, --background, bpy-as-a-module
+    def execute(self, context):
+        s = preferences.settings(context)
+        try:
+            session = R.render_range(context.scene, _active_rig(context), s.address, s.timeout, force=self.force,
+                                     frame_timeout=s.frame_timeout)
+        except (ClientError, R.UserError) as exc:
+            return _fail(self, exc)
+        self.report({"INFO"}, f"StyleHEAT: rendered {len(session.written)} frame(s), "
+                              f"{len(session.plan.frames) - len(session.plan.todo)} unchanged")
+        return {"FINISHED"}
+
+    # interactive path
+    def invoke(self, context, event):
+        s = preferences.settings(context)
+        obj = _active_rig(context)
+        try:
+            self.session = start_session(context, obj, s, force=self.force)
+        except (ClientError, R.UserError) as exc:
+            return _fail(self, exc)
+        if self.session.done:
+            finish_session(context, self.session)
+            self.report({"INFO"}, "StyleHEAT: every frame is up to date")
+            return {"FINISHED"}
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.1, window=context.window)
+        wm.modal_handler_add(self)
+        wm.progress_begin(0, max(1, self.session.total))
+        progress["running"] = True
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context, event):
+        if event.type == "ESC":
+            self.session.cancel()
+            return self._end(context)
+        if event.type == "TIMER":
+            running = step_session(context, self.session, 0.05)
+            if not running:
+                return self._end(context)
+        return {"PASS_THROUGH"}
+
+    def _end(self, context):
+        wm = context.window_manager
+        wm.event_timer_remove(self._timer)
+        wm.progress_end()
+        progress["running"] = False
+        err = finish_session(context, self.session)
+        if err is not None:
+            return _fail(self, err)
+        msg = "cancelled" if self.session.cancelled else "done"
+        self.report({"INFO"}, f"StyleHEAT {msg}: {self.session.status()}")
+        return {"FINISHED"} if not self.session.cancelled else {"CANCELLED"}
+
+
+# plain functions behind the modal operator ---------------------------------------------------
+
+def start_session(context, obj, s: preferences.Settings, force: bool = False) -> R.RenderSession:
+    scene = context.scene
+    client = R.get_client(s.address, s.timeout)
+    info = R.connect(s.address, s.timeout)
+    preferences.set_status("ok", f"Connected to {s.address}", info)
+    rig_mod.ensure_attributes(obj.styleheat, R.info_field(info, "attributes", {}))
+    identity = R.ensure_identity(client, obj)
+    start, end = R.frame_range(scene)
+    plan = R.plan_render(scene, obj, identity, info, start, end, R.output_dir(obj),
+                         size=R.pick_size(info, obj.styleheat.size), force=force)
+    session = R.RenderSession(client, plan, frame_timeout=s.frame_timeout)
+    session.scene_name = scene.name
+    progress["text"] = session.status()
+    return session
+
+
+def step_session(context, session: R.RenderSession, timeout: float = 0.0) -> bool:
+    running = session.step(timeout)
+    progress["text"] = session.status()
+    try:
+        context.window_manager.progress_update(len(session.written))
+        if context.area is not None:
+            context.area.header_text_set(f"StyleHEAT: {session.status()} (Esc cancels)")
+    except (AttributeError, RuntimeError):
+        pass
+    return running
+
+
+def finish_session(context, session: R.RenderSession):
+    try:
+        if context.area is not None:
+            context.area.header_text_set(None)
+    except (AttributeError, RuntimeError):
+        pass
+    scene = bpy.data.scenes.get(getattr(session, "scene_name", ""), context.scene)
+    obj = bpy.data.objects.get(session.plan.obj_name)
+    R.update_strip(scene, session.plan, obj.styleheat.strip_channel if obj else 0)
+    progress["text"] = ("Cancelled at " if session.cancelled else "") + session.status()
+    return session.error
+
+
+def menu_add(self, context):
+    self.layout.operator(STYLEHEAT_OT_add_rig.bl_idname, icon="USER")
+
+
+CLASSES = (STYLEHEAT_OT_connect, STYLEHEAT_OT_server_start, STYLEHEAT_OT_server_stop, STYLEHEAT_OT_add_rig,
+           STYLEHEAT_OT_prepare, STYLEHEAT_OT_preview, STYLEHEAT_OT_render)

@@ -1,0 +1,118 @@
+"""Sidebar panels (3D Viewport > N > StyleHEAT)."""
+from __future__ import annotations
+
+import bpy
+
+from . import operators, preferences, rig as rig_mod
+from .frames import PRESET_NAMES
+
+
+class _Base:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "StyleHEAT"
+
+
+class STYLEHEAT_PT_main(_Base, bpy.types.Panel):
+    bl_idname = "STYLEHEAT_PT_main"
+    bl_label = "StyleHEAT"
+
+    def draw(self, context):
+        layout = self.layout
+        preferences.draw_status(layout)
+        obj = rig_mod.find_rig(context)
+        if obj is None:
+            layout.operator("styleheat.add_rig", icon="ADD")
+            return
+        rig = obj.styleheat
+        layout.label(text=obj.name, icon="USER")
+        layout.prop(rig, "portrait")
+        row = layout.row()
+        row.prop(rig, "align")
+        row.operator("styleheat.prepare_portrait", text="Prepare", icon="IMPORT")
+        col = layout.column(align=True)
+        col.label(text="Head: rotate / move the rig object")
+        col.prop(obj, "rotation_euler", text="Angles")
+        col.prop(obj, "location", text="Offset")
+
+
+class STYLEHEAT_PT_expression(_Base, bpy.types.Panel):
+    bl_idname = "STYLEHEAT_PT_expression"
+    bl_label = "Expression"
+    bl_parent_id = "STYLEHEAT_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None
+
+    def draw(self, context):
+        rig = rig_mod.find_rig(context).styleheat
+        col = self.layout.column(align=True)
+        for name in PRESET_NAMES:
+            col.prop(rig, name, slider=True)
+        if not rig.has_base:
+            self.layout.label(text="Prepare the portrait to use its own expression", icon="INFO")
+
+
+class STYLEHEAT_PT_attributes(_Base, bpy.types.Panel):
+    bl_idname = "STYLEHEAT_PT_attributes"
+    bl_label = "Attribute Edits"
+    bl_parent_id = "STYLEHEAT_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None
+
+    def draw(self, context):
+        rig = rig_mod.find_rig(context).styleheat
+        col = self.layout.column(align=True)
+        if not rig.attributes:
+            col.label(text="Connect to the server to list its edits", icon="INFO")
+        for item in rig.attributes:
+            col.prop(item, "value", text=item.name.capitalize(), slider=False)
+
+
+class STYLEHEAT_PT_advanced(_Base, bpy.types.Panel):
+    bl_idname = "STYLEHEAT_PT_advanced"
+    bl_label = "Expression Coefficients"
+    bl_parent_id = "STYLEHEAT_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None
+
+    def draw(self, context):
+        rig = rig_mod.find_rig(context).styleheat
+        grid = self.layout.grid_flow(columns=4, align=True)
+        for r in range(2):
+            for c in range(32):
+                grid.prop(rig, "expression", index=r * 32 + c, text=f"{r * 32 + c}")
+
+
+class STYLEHEAT_PT_output(_Base, bpy.types.Panel):
+    bl_idname = "STYLEHEAT_PT_output"
+    bl_label = "Render"
+    bl_parent_id = "STYLEHEAT_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None
+
+    def draw(self, context):
+        rig = rig_mod.find_rig(context).styleheat
+        layout = self.layout
+        layout.prop(rig, "use_audio")
+        row = layout.row()
+        row.prop(rig, "size")
+        row.prop(rig, "preview_size")
+        layout.prop(rig, "strip_channel")
+        row = layout.row()
+        row.operator("styleheat.preview", icon="IMAGE_DATA")
+        row.operator("styleheat.render", icon="RENDER_ANIMATION")
+        if operators.progress["text"]:
+            layout.label(text=operators.progress["text"])
+
+
+CLASSES = (STYLEHEAT_PT_main, STYLEHEAT_PT_expression, STYLEHEAT_PT_attributes, STYLEHEAT_PT_advanced,
+           STYLEHEAT_PT_output)

@@ -1,0 +1,104 @@
+"""Add-on preferences: server address, timeouts, local server start/stop, connection status."""
+from __future__ import annotations
+
+import bpy
+from bpy.props import EnumProperty, FloatProperty, StringProperty
+
+from . import localserver
+
+ADDON_ID = __package__  # "styleheat" (legacy add-on) or "bl_ext.<repo>.styleheat" (extension)
+
+# connection status shown in the preferences and the panel (not saved)
+status = {"state": "unknown", "text": "Not connected", "device": "", "model": ""}
+
+
+def get_prefs(context=None):
+    context = context or bpy.context
+    addon = context.preferences.addons.get(ADDON_ID)
+    return addon.preferences if addon is not None else None
+
+
+class Settings:
+    """Preferences values, with defaults when the add-on was registered without its entry."""
+
+    def __init__(self, prefs=None):
+        self.address = getattr(prefs, "server_address", "tcp://127.0.0.1:5555")
+        self.timeout = float(getattr(prefs, "timeout", 5.0))
+        self.frame_timeout = float(getattr(prefs, "frame_timeout", 300.0))
+
+
+def settings(context=None) -> Settings:
+    return Settings(get_prefs(context))
+
+
+def set_status(state: str, text: str, info: dict | None = None) -> None:
+    status["state"], status["text"] = state, text
+    if info is not None:
+        from .render import info_field
+        status["device"] = str(info_field(info, "device", ""))
+        model = str(info_field(info, "model", ""))
+        if info_field(info, "real_weights", True) is False:
+            model += " (random weights)"
+        status["model"] = model
+
+
+class StyleHEATPreferences(bpy.types.AddonPreferences):
+    bl_idname = ADDON_ID
+
+    server_address: StringProperty(name="Server Address", default="tcp://127.0.0.1:5555",
+                                   description="ZeroMQ endpoint of the StyleHEAT server")
+    timeout: FloatProperty(name="Connect Timeout", default=5.0, min=0.1, max=600.0, unit="TIME_ABSOLUTE",
+                           description="Seconds to wait for the server to answer a request")
+    frame_timeout: FloatProperty(name="Frame Timeout", default=300.0, min=1.0, max=36000.0, unit="TIME_ABSOLUTE",
+                                 description="Seconds a render may go without any message from the server")
+    server_python: StringProperty(name="Server Python", subtype="FILE_PATH", default="",
+                                  description="Python interpreter of the environment where the server is installed")
+    server_command: StringProperty(name="Server Command", default="",
+                                   description="Full command that starts the server (overrides Server Python), "
+                                               "e.g. /path/to/.venv/bin/styleheat-server")
+    checkpoint_dir: StringProperty(name="Checkpoints", subtype="DIR_PATH", default="",
+                                   description="Folder with the StyleHEAT weights (as 'styleheat download' leaves them)")
+    device: EnumProperty(name="Device", default="auto",
+                         items=[("auto", "Auto", "CUDA when available, else CPU"), ("cuda", "CUDA", "NVIDIA GPU"),
+                                ("mps", "MPS", "Apple GPU"), ("cpu", "CPU", "Processor (slow)")])
+    server_args: StringProperty(name="Extra Arguments", default="",
+                                description="More command-line arguments for the server")
+
+    def draw(self, context):
+        layout = self.layout
+        col = layout.column()
+        col.prop(self, "server_address")
+        row = col.row()
+        row.prop(self, "timeout")
+        row.prop(self, "frame_timeout")
+        box = layout.box()
+        box.label(text="Local Server")
+        box.prop(self, "server_python")
+        box.prop(self, "server_command")
+        box.prop(self, "checkpoint_dir")
+        box.prop(self, "device")
+        box.prop(self, "server_args")
+        row = box.row()
+        if localserver.running():
+            row.label(text=f"Running (pid {localserver.pid()})", icon="PLAY")
+            row.operator("styleheat.server_stop", icon="PAUSE")
+        else:
+            code = localserver.exit_code()
+            if code is not None:
+                row.label(text=f"Exited with code {code}", icon="ERROR")
+            row.operator("styleheat.server_start", icon="PLAY")
+        draw_status(layout)
+
+
+def draw_status(layout) -> None:
+    box = layout.box()
+    row = box.row()
+    icon = {"ok": "CHECKMARK", "error": "ERROR"}.get(status["state"], "QUESTION")
+    row.label(text=status["text"], icon=icon)
+    row.operator("styleheat.connect", text="", icon="FILE_REFRESH")
+    if status["state"] == "ok":
+        box.label(text=f"Model: {status['model']}")
+        box.label(text=f"Device: {status['device']}")
+
+
+CLASSES = (StyleHEATPreferences,)

@@ -1,0 +1,415 @@
+"""Render the face rig through the server into a PNG sequence and an image strip.
+
+Everything here is a plain function or a class with a ``step()`` method, so the modal operator,
+the headless entry point and the tests run exactly the same code (timers and modal handlers
+never fire in bpy-as-a-module).
+
+Flow: :func:`plan_render` (main thread: sample the rig, mix the audio, hash every frame, decide
+what is stale) -> :class:`RenderSession` (``step()`` writes each received frame as tmp + rename
+and records its hash in the sidecar) -> :func:`update_strip`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import bpy
+import numpy as np
+
+from . import audio as audio_mod
+from . import compat, frames as F, rig as rig_mod
+from .client import Client, ClientError, ServerError, ServerUnavailable
+
+OUTPUT_ROOT = "//styleheat"
+PREVIEW_IMAGE = "StyleHEAT Preview"
+
+
+class UserError(Exception):
+    """A problem the user must fix; the message says what and how."""
+
+
+# --- server state shared by operators ------------------------------------------------------
+
+_clients: dict[str, Client] = {}
+server_info: dict[str, dict] = {}
+
+
+def get_client(address: str, timeout: float) -> Client:
+    c = _clients.get(address)
+    if c is None or c.timeout != timeout:
+        if c is not None:
+            c.close()
+        c = _clients[address] = Client(address, timeout=timeout)
+    return c
+
+
+def close_clients() -> None:
+    for c in _clients.values():
+        c.close()
+    _clients.clear()
+
+
+def connect(address: str, timeout: float) -> dict:
+    """hello -> the server's info (cached per address); raises ServerUnavailable with advice."""
+    info = get_client(address, timeout).hello()
+    server_info[address] = info
+    return info
+
+
+def info_field(info: dict, key: str, default=None):
+    """hello fields, whether the server puts them at the top level or under "info"."""
+    if key in info:
+        return info[key]
+    inner = info.get("info")
+    if isinstance(inner, dict) and key in inner:
+        return inner[key]
+    return default
+
+
+def presets_from_info(info: dict) -> dict:
+    presets = info_field(info, "presets", None) or {}
+    if isinstance(presets, dict) and "presets" in presets and isinstance(presets["presets"], dict):
+        presets = presets["presets"]
+    out = {}
+    for name, vec in presets.items():
+        arr = np.asarray(vec, dtype=np.float32).reshape(-1)
+        if arr.shape == (64,):
+            out[name] = arr
+    return out
+
+
+def pick_size(info: dict, want: int | None) -> int | None:
+    """A size the server supports: the smallest advertised size >= want (else the largest)."""
+    if not want:
+        return None
+    sizes = sorted(int(s) for s in (info_field(info, "sizes", None) or []))
+    if not sizes:
+        return int(want)
+    bigger = [s for s in sizes if s >= want]
+    return bigger[0] if bigger else sizes[-1]
+
+
+def explain(exc: Exception) -> str:
+    """One sentence for the user, with what to do."""
+    if isinstance(exc, ServerError):
+        code = exc.code
+        if code == "bad_image" and "face" in exc.message.lower():
+            return f"No usable face in the portrait: {exc.message} Pick a photo with one clearly visible face."
+        if code == "bad_image":
+            return f"The portrait was rejected: {exc.message} Use a PNG/JPEG photo with one clearly visible face."
+        if code in ("no_face", "face_not_found") or "no face" in exc.message.lower():
+            return f"No face was found in the portrait: {exc.message} Pick a photo with one frontal face."
+        if code in ("weights_missing", "no_weights") or "weights" in exc.message.lower():
+            return (f"The server is missing model weights: {exc.message} "
+                    "Run 'styleheat download' and restart the server with --checkpoints.")
+        if code == "version_mismatch":
+            return f"Add-on and server speak different protocol versions: {exc.message}"
+        return f"Server error: {exc}"
+    return str(exc)
+
+
+# --- identity ------------------------------------------------------------------------------
+
+def _portrait_bytes(rig) -> tuple[bytes, str]:
+    path = bpy.path.abspath(rig.portrait) if rig.portrait else ""
+    if not path:
+        raise UserError("The face rig has no source portrait; set one in the StyleHEAT panel.")
+    if not os.path.isfile(path):
+        raise UserError(f"The portrait file {path!r} does not exist; pick an existing PNG or JPEG.")
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest()[:16] + f"|{int(rig.align)}"
+
+
+def ensure_identity(client: Client, obj, force: bool = False) -> str:
+    """Prepare the rig's portrait on the server when needed; stores identity and coefficients."""
+    rig = obj.styleheat
+    data, source = _portrait_bytes(rig)
+    if rig.identity and rig.identity_source == source and not force:
+        return rig.identity
+    reply = client.prepare(data, align=rig.align)
+    identity = reply.get("identity")
+    if not isinstance(identity, str) or not identity:
+        raise ClientError("the server's 'prepared' reply has no identity id")
+    coeffs = reply.get("coefficients")
+    if isinstance(coeffs, dict):
+        from . import protocol as P
+        coeffs = P.decode_array(coeffs, "coefficients", (73,))
+    rig_mod.set_base(rig, coeffs if coeffs is not None else None)
+    rig.identity = identity
+    rig.identity_source = source
+    return identity
+
+
+# --- planning ------------------------------------------------------------------------------
+
+def frame_range(scene, use_preview: bool | None = None) -> tuple[int, int]:
+    preview = scene.use_preview_range if use_preview is None else use_preview
+    if preview:
+        return scene.frame_preview_start, scene.frame_preview_end
+    return scene.frame_start, scene.frame_end
+
+
+def output_dir(obj) -> str:
+    if not bpy.data.filepath:
+        raise UserError("Save the .blend first: frames are written next to it in //styleheat/<rig name>/.")
+    return bpy.path.abspath(f"{OUTPUT_ROOT}/{bpy.path.clean_name(obj.name)}/")
+
+
+@dataclass
+class RenderPlan:
+    obj_name: str
+    start: int
+    end: int
+    directory: str
+    prefix: str
+    identity: str
+    model: str
+    size: int | None
+    clip: rig_mod.Clip
+    audio: dict | None
+    hashes: dict[int, str]                  # scene frame -> hash
+    todo: list[int]                         # scene frames to (re-)render
+    sidecar: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    @property
+    def frames(self) -> list[int]:
+        return list(range(self.start, self.end + 1))
+
+
+def plan_render(scene, obj, identity: str, info: dict, start: int, end: int, directory: str | None,
+                size: int | None = None, force: bool = False) -> RenderPlan:
+    rig = obj.styleheat
+    presets = presets_from_info(info)
+    clip = rig_mod.sample_clip(scene, obj, start, end, presets)
+    pcm = None
+    warnings = []
+    if rig.use_audio and info_field(info, "audio", False) is False and audio_mod.audible_sound_strips(scene):
+        warnings.append("this server has no audio path, so the sound strips do not drive the lips")
+    elif rig.use_audio:
+        samples = audio_mod.mixdown(scene, clip.first, clip.last)
+        if samples is not None:
+            pcm = {"samples": samples, "sample_rate": audio_mod.SAMPLE_RATE, "fps": compat.scene_fps(scene),
+                   "frame_offset": float(clip.first)}
+    model = f"{info_field(info, 'model', '?')}|real={info_field(info, 'real_weights', '?')}"
+    native = info_field(info, "native_size", None)
+    resolved = size or native or 0
+    spf = (pcm["sample_rate"] / pcm["fps"]) if pcm else 0.0
+    idx = [clip.index(f) for f in range(start, end + 1)]
+    by_index = F.frame_hashes(identity, model, int(resolved), clip.rows, idx,
+                              audio=pcm["samples"] if pcm else None, samples_per_frame=spf,
+                              attributes=clip.attributes)
+    hashes = {clip.first + i: h for i, h in by_index.items()}
+    prefix = bpy.path.clean_name(obj.name)
+    sidecar = F.load_sidecar(directory) if directory else {}
+    todo = [f for f in range(start, end + 1)
+            if force or not directory or not F.is_current(sidecar, directory, f, hashes[f])]
+    return RenderPlan(obj.name, start, end, directory or "", prefix, identity, model, size or None, clip, pcm,
+                      hashes, todo, sidecar, warnings)
+
+
+# --- execution -----------------------------------------------------------------------------
+
+class RenderSession:
+    """Drives one render request. ``step()`` is the modal timer body; ``run()`` the blocking loop."""
+
+    def __init__(self, client: Client, plan: RenderPlan, encoding: str = "png", credit: int = 4,
+                 frame_timeout: float = 300.0, on_frame=None):
+        self.client, self.plan = client, plan
+        self.encoding = encoding
+        self.written: list[int] = []
+        self.images: dict[int, np.ndarray] = {}     # raw encoding without a directory (preview)
+        self.error: Exception | None = None
+        self.cancelled = False
+        self.on_frame = on_frame
+        self.started = time.monotonic()
+        self.stream = None
+        if plan.todo:
+            if plan.directory:
+                os.makedirs(plan.directory, exist_ok=True)
+            self.stream = client.render(plan.identity, plan.clip.rows, plan.clip.first, plan.todo, size=plan.size,
+                                        encoding=encoding, credit=credit, attributes=plan.clip.attributes or None,
+                                        audio=plan.audio, frame_timeout=frame_timeout)
+
+    @property
+    def total(self) -> int:
+        return len(self.plan.todo)
+
+    @property
+    def done(self) -> bool:
+        return self.stream is None or self.stream.finished or self.error is not None
+
+    def status(self) -> str:
+        return f"Frame {len(self.written)}/{self.total}"
+
+    def step(self, timeout: float = 0.0) -> bool:
+        """Handle the frames that have arrived (waiting at most ``timeout`` s); False when over."""
+        if self.done:
+            return False
+        deadline = time.monotonic() + timeout
+        try:
+            while not self.stream.finished:
+                fr = self.stream.next(timeout=max(0.0, deadline - time.monotonic()))
+                if fr is None:
+                    break
+                self._store(fr)
+                if time.monotonic() >= deadline:
+                    break
+        except ClientError as exc:
+            self.error = exc
+            return False
+        return not self.done
+
+    def _store(self, fr) -> None:
+        p = self.plan
+        if p.directory:
+            name = F.frame_filename(p.prefix, fr.frame)
+            path = os.path.join(p.directory, name)
+            if fr.encoding == "png":
+                tmp = f"{path}.part{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(fr.data)
+                os.replace(tmp, path)
+            else:
+                F.write_png_atomic(path, fr.rgb())
+            p.sidecar[str(fr.frame)] = {"hash": p.hashes[fr.frame], "file": name}
+            F.save_sidecar(p.directory, p.sidecar, {"identity": p.identity, "model": p.model})
+        else:
+            self.images[fr.frame] = fr.rgb()
+        self.written.append(fr.frame)
+        if self.on_frame is not None:
+            self.on_frame(self, fr)
+
+    def cancel(self) -> None:
+        """Stop: frames written so far stay valid (each file was complete before it got its name)."""
+        self.cancelled = True
+        if self.stream is not None and not self.stream.finished:
+            self.stream.cancel(wait=0.0)
+
+    def run(self, should_stop=None, poll: float = 0.2) -> "RenderSession":
+        while self.step(poll):
+            if should_stop is not None and should_stop(self):
+                self.cancel()
+                break
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+# --- results into Blender ------------------------------------------------------------------
+
+def strip_name(obj_name: str) -> str:
+    return f"StyleHEAT {obj_name}"[:63]
+
+
+def _free_channel(scene, start: int, end: int, avoid: str) -> int:
+    used = set()
+    for s in compat.all_strips(scene):
+        if s.name == avoid:
+            continue
+        if s.frame_final_start <= end and s.frame_final_end > start:
+            used.add(s.channel)
+    ch = 2
+    while ch in used:
+        ch += 1
+    return ch
+
+
+def update_strip(scene, plan: RenderPlan, channel: int = 0):
+    """Add or update the image strip showing frames start.. (as far as files exist contiguously)."""
+    names = []
+    for f in plan.frames:
+        name = F.frame_filename(plan.prefix, f)
+        if not os.path.isfile(os.path.join(plan.directory, name)):
+            break
+        names.append(name)
+    name = strip_name(plan.obj_name)
+    strips = compat.top_strips(scene)
+    old = next((s for s in compat.all_strips(scene) if s.name == name), None)
+    if old is not None:
+        channel = channel or old.channel
+        strips.remove(old)
+    if not names:
+        return None
+    channel = channel or _free_channel(scene, plan.start, plan.start + len(names) - 1, name)
+    first = os.path.join(plan.directory, names[0])
+    try:
+        first = bpy.path.relpath(first)
+    except ValueError:  # different drive on Windows
+        pass
+    strip = strips.new_image(name, first, channel, plan.start, fit_method="FIT")
+    for n in names[1:]:
+        strip.elements.append(n)
+    return strip
+
+
+def show_preview(rgb: np.ndarray, name: str = PREVIEW_IMAGE):
+    """Put an (H, W, 3) uint8 frame into an image datablock and show it in open Image Editors."""
+    h, w = rgb.shape[:2]
+    img = bpy.data.images.get(name)
+    if img is None or tuple(img.size) != (w, h):
+        if img is not None:
+            bpy.data.images.remove(img)
+        img = bpy.data.images.new(name, w, h, alpha=True, float_buffer=False)
+    rgba = np.empty((h, w, 4), dtype=np.float32)
+    rgba[..., :3] = rgb[::-1] / 255.0
+    rgba[..., 3] = 1.0
+    img.pixels.foreach_set(rgba.ravel())
+    img.update()
+    wm = bpy.context.window_manager
+    for window in getattr(wm, "windows", []):
+        for area in window.screen.areas:
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = img
+    return img
+
+
+# --- one-call helpers (headless, tests) ----------------------------------------------------
+
+def render_range(context_scene, obj, address: str, timeout: float = 5.0, start: int | None = None,
+                 end: int | None = None, force: bool = False, should_stop=None, on_frame=None,
+                 frame_timeout: float = 300.0) -> RenderSession:
+    """Blocking render of the rig over start..end (default: the scene or preview range)."""
+    scene = context_scene
+    if not rig_mod.is_rig(obj):
+        raise UserError(f"{obj.name if obj else 'Nothing'} is not a StyleHEAT face rig; add one with "
+                        "Add > StyleHEAT Face Rig.")
+    s0, e0 = frame_range(scene)
+    start = s0 if start is None else start
+    end = e0 if end is None else end
+    client = get_client(address, timeout)
+    info = connect(address, timeout)
+    rig_mod.ensure_attributes(obj.styleheat, info_field(info, "attributes", {}))
+    identity = ensure_identity(client, obj)
+    directory = output_dir(obj)
+    size = pick_size(info, obj.styleheat.size)
+    plan = plan_render(scene, obj, identity, info, start, end, directory, size=size, force=force)
+    session = RenderSession(client, plan, frame_timeout=frame_timeout, on_frame=on_frame)
+    try:
+        session.run(should_stop=should_stop)
+    except ServerError as exc:
+        if exc.code != "unknown_identity":
+            raise
+        # the server restarted and forgot the portrait: prepare it again and retry once
+        identity = ensure_identity(client, obj, force=True)
+        plan = plan_render(scene, obj, identity, info, start, end, directory, size=size)
+        session = RenderSession(client, plan, frame_timeout=frame_timeout, on_frame=on_frame).run(should_stop)
+    update_strip(scene, plan, obj.styleheat.strip_channel)
+    return session
+
+
+def preview_frame(scene, obj, address: str, timeout: float = 5.0, frame: int | None = None):
+    """Render one frame at the rig's preview size into the preview image; returns the image."""
+    frame = scene.frame_current if frame is None else frame
+    client = get_client(address, timeout)
+    info = connect(address, timeout)
+    identity = ensure_identity(client, obj)
+    plan = plan_render(scene, obj, identity, info, frame, frame, None,
+                       size=pick_size(info, obj.styleheat.preview_size))
+    session = RenderSession(client, plan, encoding="raw").run()
+    if frame not in session.images:
+        raise ClientError("the server finished without sending the preview frame")
+    return show_preview(session.images[frame])

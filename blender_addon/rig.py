@@ -1,0 +1,217 @@
+"""The face rig: one object whose rotation drives the head angles and whose location drives the
+translation, plus ``object.styleheat`` (one PointerProperty) with the keyframable controls.
+
+Sampling (:func:`sample_clip`) evaluates the rig per frame with ``scene.frame_set`` -- so keys,
+drivers, constraints-free parenting and NLA all count exactly as the animator sees them -- and
+turns the samples into 73-value rows with :func:`frames.rows_from_samples`.
+"""
+from __future__ import annotations
+
+import math
+
+import bpy
+import numpy as np
+from bpy.props import (BoolProperty, CollectionProperty, FloatProperty, FloatVectorProperty, IntProperty,
+                       PointerProperty, StringProperty)
+
+from . import compat
+from .frames import PRESET_NAMES, RigSample, clip_range, rows_from_samples
+
+RIG_PROP = "styleheat"
+ANIMATED_PREFIXES = ("rotation_euler", "rotation_quaternion", "rotation_axis_angle", "location",
+                     "delta_location", "delta_rotation_euler", "styleheat.")
+
+
+def _preset_prop(name: str, what: str):
+    return FloatProperty(
+        name=name.capitalize(), default=0.0, min=-2.0, max=2.0, soft_min=0.0, soft_max=1.0,
+        description=f"Blend towards the official '{name}' intuitive-edit preset ({what}); "
+                    f"0 = the portrait's own expression, 1 = the preset")
+
+
+class StyleHEATAttribute(bpy.types.PropertyGroup):
+    # ``name`` (inherited) is the server's attribute name, e.g. "young", "beard"
+    value: FloatProperty(name="Strength", default=0.0, soft_min=-5.0, soft_max=5.0,
+                         description="Attribute-edit strength sent to the server for this frame (keyframable)")
+    min: FloatProperty(name="Min", default=-5.0, options={"HIDDEN"})
+    max: FloatProperty(name="Max", default=5.0, options={"HIDDEN"})
+
+
+class StyleHEATRig(bpy.types.PropertyGroup):
+    is_rig: BoolProperty(name="Is StyleHEAT Rig", default=False, options={"HIDDEN"})
+    portrait: StringProperty(name="Portrait", subtype="FILE_PATH", default="",
+                             description="Source portrait (PNG/JPEG, one face); the server aligns and inverts it once")
+    align: BoolProperty(name="Align Face", default=True,
+                        description="Let the server detect and FFHQ-align the face (off: the image is already aligned)")
+    identity: StringProperty(name="Identity", default="", options={"HIDDEN"},
+                             description="Server identity id of the prepared portrait")
+    identity_source: StringProperty(default="", options={"HIDDEN"})
+    # The portrait's own coefficients (set when it is prepared; zeros/neutral otherwise).
+    base_expression: FloatVectorProperty(name="Portrait Expression", size=(2, 32), default=[[0.0] * 32] * 2,
+                                         options={"HIDDEN"})
+    base_pose: FloatVectorProperty(name="Portrait Pose", size=9, options={"HIDDEN"},
+                                   default=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+                                   description="Portrait angles (3), translation (3), crop (3)")
+    has_base: BoolProperty(default=False, options={"HIDDEN"})
+
+    mouth: _preset_prop("mouth", "open mouth")
+    eyebrow: _preset_prop("eyebrow", "raised eyebrows")
+    eyes: _preset_prop("eyes", "eyes")
+    center: _preset_prop("center", "neutral centre expression")
+
+    expression: FloatVectorProperty(
+        name="Expression Coefficients", size=(2, 32), default=[[0.0] * 32] * 2, soft_min=-3.0, soft_max=3.0,
+        description="Raw Deep3D expression offsets (64 = 2 x 32), added to the portrait's own expression")
+    attributes: CollectionProperty(type=StyleHEATAttribute, name="Attribute Edits")
+    use_audio: BoolProperty(name="Lip Sync From Sound Strips", default=True,
+                            description="Send what the sequencer's sound strips play to the server to drive the lips")
+    size: IntProperty(name="Size", default=0, min=0, max=4096,
+                      description="Output side in pixels (0 = the model's native size)")
+    preview_size: IntProperty(name="Preview Size", default=256, min=16, max=1024,
+                              description="Side of the preview image")
+    strip_channel: IntProperty(name="Strip Channel", default=0, min=0, max=128,
+                               description="Sequencer channel of the rendered image strip (0 = first free)")
+
+
+CLASSES = (StyleHEATAttribute, StyleHEATRig)
+
+
+def register() -> None:
+    for c in CLASSES:
+        bpy.utils.register_class(c)
+    bpy.types.Object.styleheat = PointerProperty(type=StyleHEATRig, name="StyleHEAT Face Rig")
+
+
+def unregister() -> None:
+    if hasattr(bpy.types.Object, "styleheat"):
+        del bpy.types.Object.styleheat
+    for c in reversed(CLASSES):
+        bpy.utils.unregister_class(c)
+
+
+# --- creation ------------------------------------------------------------------------------
+
+def create_rig(context, name: str = "StyleHEAT Face", portrait: str = "") -> bpy.types.Object:
+    """An empty at the 3D cursor (XYZ Euler) flagged as a StyleHEAT rig."""
+    obj = bpy.data.objects.new(name, None)
+    obj.empty_display_type = "SPHERE"
+    obj.empty_display_size = 0.5
+    obj.rotation_mode = "XYZ"
+    context.scene.collection.objects.link(obj)
+    rig = obj.styleheat
+    rig.is_rig = True
+    rig.portrait = portrait
+    return obj
+
+
+def is_rig(obj) -> bool:
+    return obj is not None and getattr(obj, "styleheat", None) is not None and obj.styleheat.is_rig
+
+
+def find_rig(context):
+    obj = getattr(context, "active_object", None)
+    if is_rig(obj):
+        return obj
+    for o in context.scene.objects:
+        if is_rig(o):
+            return o
+    return None
+
+
+def set_base(rig, coefficients) -> None:
+    """Store the portrait's own 73 coefficients (None: neutral)."""
+    if coefficients is None:
+        rig.base_expression.foreach_set([0.0] * 64)
+        rig.base_pose = (0.0,) * 9
+        rig.has_base = False
+        return
+    c = np.asarray(coefficients, dtype=np.float32).reshape(-1)
+    if c.shape != (73,):
+        raise ValueError(f"portrait coefficients must have 73 values, got {c.shape[0]}")
+    rig.base_expression.foreach_set(c[:64].tolist())
+    rig.base_pose = c[64:73].tolist()
+    rig.has_base = True
+
+
+def base_coefficients(rig) -> np.ndarray:
+    buf = [0.0] * 64
+    rig.base_expression.foreach_get(buf)
+    return np.concatenate([np.asarray(buf, dtype=np.float32), np.asarray(rig.base_pose, dtype=np.float32)])
+
+
+def ensure_attributes(rig, spec: dict) -> None:
+    """Make sure the rig has one keyframable item per attribute the server reports."""
+    for name, info in (spec or {}).items():
+        item = rig.attributes.get(name)
+        if item is None:
+            item = rig.attributes.add()
+            item.name = name
+        if isinstance(info, dict):
+            item.min = float(info.get("min", item.min))
+            item.max = float(info.get("max", item.max))
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+def _rotation_xyz(obj):
+    if obj.rotation_mode == "XYZ":
+        return tuple(obj.rotation_euler)
+    return tuple(obj.matrix_basis.to_euler("XYZ"))
+
+
+def sample_now(obj) -> RigSample:
+    rig = obj.styleheat
+    buf = [0.0] * 64
+    rig.expression.foreach_get(buf)
+    return RigSample(rotation=_rotation_xyz(obj), location=tuple(obj.location), expression=buf,
+                     presets={n: float(getattr(rig, n)) for n in PRESET_NAMES},
+                     attributes={a.name: float(a.value) for a in rig.attributes})
+
+
+def keyed_range(obj):
+    return compat.keyed_frame_range(obj, ANIMATED_PREFIXES)
+
+
+def sample_frames(scene, obj, lo: int, hi: int) -> list[RigSample]:
+    """Rig samples for scene frames lo..hi (inclusive); restores the current frame."""
+    current, sub = scene.frame_current, scene.frame_subframe
+    out = []
+    try:
+        for f in range(lo, hi + 1):
+            scene.frame_set(f)
+            out.append(sample_now(obj))
+    finally:
+        scene.frame_set(current, subframe=sub)
+    return out
+
+
+class Clip:
+    """What one render request needs from the rig: rows for scene frames first..last."""
+
+    def __init__(self, first: int, rows: np.ndarray, attributes: dict[str, np.ndarray]):
+        self.first = first
+        self.rows = rows
+        self.attributes = attributes
+
+    @property
+    def last(self) -> int:
+        return self.first + self.rows.shape[0] - 1
+
+    def index(self, frame: int) -> int:
+        return frame - self.first
+
+
+def sample_clip(scene, obj, start: int, end: int, presets: dict | None = None) -> Clip:
+    """Rows for the render range start..end, widened by the 27-frame window where keys exist."""
+    lo, hi = clip_range(start, end, keyed_range(obj))
+    samples = sample_frames(scene, obj, lo, hi)
+    rows = rows_from_samples(samples, base_coefficients(obj.styleheat), presets)
+    names = sorted({n for s in samples for n in s.attributes})
+    attrs = {n: np.asarray([s.attributes.get(n, 0.0) for s in samples], dtype=np.float32) for n in names}
+    # attributes that are 0 everywhere change nothing: leave them out of the request and the hash
+    attrs = {n: v for n, v in attrs.items() if np.any(v != 0.0)}
+    return Clip(lo, rows, attrs)
+
+
+def degrees(rad: float) -> float:
+    return math.degrees(rad)

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Build the installable StyleHEAT add-on zip: ``python build_addon.py`` -> dist/styleheat-<version>.zip
+
+The zip holds one folder ``styleheat/`` with the add-on sources from ``blender_addon/``, a copy of
+``server/protocol.py`` as ``styleheat/protocol.py`` (the single source of the wire protocol: never
+edit the copy), ``blender_manifest.toml`` with the bundled wheels listed, and ``wheels/`` with
+pyzmq and msgpack for Blender's Python 3.11 on Linux, Windows and macOS, downloaded unmodified
+from PyPI with ``pip download --only-binary=:all:`` as Blender's extension docs prescribe. The same
+zip installs as a Blender 4.2+ extension and as a legacy add-on (``bl_info``; the add-on unpacks
+the matching wheel itself). The result is checked with the extension validator that ships inside
+bpy (``bl_pkg/cli/blender_ext.py validate``).
+
+Options: ``--no-wheels`` (tests; Blender's own Python must then provide pyzmq/msgpack),
+``--wheel-cache DIR`` (reuse downloads), ``--output-dir DIR``, ``--no-validate``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+SOURCE = REPO / "blender_addon"
+PROTOCOL = REPO / "server" / "protocol.py"
+PACKAGE = "styleheat"
+PYTHON_VERSION = "3.11"            # Blender 4.2 .. 5.x
+# (blender platform, pip --platform tags tried in order)
+PLATFORMS = (
+    ("linux-x64", ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")),
+    ("linux-arm64", ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")),
+    ("windows-x64", ("win_amd64",)),
+    ("windows-arm64", ("win_arm64",)),
+    ("macos-x64", ("macosx_10_15_x86_64", "macosx_10_9_x86_64", "macosx_10_15_universal2")),
+    ("macos-arm64", ("macosx_11_0_arm64", "macosx_10_15_universal2")),
+)
+REQUIRED_PLATFORMS = ("linux-x64", "windows-x64", "macos-x64", "macos-arm64")
+EXCLUDE_DIRS = {"__pycache__", "wheels", "_vendor"}
+FORBIDDEN_IMPORTS = ("torch", "cv2", "librosa", "scipy")
+
+
+class BuildError(Exception):
+    pass
+
+
+def bpy_validator() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("bpy")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuildError("the bpy module is not installed in this Python, so the extension validator "
+                         "(bl_pkg/cli/blender_ext.py) cannot run; install bpy==5.0.1 or pass --no-validate")
+    root = Path(list(spec.submodule_search_locations)[0])
+    hits = sorted(root.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
+    if not hits:
+        raise BuildError(f"no blender_ext.py under {root}; pass --no-validate")
+    return hits[-1]
+
+
+def pinned_versions() -> dict[str, str]:
+    """pyzmq and msgpack versions pinned in pyproject.toml (the tested combination)."""
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    out = {}
+    for name in ("pyzmq", "msgpack"):
+        m = re.search(rf'"{name}==([^"]+)"', text)
+        if not m:
+            raise BuildError(f"pyproject.toml does not pin {name}; the add-on bundles the pinned version")
+        out[name] = m.group(1)
+    return out
+
+
+def manifest_version() -> str:
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (SOURCE / "blender_manifest.toml").read_text(encoding="utf-8"), re.M)
+    if not m:
+        raise BuildError("blender_addon/blender_manifest.toml has no version")
+    return m.group(1)
+
+
+def check_versions_agree() -> None:
+    init = (SOURCE / "__init__.py").read_text(encoding="utf-8")
+    m = re.search(r'"version":\s*\((\d+),\s*(\d+),\s*(\d+)\)', init)
+    if not m or ".".join(m.groups()) != manifest_version():
+        raise BuildError("bl_info['version'] in blender_addon/__init__.py and version in blender_manifest.toml "
+                         "differ; make them equal")
+
+
+def download_wheels(dest: Path, cache: Path | None) -> dict[str, list[str]]:
+    """pip download the pinned wheels for every platform; returns {blender platform: [wheel files]}."""
+    versions = pinned_versions()
+    dest.mkdir(parents=True, exist_ok=True)
+    found: dict[str, list[str]] = {}
+    errors = []
+    for bl_platform, tags in PLATFORMS:
+        for tag in tags:
+            tmp = Path(tempfile.mkdtemp(prefix="styleheat_whl_"))
+            try:
+                names = []
+                ok = True
+                for pkg, ver in versions.items():
+                    cached = _cached(cache, pkg, ver, tag)
+                    if cached is not None:
+                        names.append(cached)
+                        continue
+                    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                           "--only-binary=:all:", "--no-deps", "--python-version", PYTHON_VERSION,
+                           "--implementation", "cp", "--platform", tag, "--dest", str(tmp), f"{pkg}=={ver}"]
+                    r = subprocess.run(cmd, capture_output=True, text=True)
+                    if r.returncode != 0:
+                        ok = False
+                        errors.append((bl_platform, tag, pkg, r.stderr.strip().splitlines()[-1:] or [""]))
+                        break
+                    got = sorted(tmp.glob(f"{pkg}-*.whl"))
+                    if not got:
+                        ok = False
+                        break
+                    names.append(got[-1])
+                    if cache is not None:
+                        cache.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(got[-1], cache / got[-1].name)
+                if ok:
+                    for n in names:
+                        shutil.copy2(n, dest / n.name)
+                    found[bl_platform] = sorted({n.name for n in names})
+                    break
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    missing = [p for p in REQUIRED_PLATFORMS if p not in found]
+    if missing:
+        unreachable = any("connection" in " ".join(e[3]).lower() or "resolve" in " ".join(e[3]).lower()
+                          or "network" in " ".join(e[3]).lower() for e in errors)
+        detail = "; ".join(f"{p}/{t}/{k}: {m[0] if m else ''}" for p, t, k, m in errors[-4:])
+        if unreachable or not found:
+            raise BuildError("could not download pyzmq/msgpack wheels from the package registry (is it "
+                             f"reachable? pip said: {detail}). Retry online, pass --wheel-cache DIR with "
+                             "downloaded wheels, or build with --no-wheels (then Blender's Python must "
+                             "already have pyzmq and msgpack)")
+        raise BuildError(f"no wheels for {', '.join(missing)} ({detail})")
+    return found
+
+
+def _cached(cache: Path | None, pkg: str, ver: str, tag: str) -> Path | None:
+    if cache is None or not cache.is_dir():
+        return None
+    stem = pkg.replace("-", "_")
+    for p in sorted(cache.glob(f"{stem}-{ver}-*.whl")):
+        if tag in p.name[:-4].split("-")[-1].split("."):
+            return p
+    return None
+
+
+def write_manifest(dest: Path, platform_wheels: dict[str, list[str]] | None) -> None:
+    text = (SOURCE / "blender_manifest.toml").read_text(encoding="utf-8")
+    if platform_wheels:
+        wheels = sorted({w for ws in platform_wheels.values() for w in ws})
+        lines = ["", "# generated by build_addon.py",
+                 "platforms = [" + ", ".join(f'"{p}"' for p in sorted(platform_wheels)) + "]",
+                 "wheels = [", *[f'  "./wheels/{w}",' for w in wheels], "]", ""]
+        # top-level keys must come before the first [table]
+        head, sep, tail = text.partition("\n[")
+        text = head.rstrip("\n") + "\n" + "\n".join(lines) + (sep + tail if sep else "")
+    (dest / "blender_manifest.toml").write_text(text, encoding="utf-8")
+
+
+def check_no_heavy_imports(folder: Path) -> None:
+    pat = re.compile(r"^\s*(?:import|from)\s+(" + "|".join(FORBIDDEN_IMPORTS) + r")\b", re.M)
+    for py in folder.rglob("*.py"):
+        if any(part in EXCLUDE_DIRS for part in py.relative_to(folder).parts):
+            continue
+        m = pat.search(py.read_text(encoding="utf-8"))
+        if m:
+            raise BuildError(f"{py.relative_to(folder)} imports {m.group(1)}; heavy ML never runs inside Blender")
+
+
+def stage(dest: Path, wheels: bool = True, wheel_cache: Path | None = None) -> Path:
+    """Assemble the add-on folder ``dest/styleheat`` (sources + protocol copy + manifest [+ wheels])."""
+    if not PROTOCOL.is_file():
+        raise BuildError(f"{PROTOCOL} is missing; the add-on vendors the server's protocol module from there")
+    check_versions_agree()
+    pkg = dest / PACKAGE
+    if pkg.exists():
+        shutil.rmtree(pkg)
+    shutil.copytree(SOURCE, pkg, ignore=shutil.ignore_patterns(*EXCLUDE_DIRS, "*.pyc", "blender_manifest.toml",
+                                                                "protocol.py"))
+    shutil.copy2(PROTOCOL, pkg / "protocol.py")
+    platform_wheels = download_wheels(pkg / "wheels", wheel_cache) if wheels else None
+    write_manifest(pkg, platform_wheels)
+    check_no_heavy_imports(pkg)
+    return pkg
+
+
+def make_zip(pkg: Path, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(pkg.rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts:
+                z.write(p, f"{PACKAGE}/{p.relative_to(pkg).as_posix()}")
+    os.replace(tmp, out)
+    return out
+
+
+def validate(zip_path: Path) -> str:
+    r = subprocess.run([sys.executable, str(bpy_validator()), "validate", str(zip_path)],
+                       capture_output=True, text=True)
+    text = (r.stdout + r.stderr).strip()
+    if r.returncode != 0 or "error" in text.lower():
+        raise BuildError(f"the extension validator rejected {zip_path.name}: {text}")
+    return text
+
+
+def build(output_dir: Path | str = REPO / "dist", wheels: bool = True, wheel_cache: Path | str | None = None,
+          run_validator: bool = True) -> Path:
+    """Build (and validate) the zip; returns its path."""
+    output_dir = Path(output_dir)
+    with tempfile.TemporaryDirectory(prefix="styleheat_build_") as tmp:
+        pkg = stage(Path(tmp), wheels=wheels, wheel_cache=Path(wheel_cache) if wheel_cache else None)
+        suffix = "" if wheels else "-nowheels"
+        out = make_zip(pkg, output_dir / f"{PACKAGE}-{manifest_version()}{suffix}.zip")
+    if run_validator:
+        try:
+            validate(out)
+        except BuildError:
+            out.unlink(missing_ok=True)
+            raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output-dir", default=str(REPO / "dist"))
+    ap.add_argument("--no-wheels", action="store_true", help="do not bundle pyzmq/msgpack wheels (tests)")
+    ap.add_argument("--wheel-cache", default=None, help="folder to reuse/keep downloaded wheels")
+    ap.add_argument("--no-validate", action="store_true", help="skip bpy's extension validator")
+    a = ap.parse_args(argv)
+    try:
+        out = build(a.output_dir, wheels=not a.no_wheels, wheel_cache=a.wheel_cache, run_validator=not a.no_validate)
+    except BuildError as exc:
+        print(f"build_addon: {exc}", file=sys.stderr)
+        return 1
+    print(f"built {out} ({out.stat().st_size / 1e6:.1f} MB)" + ("" if a.no_validate else ", validated"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
