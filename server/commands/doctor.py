@@ -34,7 +34,7 @@ DESCRIPTION = (
 )
 
 LayoutFn = Callable[[str], Mapping[str, Mapping[str, Any]]]
-AUTO = object()  # check_dir(layout_fn=AUTO): use server.weights.expected_layout if it exists
+AUTO = object()  # check_dir(layouts=AUTO): use server.weights.expected_layout if it can
 
 MAX_LISTED = 4  # how many key names a problem line shows
 
@@ -86,12 +86,13 @@ def load_torch(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Weights only load failed" in text:
+        if "Weights only load failed" in text and "Unsupported operand" not in text:
             m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             what = f" ({m.group(1)})" if m else ""
             raise CheckFailed("refused", "refused: the file holds Python objects" + what +
                               " that would run code when loaded, not just weights") from None
-        raise CheckFailed("unreadable", f"cannot be read: damaged or not a PyTorch checkpoint ({_short(err)})") from None
+        why = "invalid data in the pickle stream" if "Unsupported operand" in text else _short(err)
+        raise CheckFailed("unreadable", f"cannot be read: the file is damaged or not a PyTorch checkpoint ({why})") from None
     except MemoryError:
         raise CheckFailed("unreadable", "cannot be read: not enough memory to load it") from None
     except Exception as err:  # RuntimeError (zip reader), EOFError, IndexError, ... on damaged files
@@ -180,18 +181,68 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(int(d) for d in x)
 
 
-def check_layout(obj: Any, spec, layout: Mapping[str, Mapping[str, Any]], allow_extra: bool) -> str:
-    """Compare keys and shapes with ``layout`` (part -> key -> shape); raises ``CheckFailed``."""
+@dataclass
+class LayoutSource:
+    """Where the expected keys and shapes come from.
+
+    ``required(asset_name)`` -> {part: {key: shape}} (a bare-tensor part: ``{"": shape}``);
+    raises ``KeyError`` for assets it does not describe. ``optional(asset_name)`` -> keys a file
+    may hold besides those (same form). Keys starting with ``ignored_prefixes`` are allowed.
+    """
+
+    required: LayoutFn
+    optional: LayoutFn | None = None
+    ignored_prefixes: tuple[str, ...] = ()
+    label: str = "model definitions"
+
+
+def find_layout_source() -> LayoutSource | None:
+    """Our model definitions (``server.weights.expected_layout``) when that module provides them."""
+    try:
+        from server import weights
+    except Exception:  # not written yet, or its model imports are incomplete
+        return None
+    fn = getattr(weights, "expected_layout", None)
+    if not callable(fn):
+        return None
+    opt = getattr(weights, "optional_layout", None)
+    return LayoutSource(fn, opt if callable(opt) else None,
+                        tuple(getattr(weights, "IGNORED_PREFIXES", ()) or ()))
+
+
+def _tensor_matches(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    # a per-layer tensor may also come as one row (e.g. latent_avg (512,) for (18, 512)): the
+    # loaders broadcast it
+    return got == want or (len(got) >= 1 and len(want) >= 1 and got[-1] == want[-1]
+                           and _numel(got) == want[-1])
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_layout(obj: Any, spec, layout: Mapping[str, Mapping[str, Any]],
+                 optional: Mapping[str, Mapping[str, Any]] | None = None,
+                 ignored_prefixes: tuple[str, ...] = ()) -> str:
+    """Compare keys and shapes with ``layout`` (part -> key -> shape); raises ``CheckFailed``.
+
+    Keys the file holds beyond ``layout`` must be in ``optional`` (with the right shape) or start
+    with one of ``ignored_prefixes``: the loaders are strict.
+    """
+    optional = optional or {}
     summary = []
     for part, expected in layout.items():
         where = f"'{part}'" if part else "the file"
         declared = next((p for p in spec.parts if p.name == part), None)
-        if declared is not None and declared.kind == "tensor":
+        if (declared is not None and declared.kind == "tensor") or list(expected) == [""]:
             value = _get_part(obj, part, "tensor")
-            (want,) = expected.values() if len(expected) == 1 else (None,)
-            if want is not None and tuple(value.shape) != _shape(want):
+            want = _shape(next(iter(expected.values())))
+            if not _tensor_matches(tuple(value.shape), want):
                 raise CheckFailed("wrong", f"wrong shape: {where} is {tuple(value.shape)}, the model "
-                                  f"expects {_shape(want)}")
+                                  f"expects {want}")
             summary.append(f"{part} {tuple(value.shape)}")
             continue
         value = _get_part(obj, part, "state_dict")
@@ -199,48 +250,45 @@ def check_layout(obj: Any, spec, layout: Mapping[str, Mapping[str, Any]], allow_
         if missing:
             raise CheckFailed("wrong", f"wrong keys: {where} lacks {len(missing)} of the "
                               f"{len(expected)} weights the model needs: {_names(missing)}")
-        bad = [(k, tuple(value[k].shape), _shape(s)) for k, s in expected.items()
-               if tuple(value[k].shape) != _shape(s)]
+        allowed = {**optional.get(part, {}), **expected}
+        bad = [(k, tuple(v.shape), _shape(allowed[k])) for k, v in value.items()
+               if k in allowed and tuple(v.shape) != _shape(allowed[k])]
         if bad:
             k, got, want = bad[0]
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise CheckFailed("wrong", f"wrong shape: {where} '{k}' is {got}, the model expects {want}{more}")
-        extra = [str(k) for k in value if k not in expected]
-        if extra and not allow_extra:
+        extra = [str(k) for k in value if k not in allowed and not str(k).startswith(ignored_prefixes)]
+        if extra:
             raise CheckFailed("wrong", f"wrong keys: {where} has {len(extra)} weights the model does "
                               f"not know: {_names(extra)}")
-        summary.append(f"{part + ': ' if part else ''}{len(expected)} tensors match")
+        n_opt = sum(1 for k in value if k not in expected and k in allowed)
+        summary.append(f"{part + ': ' if part else ''}{len(expected)} tensors match"
+                       + (f" (+{n_opt} optional)" if n_opt else ""))
     return "; ".join(summary)
 
 
-# Loaders that read with strict=False, so extra keys are harmless there.
-_EXTRA_KEYS_OK = {"styleheat"}
-
-
-def find_layout_fn() -> LayoutFn | None:
-    """``server.weights.expected_layout`` when the core module provides it, else ``None``."""
-    try:
-        from server import weights
-    except ImportError:
+def _layouts_for(source: LayoutSource | None, asset, spec):
+    """(required, optional) layouts of one file, or ``None`` when the source does not describe it."""
+    if source is None or spec.fmt != "torch":
         return None
-    fn = getattr(weights, "expected_layout", None)
-    return fn if callable(fn) else None
-
-
-def _layout_for(layout_fn: LayoutFn | None, asset, spec):
-    if layout_fn is None or spec.fmt != "torch":
-        return None
-    for key in (asset.name, spec.path, asset.filename):
+    for key in (asset.name, spec.path):
         try:
-            layout = layout_fn(key)
-        except (KeyError, ValueError, NotImplementedError, LookupError):
+            layout = source.required(key)
+        except (KeyError, LookupError, NotImplementedError):
             continue
-        if layout:
-            return layout
+        if not layout:
+            continue
+        optional = {}
+        if source.optional is not None:
+            try:
+                optional = source.optional(key) or {}
+            except (KeyError, LookupError, NotImplementedError):
+                optional = {}
+        return layout, optional
     return None
 
 
-def check_file(asset, spec, root: Path, layout_fn: LayoutFn | None) -> FileReport:
+def check_file(asset, spec, root: Path, layouts: LayoutSource | None) -> FileReport:
     path = Path(root) / spec.path
     if not path.is_file():
         return FileReport(spec.path, "missing", "missing")
@@ -258,27 +306,39 @@ def check_file(asset, spec, root: Path, layout_fn: LayoutFn | None) -> FileRepor
             return FileReport(spec.path, "ok", ", ".join(f"{k} {tuple(data[k].shape)}" for k in spec.mat_keys),
                               "basic structure")
         obj = load_torch(path)
-        layout = _layout_for(layout_fn, asset, spec)
-        if layout is not None:
-            detail = check_layout(obj, spec, layout, allow_extra=asset.name in _EXTRA_KEYS_OK)
-            return FileReport(spec.path, "ok", detail, "model definitions")
-        return FileReport(spec.path, "ok", check_basic(obj, spec), "basic structure")
+        basic = check_basic(obj, spec)  # top-level parts first: clearer messages for a wrong file
+        try:
+            found = _layouts_for(layouts, asset, spec)
+        except Exception as err:  # the model definitions failed to build: fall back, say so
+            return FileReport(spec.path, "ok", f"{basic} (model layout unavailable: {_short(err)})",
+                              "basic structure")
+        if found is None:
+            return FileReport(spec.path, "ok", basic, "basic structure")
+        try:
+            detail = check_layout(obj, spec, found[0], found[1], layouts.ignored_prefixes)
+        except CheckFailed as err:
+            return FileReport(spec.path, err.status, str(err), layouts.label)
+        return FileReport(spec.path, "ok", detail, layouts.label)
     except CheckFailed as err:
         return FileReport(spec.path, err.status, str(err))
 
 
-def check_dir(root: Path, assets=None, layout_fn: Any = AUTO) -> list[AssetReport]:
-    """Check every file of ``assets`` (default: the official registry) under ``root``."""
+def check_dir(root: Path, assets=None, layouts: Any = AUTO) -> list[AssetReport]:
+    """Check every file of ``assets`` (default: the official registry) under ``root``.
+
+    ``layouts``: a :class:`LayoutSource`, ``None`` for the basic checks only, or ``AUTO`` for
+    :func:`find_layout_source`.
+    """
     from server.assets import OFFICIAL_ASSETS
 
     assets = OFFICIAL_ASSETS if assets is None else assets
-    if layout_fn is AUTO:
-        layout_fn = find_layout_fn()
+    if layouts is AUTO:
+        layouts = find_layout_source()
     reports = []
     for asset in assets:
         rep = AssetReport(asset)
         for spec in asset.files:
-            rep.files.append(check_file(asset, spec, Path(root), layout_fn))
+            rep.files.append(check_file(asset, spec, Path(root), layouts))
         reports.append(rep)
     return reports
 
@@ -303,8 +363,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {root} is a file, not a directory.")
         print("What to do next: pass the checkpoint folder with --dir, or set STYLEHEAT_CHECKPOINTS.")
         return 1
-    layout_fn = find_layout_fn()
-    reports = check_dir(root, layout_fn=layout_fn)
+    reports = check_dir(root, layouts=find_layout_source())
     manifest = read_manifest(root)["assets"] if root.is_dir() else {}
 
     for rep in reports:
@@ -313,9 +372,12 @@ def run(args: argparse.Namespace) -> int:
             if f.status != "missing":
                 line += f" -- {f.detail}"
             print(line)
-    print("Layout checked against: " + ("our model definitions (server.weights) where they describe the "
-                                          "file, basic structure elsewhere" if layout_fn else
-                                          "basic structure only (top-level parts, key prefixes, tensor sizes)"))
+    against = {f.checked_against for r in reports for f in r.files if f.checked_against}
+    if against:
+        print("Layout checked against: " + (
+            "our model definitions (keys and shapes) where they describe the file, basic structure "
+            "(top-level parts, key prefixes, tensor sizes) elsewhere" if "model definitions" in against
+            else "basic structure only (top-level parts, key prefixes, tensor sizes)"))
 
     bad = [r for r in reports if not r.ok]
     if not bad:
