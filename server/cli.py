@@ -12,6 +12,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.ping",
     "server.commands.align",
     "server.commands.extract",
+    "server.commands.audio",
 )
 
 
