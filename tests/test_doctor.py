@@ -309,3 +309,28 @@ def test_doctor_exit_status_and_advice(tmp_path, monkeypatch, capsys):
     assert "DAMAGED  hfgi" in out and "MISSING  ganspace" in out
     assert f"`styleheat download --dir {tmp_path} --only ganspace`" in out
     assert f"`styleheat download --dir {tmp_path} --only hfgi --force`" in out
+
+
+def test_official_layout_is_accepted(tmp_path, official_layout):
+    """Files laid out like the official checkpoints (shapes from ../shared, content irrelevant)
+    pass the doctor against our model definitions: the two descriptions agree."""
+    source, _ = _real_source()
+    write_valid_dir(tmp_path)
+    files = official_layout["files"]
+
+    def part(file, name, skip=()):
+        return {k: torch.empty(tuple(s), dtype=getattr(torch, d))
+                for k, s, d, _ in files[file]["parts"][name]["entries"] if not k.startswith(skip)}
+
+    torch.save({"aligner": part("checkpoints/hfgi.pth", "aligner"),
+                "encoder": part("checkpoints/hfgi.pth", "encoder")}, tmp_path / "hfgi.pth")
+    torch.save(part("checkpoints/StyleGAN_e4e.pth", ""), tmp_path / "StyleGAN_e4e.pth")
+    # net_G_ema with the audio extension and the generator.* copies (minus the two biggest, to keep
+    # the test light): every key of the official module is accepted
+    net = part("checkpoints/StyleHEAT_visual.pt", "net_G_ema",
+               skip=("generator.e4e_encoder.", "generator.stylegan."))
+    net.update(part("checkpoints/StyleHEAT_visual.pt", "net_G_ema[enable_audio]"))
+    torch.save({"net_G_ema": net, "epoch": 100}, tmp_path / "StyleHEAT_visual.pt")
+    got = {f.path: f for r in doctor.check_dir(tmp_path, layouts=source) for f in r.files}
+    for name in ("hfgi.pth", "StyleGAN_e4e.pth", "StyleHEAT_visual.pt"):
+        assert (got[name].status, got[name].checked_against) == ("ok", "model definitions"), got[name].detail
