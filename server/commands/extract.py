@@ -1,0 +1,91 @@
+"""`styleheat extract`: driving video -> motion file of per-frame 3DMM coefficients."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "extract"
+HELP = "track the face in a driving video and write its per-frame 3DMM motion file (JSON)"
+DESCRIPTION = (
+    "Decode the video, find the face, crop every frame with the FFHQ square of the first frame that "
+    "shows a face (the official StyleHEAT crop), find 68 landmarks per frame (smoothed over time) and "
+    "run Deep3DFaceRecon's regressor (checkpoints/Deep3D/epoch_20.pth) on each frame. Writes a "
+    "styleheat-motion file with one 73-value row per frame (exp 64 | angle 3 | trans 3 | crop 3). "
+    "Checkpoints: --checkpoints, else $STYLEHEAT_CHECKPOINTS, else the user cache (styleheat download)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--video", required=True, metavar="FILE", help="driving video (MP4, AVI, MOV, ...)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="motion file to write (.json)")
+    parser.add_argument("--checkpoints", metavar="DIR", default=None,
+                        help="checkpoint directory holding Deep3D/epoch_20.pth")
+    parser.add_argument("--smooth", type=float, nargs="?", const=1.5, default=0.0, metavar="SIGMA",
+                        help="Gaussian-smooth the coefficient curves over time (SIGMA frames, default 1.5)")
+    parser.add_argument("--landmark-sigma", type=float, default=1.0, metavar="FRAMES",
+                        help="temporal smoothing of the landmarks that place the crop (0 = off, default 1.0)")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="only the first N frames")
+    parser.add_argument("--device", default="cpu", help="torch device for the regressor (cpu, cuda, ...)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.deep3d import CheckpointError, Deep3DExtractor
+    from server.motion import write_motion
+    from server.paths import resolve_checkpoint_dir
+    from server.tracking import VideoError, probe_video, track_video
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        print(f"styleheat extract: --out must be a .json motion file, got {out}", file=sys.stderr)
+        return 2
+    if not out.parent.is_dir():
+        print(f"styleheat extract: output folder {out.parent} does not exist", file=sys.stderr)
+        return 2
+    if args.max_frames is not None and args.max_frames < 1:
+        print("styleheat extract: --max-frames must be at least 1", file=sys.stderr)
+        return 2
+    if args.smooth < 0 or args.landmark_sigma < 0:
+        print("styleheat extract: smoothing sigmas must be >= 0", file=sys.stderr)
+        return 2
+    root, origin = resolve_checkpoint_dir(args.checkpoints)
+    try:
+        info = probe_video(args.video)
+        extractor = Deep3DExtractor.from_checkpoints(root, device=args.device)
+    except (VideoError, CheckpointError) as exc:
+        print(f"styleheat extract: {exc}", file=sys.stderr)
+        if isinstance(exc, CheckpointError):
+            print(f"(checkpoint directory {root}, from {origin}; `styleheat download` fetches the weights)",
+                  file=sys.stderr)
+        return 1
+
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if args.quiet:
+            return
+        from tqdm import tqdm
+
+        if stage not in bars:
+            label = {"landmarks": "landmarks", "3dmm": "3DMM"}.get(stage, stage)
+            bars[stage] = tqdm(total=total or None, desc=label, unit="frame", file=sys.stderr)
+        bar = bars[stage]
+        bar.update(done - bar.n)
+
+    try:
+        result = track_video(args.video, extractor, landmark_sigma=args.landmark_sigma,
+                             curve_sigma=args.smooth, max_frames=args.max_frames, progress=progress)
+    except VideoError as exc:
+        print(f"styleheat extract: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    source = result.provenance(args.video)
+    source.update({"landmark_sigma": args.landmark_sigma, "curve_sigma": args.smooth})
+    write_motion(out, result.rows, fps=info.fps, source=source)
+    print(f"{args.video}: {result.num_frames} frames at {info.fps:g} fps -> {out}")
+    return 0
