@@ -70,7 +70,7 @@ def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor | None = None, negative
     """``leaky_relu(x + bias, negative_slope) * scale``; bias (C,) is broadcast over dim 1 of ``x``."""
     if bias is not None:
         x = x + bias.view(1, -1, *([1] * (x.ndim - 2)))
-    return F.leaky_relu(x, negative_slope) * scale
+    return F.leaky_relu(x, negative_slope).mul_(scale)  # leaky_relu's backward needs its input, not output
 
 
 class FusedLeakyReLU(nn.Module):
