@@ -252,11 +252,17 @@ def fetch(url: str, final: Path, *, name: str | None = None, retries: int = 3,
     final.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(final)
     attempt = 0
+    free_attempts = 20  # with retries > 0, attempts that made progress do not use one up (up to 20)
     while True:
+        before = part.stat().st_size if part.exists() else 0
         try:
             size = _fetch_once(url, part, name, timeout, progress, final.name)
             break
         except _Retryable as err:
+            grew = part.exists() and part.stat().st_size > before
+            if grew and retries > 0 and free_attempts > 0:
+                free_attempts -= 1
+                continue
             if attempt >= retries:
                 raise DownloadError(str(err)) from None
             attempt += 1

@@ -249,6 +249,15 @@ def test_retries_resume_within_one_run(server, tmp_path):
     assert _sha((tmp_path / "Encoder_e4e.pth").read_bytes()) == _sha(data)
 
 
+def test_attempts_that_make_progress_do_not_use_up_retries(server, tmp_path):
+    data = _payload(300_000, seed=12)
+    server.files["hfgi.pth"] = data
+    server.cut["hfgi.pth"] = [40_000] * 5  # five short responses, each one moving forward
+    assert download_asset(_asset(server, "hfgi"), tmp_path, retries=1, **QUIET).status == "downloaded"
+    assert len(server.log) == 6 and server.log[-1][1] == "bytes=200000-"
+    assert (tmp_path / "hfgi.pth").read_bytes() == data
+
+
 def test_server_ignoring_range_restarts_from_zero(server, tmp_path, capsys):
     data = _payload(200_000, seed=3)
     server.files["StyleGAN_e4e.pth"] = data
