@@ -1,0 +1,339 @@
+"""StyleHEAT as one module: inversion (e4e + HFGI), motion (Video/Audio warper), calibration, StyleGAN2.
+
+Two ways to run it:
+
+* :meth:`StyleHEAT.official_forward` reproduces the official ``StyleHEAT.forward`` call for call
+  (reference README, quirks 6 and 15): a full generator pass for the ``video_warp_image`` debug output
+  (and one more for ``audio_warp_image`` with audio), then the final pass from the *unwarped* ``fx`` with
+  the warp and the CalibrationNet's 64x64 pair applied inside the generator. It is the parity and
+  speed-benchmark reference.
+* the product path: :meth:`StyleHEAT.prepare` inverts a portrait once and caches everything that does not
+  depend on the frame (W+, ``fx`` after the inversion condition, the RGB skip below 64x64, the 256 image);
+  :meth:`StyleHEAT.render` then does per frame warper -> warp(fx) -> CalibrationNet -> ONE generator pass
+  from 64x64 (:meth:`Generator.synthesize_from_64`), batched, with ``out_size`` for cheap previews.
+  The result equals ``official_forward``'s ``fake_image`` (same operations, the debug passes dropped).
+
+With audio (official ``enable_audio``): the AudioWarper sees the 256x256 resize of the warped-but-not-
+calibrated image, its flow's top 32 rows are zeroed, and its deformation is applied after the video one.
+That input image costs one extra generator pass per frame (exactly as in the official code).
+
+Inputs are float32 NCHW in [-1, 1]; this module does no file I/O.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import flow
+from models.calibration import CalibrationConfig, CalibrationNet
+from models.e4e import E4EConfig, Encoder4Editing
+from models.hfgi import HFGIConfig, ResidualAligner, ResidualEncoder
+from models.stylegan2 import Generator, StyleGAN2Config
+from models.warper import AudioWarper, VideoWarper, WarperConfig, zero_upper_flow_
+
+#: side of the inversion / warper input image
+INPUT_SIZE = 256
+
+_CONFIG_TYPES = {
+    "generator": StyleGAN2Config, "e4e": E4EConfig, "hfgi": HFGIConfig,
+    "video_warper": WarperConfig, "audio_warper": WarperConfig, "calibration": CalibrationConfig,
+}
+
+
+@dataclass(frozen=True)
+class StyleHEATConfig:
+    """All sub-network configs; defaults = the official full-size networks.
+
+    ``audio``: build the AudioWarper (official ``enable_audio``).
+    """
+
+    generator: StyleGAN2Config = field(default_factory=StyleGAN2Config)
+    e4e: E4EConfig = field(default_factory=E4EConfig)
+    hfgi: HFGIConfig = field(default_factory=HFGIConfig)
+    video_warper: WarperConfig = field(default_factory=WarperConfig)
+    audio_warper: WarperConfig = field(default_factory=WarperConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    audio: bool = False
+
+    @classmethod
+    def tiny(cls, audio: bool = False) -> "StyleHEATConfig":
+        """Every sub-network at its tiny() size (128^2 images, 32-channel fx) for tests."""
+        return cls(generator=StyleGAN2Config.tiny(), e4e=E4EConfig.tiny(), hfgi=HFGIConfig.tiny(),
+                   video_warper=WarperConfig.tiny(), audio_warper=WarperConfig.tiny(),
+                   calibration=CalibrationConfig.tiny(), audio=audio)
+
+    def with_audio(self, audio: bool) -> "StyleHEATConfig":
+        return dataclasses.replace(self, audio=bool(audio))
+
+    @property
+    def n_latent(self) -> int:
+        return self.generator.n_latent
+
+    @property
+    def style_dim(self) -> int:
+        return self.generator.style_dim
+
+    @property
+    def size(self) -> int:
+        return self.generator.size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StyleHEATConfig":
+        """Inverse of :meth:`to_dict`; unknown fields raise ValueError naming them."""
+        kwargs: dict[str, Any] = {}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"StyleHEATConfig: unknown field(s) {sorted(unknown)}")
+        for name, value in data.items():
+            typ = _CONFIG_TYPES.get(name)
+            if typ is None:
+                kwargs[name] = value
+                continue
+            allowed = {f.name for f in dataclasses.fields(typ)}
+            bad = set(value) - allowed
+            if bad:
+                raise ValueError(f"StyleHEATConfig.{name}: unknown field(s) {sorted(bad)}")
+            kwargs[name] = typ(**{k: _tuples(v) for k, v in value.items()})
+        return cls(**kwargs)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the (nested) tuples the frozen configs use."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+@dataclass
+class Inversion:
+    """What the product path caches per identity (batch 1 each).
+
+    ix (1,3,256,256) HFGI reconstruction; wx (1,n_latent,style_dim); fx (1,C,64,64) after the inversion
+    condition; skip32 (1,3,32,32) RGB skip below 64x64; inversion_condition (scale, shift) (1,C,64,64);
+    res (1,3,256,256) = source - e4e image (needed to re-decode edited codes).
+    """
+
+    ix: torch.Tensor
+    wx: torch.Tensor
+    fx: torch.Tensor
+    skip32: torch.Tensor
+    inversion_condition: tuple[torch.Tensor, torch.Tensor]
+    res: torch.Tensor
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, align_corners=False, no antialias (the official ``F.interpolate`` calls); no-op at size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class StyleHEAT(nn.Module):
+    """The composite network. Sub-modules: generator, e4e, hfgi_aligner, hfgi_encoder, video_warper,
+    calibrator, audio_warper (None unless ``config.audio``); buffer ``latent_avg`` (n_latent, style_dim);
+    optional edit buffers (``edit_age``, ``edit_pose``, ``edit_pca_mean``, ``edit_pca_comp``, ``edit_pca_std``).
+    """
+
+    EDIT_BUFFERS = ("edit_age", "edit_pose", "edit_pca_mean", "edit_pca_comp", "edit_pca_std")
+
+    def __init__(self, config: StyleHEATConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or StyleHEATConfig()
+        self.generator = Generator(cfg.generator)
+        self.e4e = Encoder4Editing(cfg.e4e)
+        self.hfgi_aligner = ResidualAligner(cfg.hfgi)
+        self.hfgi_encoder = ResidualEncoder(cfg.hfgi)
+        self.video_warper = VideoWarper(cfg.video_warper)
+        self.calibrator = CalibrationNet(cfg.calibration)
+        self.audio_warper = AudioWarper(cfg.audio_warper) if cfg.audio else None
+        self.register_buffer("latent_avg", torch.zeros(cfg.n_latent, cfg.style_dim))
+        for name in self.EDIT_BUFFERS:
+            self.register_buffer(name, None)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_warper is not None
+
+    def set_latent_avg(self, latent_avg: torch.Tensor) -> None:
+        """Accepts (n_latent, style_dim), (1, n_latent, style_dim), (style_dim,) or (1, style_dim)."""
+        n, d = self.config.n_latent, self.config.style_dim
+        t = torch.as_tensor(latent_avg, dtype=torch.float32)
+        if t.shape[-1] != d or t.numel() not in (d, n * d):
+            raise ValueError(f"latent_avg must have shape ({n}, {d}) or ({d},), got {tuple(t.shape)}")
+        t = t.reshape(-1, d).expand(n, d)
+        self.latent_avg = t.to(self.latent_avg.device).clone()
+
+    def set_edit_assets(self, *, age=None, pose=None, pca: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Attach the optional edit data (InterfaceGAN directions, GANSpace PCA dict mean/comp/std)."""
+        dev = self.latent_avg.device
+        if age is not None:
+            self.edit_age = torch.as_tensor(age, dtype=torch.float32).to(dev).clone()
+        if pose is not None:
+            self.edit_pose = torch.as_tensor(pose, dtype=torch.float32).to(dev).clone()
+        if pca is not None:
+            self.edit_pca_mean = torch.as_tensor(pca["mean"], dtype=torch.float32).to(dev).clone()
+            self.edit_pca_comp = torch.as_tensor(pca["comp"], dtype=torch.float32).to(dev).clone()
+            self.edit_pca_std = torch.as_tensor(pca["std"], dtype=torch.float32).to(dev).clone()
+
+    # ------------------------------------------------------------------ inversion (official HFGI)
+    def e4e_codes(self, x_256: torch.Tensor) -> torch.Tensor:
+        """e4e W+ code: encoder output + latent_avg -> (B, n_latent, style_dim)."""
+        return self.e4e(x_256, self.latent_avg)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Official ``HFGI.encode``: x (B,3,H,W) -> (wx, ix_256 = resize(clamp(G(wx))), res = x_256 - ix_256)."""
+        x = resize(x, INPUT_SIZE)
+        wx = self.e4e_codes(x)
+        image, _ = self.generator(wx)
+        ix = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
+        return wx, ix, x - ix
+
+    def decode(self, wx: torch.Tensor, ix: torch.Tensor, res: torch.Tensor, output_size: int = INPUT_SIZE):
+        """Official ``HFGI.decode`` -> (ix_out, wx, fx, inversion_condition)."""
+        res_align = self.hfgi_aligner(torch.cat((res, ix), 1))
+        condition = tuple(self.hfgi_encoder(res_align))
+        image, fx = self.generator(wx, inversion_condition=condition)
+        ix_out = resize(image.clamp(-1.0, 1.0), output_size)
+        return ix_out, wx, fx, condition
+
+    def inverse(self, x: torch.Tensor):
+        """Official ``HFGI.inverse`` -> (ix, wx, fx, inversion_condition)."""
+        wx, ix, res = self.encode(x)
+        return self.decode(wx, ix, res)
+
+    def edit_wplus(self, wx: torch.Tensor, strengths: Mapping[str, float]) -> torch.Tensor:
+        """Apply latent edits ``{name: factor}`` (see models.editing) in a fixed name order."""
+        from models import editing
+
+        return editing.apply_edits(wx, strengths, self.edit_assets())
+
+    def edit_assets(self) -> dict[str, torch.Tensor]:
+        """The attached edit buffers that are present, by short name (age, pose, pca_mean, ...)."""
+        out = {}
+        for name in self.EDIT_BUFFERS:
+            t = getattr(self, name)
+            if t is not None:
+                out[name[len("edit_"):]] = t
+        return out
+
+    def edit(self, wx: torch.Tensor, res: torch.Tensor, strengths: Mapping[str, float]):
+        """Official ``HFGI.edit(wx=, res=)``: edited code, decoded with the ORIGINAL residual.
+
+        Returns (ix_edit, wx_edit, fx_edit, inversion_condition).
+        """
+        wx_edit = self.edit_wplus(wx, strengths)
+        image, _ = self.generator(wx_edit)
+        ix_edit = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
+        return self.decode(wx_edit, ix_edit, res)
+
+    # ------------------------------------------------------------------ official forward
+    def official_forward(self, input_image: torch.Tensor, driven_3dmm: torch.Tensor,
+                         driven_audio: torch.Tensor | None = None, inv_data=None, imsize: int = 512) -> dict:
+        """The official ``StyleHEAT.forward``, every pass included (reference README quirks 6, 15).
+
+        input_image (B,3,H,W) (only used when inv_data is None), driven_3dmm (B,73,27), driven_audio
+        (B,80,32) when the AudioWarper exists. inv_data = (ix, wx, fx, inversion_condition) batch B.
+        Returns dict(fake_image, video_warp_image, audio_warp_image (None without audio), fx_warp,
+        plus the intermediates flow_field, descriptor, deformations, refining_condition, audio_flow_field).
+        """
+        if inv_data is None:
+            ix, wx, fx, inversion_condition = self.inverse(input_image)
+        else:
+            ix, wx, fx, inversion_condition = inv_data
+        video = self.video_warper(ix, driven_3dmm)
+        descriptor = video["descriptor"]
+        video_def = flow.flow_to_deformation(video["flow_field"])
+        warping = [video_def]
+        fx_warp = flow.warp(fx, video_def)
+        video_img, _ = self.generator(wx, warping_condition=warping, inversion_condition=inversion_condition)
+        video_img = resize(video_img, imsize)
+        audio_img, audio_flow = None, None
+        if self.audio_warper is not None:
+            if driven_audio is None:
+                raise ValueError("official_forward: this model has an AudioWarper (enable_audio); pass driven_audio")
+            audio_in = resize(video_img, INPUT_SIZE)
+            audio_flow = self.audio_warper(audio_in, driven_audio)["flow_field"]
+            raw_audio_flow = audio_flow.clone()
+            zero_upper_flow_(audio_flow)
+            audio_def = flow.flow_to_deformation(audio_flow)
+            warping.append(audio_def)
+            fx_warp = flow.warp(fx_warp, audio_def)
+            audio_img, _ = self.generator(wx, warping_condition=warping, inversion_condition=inversion_condition)
+            audio_img = resize(audio_img, imsize)
+            audio_flow = raw_audio_flow
+        refining = self.calibrator(fx_warp, descriptor)
+        fake, _ = self.generator(wx, f_condition=fx, refining_condition=refining, warping_condition=warping,
+                                 inversion_condition=inversion_condition)
+        fake = resize(fake, imsize)
+        return {"fake_image": fake, "audio_warp_image": audio_img, "video_warp_image": video_img,
+                "fx_warp": fx_warp, "flow_field": video["flow_field"], "descriptor": descriptor,
+                "warp_image": video["warp_image"], "deformations": warping, "refining_condition": refining,
+                "audio_flow_field": audio_flow}
+
+    # ------------------------------------------------------------------ product path
+    def prepare(self, x: torch.Tensor) -> Inversion:
+        """Invert one portrait x (1,3,H,W) in [-1,1] once (e4e + HFGI) and cache the per-identity state."""
+        if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+            raise ValueError(f"prepare: expected one image of shape (1, 3, H, W), got {tuple(x.shape)}")
+        wx, ix_e4e, res = self.encode(x)
+        return self.prepare_from_codes(wx, ix_e4e, res)
+
+    def prepare_from_codes(self, wx: torch.Tensor, ix_e4e: torch.Tensor, res: torch.Tensor) -> Inversion:
+        """HFGI decode of a (possibly edited) code with a residual, split at 64x64 for the render path."""
+        res_align = self.hfgi_aligner(torch.cat((res, ix_e4e), 1))
+        condition = tuple(self.hfgi_encoder(res_align))
+        fx, skip32 = self.generator.synthesize_to_64(wx, condition)
+        image = self.generator.synthesize_from_64(fx, skip32, wx)
+        ix = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
+        return Inversion(ix=ix, wx=wx, fx=fx, skip32=skip32, inversion_condition=condition, res=res)
+
+    def prepare_edit(self, base: Inversion, strengths: Mapping[str, float]) -> Inversion:
+        """Inversion of the edited identity (official HFGI.edit with the base residual)."""
+        wx_edit = self.edit_wplus(base.wx, strengths)
+        image, _ = self.generator(wx_edit)
+        ix_edit = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
+        return self.prepare_from_codes(wx_edit, ix_edit, base.res)
+
+    def render(self, inv: Inversion | Sequence[Inversion], coeffs: torch.Tensor, mel: torch.Tensor | None = None,
+               out_size: int | None = None) -> torch.Tensor:
+        """Frames for a batch of driving windows: coeffs (B,73,27), mel (B,80,32) or None.
+
+        ``inv``: one Inversion for all frames, or a sequence of B (per-frame edited identities).
+        Returns (B, 3, out_size, out_size), not clamped. One generator pass per frame without audio
+        (two with audio: the AudioWarper's input image is a full pass, as in the official code).
+        """
+        b = coeffs.shape[0]
+        ix, wx, fx, skip32 = self._batched(inv, b)
+        video = self.video_warper(ix, coeffs, with_warp_image=False)
+        deformation = flow.flow_to_deformation(video["flow_field"])
+        fx_warp = flow.warp(fx, deformation)
+        if mel is not None:
+            if self.audio_warper is None:
+                raise ValueError("render: audio given but this model has no AudioWarper weights")
+            preview = self.generator.synthesize_from_64(fx_warp, skip32, wx)
+            audio_flow = self.audio_warper(resize(preview, INPUT_SIZE), mel, with_warp_image=False)["flow_field"]
+            zero_upper_flow_(audio_flow)
+            fx_warp = flow.warp(fx_warp, flow.flow_to_deformation(audio_flow))
+        refining = self.calibrator(fx_warp, video["descriptor"])
+        feat = fx_warp * (1 + refining[6]) + refining[7]
+        return self.generator.synthesize_from_64(feat, skip32, wx, out_size=out_size or self.config.size)
+
+    @staticmethod
+    def _batched(inv: Inversion | Sequence[Inversion], b: int):
+        if isinstance(inv, Inversion):
+            return (inv.ix.expand(b, -1, -1, -1), inv.wx.expand(b, -1, -1), inv.fx.expand(b, -1, -1, -1),
+                    inv.skip32.expand(b, -1, -1, -1))
+        invs = list(inv)
+        if len(invs) != b:
+            raise ValueError(f"render: {len(invs)} inversions for {b} frames")
+        if all(i is invs[0] for i in invs):
+            return StyleHEAT._batched(invs[0], b)
+        return (torch.cat([i.ix for i in invs]), torch.cat([i.wx for i in invs]),
+                torch.cat([i.fx for i in invs]), torch.cat([i.skip32 for i in invs]))
