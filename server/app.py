@@ -601,6 +601,7 @@ class Server:
     def __init__(self, engine, bind: str = DEFAULT_BIND, *, tiny_random: bool = False,
                  curve_dir: str | os.PathLike | None = None, batch_size: int | None = None, max_jobs: int = 16,
                  max_jobs_per_client: int = 8, stall_timeout: float = 600.0,
+                 max_part_bytes: int = P.MAX_PART_BYTES,
                  ctx: zmq.Context | None = None):
         if not is_loopback_endpoint(bind) and curve_dir is None:
             raise ValueError(
@@ -614,6 +615,11 @@ class Server:
             batch_size = 8 if getattr(getattr(engine, "device", None), "type", "cpu") == "cuda" else 2
         self.batch_size = max(1, int(batch_size))
         self.stall_timeout = stall_timeout
+        self.max_part_bytes = int(min(max_part_bytes, P.MAX_PART_BYTES))
+        self.max_header_bytes = int(min(self.max_part_bytes, P.MAX_HEADER_BYTES))
+        # frames over MAXMSGSIZE drop the connection (no reply possible); between the part limit and
+        # MAXMSGSIZE the client gets a 'too_large' error reply
+        self.max_message_bytes = self.max_part_bytes * 4 // 3
         self.sched = Scheduler(max_jobs, max_jobs_per_client)
         self.aligner = _find_aligner()
         self.audio_converter = _find_audio_converter()
@@ -625,7 +631,7 @@ class Server:
         self.router = self.ctx.socket(zmq.ROUTER)
         r = self.router
         r.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        r.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+        r.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         r.setsockopt(zmq.SNDHWM, 1000)
         r.setsockopt(zmq.RCVHWM, 1000)
         r.setsockopt(zmq.LINGER, 1000)
@@ -666,8 +672,8 @@ class Server:
             sizes=[int(s) for s in info.get("sizes", [])], native_size=int(info.get("native_size", 0)),
             attributes={k: {kk: float(vv) for kk, vv in v.items()} for k, v in info.get("attributes", {}).items()},
             audio=self.audio_supported(), align=self.aligner is not None, encodings=list(P.ENCODINGS),
-            limits=dict(max_message_bytes=P.MAX_MESSAGE_BYTES, max_header_bytes=P.MAX_HEADER_BYTES,
-                        max_part_bytes=P.MAX_PART_BYTES, max_parts=P.MAX_PARTS, max_rows=P.MAX_ROWS,
+            limits=dict(max_message_bytes=self.max_message_bytes, max_header_bytes=self.max_header_bytes,
+                        max_part_bytes=self.max_part_bytes, max_parts=P.MAX_PARTS, max_rows=P.MAX_ROWS,
                         max_frames=P.MAX_FRAMES, max_credit=P.MAX_CREDIT, default_credit=P.DEFAULT_CREDIT,
                         max_image_side=P.MAX_IMAGE_SIDE, max_jobs=self.sched.max_jobs,
                         max_jobs_per_client=self.sched.max_per_client, batch_size=self.batch_size))
@@ -696,7 +702,8 @@ class Server:
         client = frames[0].bytes
         rid = None
         try:
-            header, parts = P.unpack(frames[1:])
+            header, parts = P.unpack(frames[1:], max_part_bytes=self.max_part_bytes,
+                                     max_header_bytes=self.max_header_bytes)
             maybe = header.get("id")
             if isinstance(maybe, str):
                 try:
@@ -890,6 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-jobs-per-client", type=int, default=8, help="jobs queued or running per client")
     p.add_argument("--stall-timeout", type=float, default=600.0,
                    help="seconds a render may wait for credit before it is dropped")
+    p.add_argument("--max-part-bytes", type=int, default=P.MAX_PART_BYTES,
+                   help=f"largest bulk part (image, audio) a client may send (default and maximum "
+                        f"{P.MAX_PART_BYTES}); frames over 4/3 of this drop the connection")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -928,7 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = Server(engine, args.bind, tiny_random=args.tiny_random, curve_dir=args.curve_dir,
                         batch_size=args.batch_size, max_jobs=args.max_jobs,
-                        max_jobs_per_client=args.max_jobs_per_client, stall_timeout=args.stall_timeout)
+                        max_jobs_per_client=args.max_jobs_per_client, stall_timeout=args.stall_timeout,
+                        max_part_bytes=args.max_part_bytes)
     except (OSError, ValueError) as exc:
         print(f"styleheat-server: {exc}", file=sys.stderr)
         return 2

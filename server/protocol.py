@@ -150,14 +150,14 @@ def pack(header: Mapping[str, Any], parts: Sequence[Any] = ()) -> list:
     return [pack_header(header), *parts]
 
 
-def unpack(frames: Sequence[Any], max_parts: int = MAX_PARTS,
-           max_part_bytes: int = MAX_PART_BYTES) -> tuple[dict, list]:
+def unpack(frames: Sequence[Any], max_parts: int = MAX_PARTS, max_part_bytes: int = MAX_PART_BYTES,
+           max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict, list]:
     """Split received frames (without the ROUTER identity) into (header, parts), checking limits."""
     if not frames:
         raise ProtocolError(E_BAD_MESSAGE, "empty message")
     head = frames[0]
     head = head.bytes if hasattr(head, "bytes") else bytes(head)
-    header = unpack_header(head)
+    header = unpack_header(head, max_header_bytes)
     parts = list(frames[1:])
     if len(parts) > max_parts:
         raise ProtocolError(E_BAD_MESSAGE, f"{len(parts)} parts after the header, at most {max_parts} allowed")

@@ -1,0 +1,719 @@
+"""styleheat-server end to end: a real server process on 127.0.0.1, real DEALER clients.
+
+One server (``--tiny-random``) serves the whole module; shutdown, CURVE and refusal tests start
+their own processes.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from server import protocol as P
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "bin"
+SERVER_EXE = str(BIN / "styleheat-server")
+CLI_EXE = str(BIN / "styleheat")
+START_TIMEOUT = 180.0       # torch import + tiny model on a loaded 2-core machine
+REPLY_TIMEOUT = 60.0
+PART_LIMIT = 4_000_000      # --max-part-bytes of the module server (MAXMSGSIZE = 4/3 of it)
+STALL = 8.0                 # --stall-timeout of the module server
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+class ServerProcess:
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([SERVER_EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=REPO)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True).start()
+        threading.Thread(target=self._collect, args=(self.proc.stderr,), daemon=True).start()
+        self.endpoint = None
+
+    @staticmethod
+    def _pump(stream, q):
+        for line in stream:
+            q.put(line)
+        q.put(None)
+
+    def _collect(self, stream):
+        for line in stream:
+            self.stderr.append(line)
+
+    def wait_ready(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if "listening on " in line:
+                self.endpoint = line.split("listening on ", 1)[1].split()[0]
+                return self.endpoint
+        self.stop()
+        raise AssertionError(f"server did not start; rc={self.proc.poll()} stderr:\n{''.join(self.stderr)[-3000:]}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Client:
+    def __init__(self, endpoint: str, ctx: zmq.Context, curve: tuple[bytes, bytes, bytes] | None = None):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = curve
+        self.sock.connect(endpoint)
+        self.n = 0
+
+    def new_id(self, prefix="r") -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def send(self, header: dict, parts=()) -> None:
+        self.sock.send_multipart(P.pack(header, list(parts)))
+
+    def send_raw(self, frames) -> None:
+        self.sock.send_multipart(frames)
+
+    def recv(self, timeout: float = REPLY_TIMEOUT, keep_heartbeats: bool = False):
+        """Next (header, parts), skipping unsolicited heartbeats; AssertionError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                raise AssertionError(f"no reply within {timeout} s")
+            frames = self.sock.recv_multipart()
+            header, parts = P.unpack(frames)
+            assert header["tiny_random"] is True and "tiny" in header["note"], header
+            if header["type"] == P.HEARTBEAT and header["id"] is None and not keep_heartbeats:
+                continue
+            return header, parts
+
+    def quiet(self, seconds: float, types=(P.FRAME,)) -> list:
+        """Messages of ``types`` received during ``seconds`` (others are returned too, for inspection)."""
+        got = []
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                return [g for g in got if g[0]["type"] in types]
+            got.append(P.unpack(self.sock.recv_multipart()))
+
+    def call(self, header: dict, parts=(), timeout: float = REPLY_TIMEOUT):
+        self.send(header, parts)
+        return self.recv(timeout)
+
+    def close(self):
+        self.sock.close(linger=0)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1].copy())
+    assert ok
+    return buf.tobytes()
+
+
+def portrait(seed: int = 0, side: int = 128) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side]
+    img = np.stack([xx * 255 // side, yy * 255 // side, (xx + yy) * 127 // side], -1).astype(np.uint8)
+    return np.clip(img.astype(int) + rng.integers(0, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    r = np.random.default_rng(seed).normal(0, 0.3, (n, 73)).astype(np.float32)
+    r[:, 70:73] = [1.0, 128.0, 128.0]  # crop params around the usual values; the tiny net does not care
+    return r
+
+
+def render_header(rid, identity, n_rows=8, frames=None, first=100, parts=None, **kw):
+    parts = [] if parts is None else parts
+    frames = list(range(first, first + n_rows)) if frames is None else frames
+    return P.request(P.RENDER, rid, identity=identity, rows=P.array_field(rows(n_rows), parts),
+                     first_frame=first, frames=frames, **kw)
+
+
+def collect_render(client: Client, rid: str, grant_each: bool = False, timeout: float = REPLY_TIMEOUT):
+    """All messages of one render up to its terminal message: (accepted, frames, progress, terminal)."""
+    frames, progress, accepted = [], [], None
+    while True:
+        h, parts = client.recv(timeout)
+        if h.get("id") != rid:
+            continue
+        t = h["type"]
+        if t == P.ACCEPTED:
+            accepted = h
+        elif t == P.FRAME:
+            frames.append((h, parts))
+            if grant_each:
+                client.send(P.request(P.CREDIT, rid, frames=1))
+        elif t == P.PROGRESS:
+            progress.append(h)
+        else:
+            assert t in (P.DONE, P.ERROR), h
+            return accepted, frames, progress, h
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess("--tiny-random", "--device", "cpu", "--bind", "tcp://127.0.0.1:*", "--max-part-bytes", str(PART_LIMIT),
+                        "--stall-timeout", str(STALL), "--log-level", "WARNING")
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.term()
+
+
+@pytest.fixture()
+def client(server, ctx):
+    c = Client(server.endpoint, ctx)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def hello(server, ctx):
+    c = Client(server.endpoint, ctx)
+    h, _ = c.call(P.request(P.HELLO, "h0"))
+    c.close()
+    return h
+
+
+@pytest.fixture(scope="module")
+def identity(server, ctx):
+    c = Client(server.endpoint, ctx)
+    h, parts = c.call(P.request(P.PREPARE, "p0", align=False), [png_bytes(portrait())])
+    c.close()
+    assert h["type"] == P.PREPARED, h
+    return h["identity"]
+
+
+def assert_server_ok(client: Client):
+    h, _ = client.call(P.request(P.HELLO, client.new_id("ok")))
+    assert h["type"] == P.HELLO, h
+
+
+# --------------------------------------------------------------------------------------------
+# basic requests
+# --------------------------------------------------------------------------------------------
+def test_hello_reports_what_is_served(hello):
+    assert hello["type"] == P.HELLO and hello["id"] == "h0"
+    assert hello["protocol"] == P.PROTOCOL_VERSION == 1
+    assert hello["real_weights"] is False and hello["tiny_random"] is True
+    assert hello["device"] == "cpu"
+    assert isinstance(hello["model"], str) and hello["model"]
+    assert hello["sizes"] and hello["native_size"] in hello["sizes"]
+    assert hello["encodings"] == ["raw", "png"]
+    assert hello["limits"]["max_part_bytes"] == PART_LIMIT
+    assert hello["limits"]["max_credit"] == P.MAX_CREDIT
+    for spec in hello["attributes"].values():
+        assert spec["min"] <= spec["default"] <= spec["max"]
+
+
+def test_heartbeat(client):
+    h, _ = client.call(P.request(P.HEARTBEAT, "hb1"))
+    assert h["type"] == P.HEARTBEAT and h["id"] == "hb1"
+
+
+def test_prepare_returns_identity_and_portrait(client, hello):
+    img = portrait(1, 160)
+    h, parts = client.call(P.request(P.PREPARE, "p1", align=False), [png_bytes(img)])
+    assert h["type"] == P.PREPARED, h
+    assert h["aligned"] is False and "as given" in h["align_note"]
+    assert isinstance(h["identity"], str) and len(h["identity"]) >= 8
+    assert len(parts) == 1 and h["encoding"] == "png"
+    back = cv2.imdecode(np.frombuffer(parts[0], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    assert (h["width"], h["height"]) == (160, 160)
+    np.testing.assert_array_equal(back, img)  # not aligned: the portrait used is the one sent
+    assert h["coefficients"] is None or len(h["coefficients"]) == 73
+    # same image, same identity (content hash); JPEG is accepted too
+    h2, _ = client.call(P.request(P.PREPARE, "p2", align=False), [png_bytes(img)])
+    assert h2["identity"] == h["identity"]
+    ok, jpg = cv2.imencode(".jpg", img[..., ::-1].copy())
+    h3, _ = client.call(P.request(P.PREPARE, "p3", align=False), [jpg.tobytes()])
+    assert h3["type"] == P.PREPARED and h3["identity"] != h["identity"]
+
+
+def test_prepare_with_align_on_a_real_portrait(client, hello, fixtures_dir):
+    data = (fixtures_dir / "portrait_40.jpg").read_bytes()
+    h, parts = client.call(P.request(P.PREPARE, "pa"), [data], timeout=180)
+    assert h["type"] == P.PREPARED, h
+    if hello["align"]:
+        assert h["aligned"] is True and h["width"] == h["height"]
+    else:  # no aligner on this server: the image is taken as already aligned, and the reply says so
+        assert h["aligned"] is False and "no face aligner" in h["align_note"]
+        assert (h["width"], h["height"]) == (1024, 1024)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_render_streams_frames_in_order(client, identity, hello, encoding):
+    size = hello["sizes"][0]
+    frames = [100, 101, 103, 106, 107]
+    rid = f"render-{encoding}"
+    parts: list = []
+    client.send(render_header(rid, identity, n_rows=8, frames=frames, parts=parts, size=size,
+                              encoding=encoding, credit=P.MAX_CREDIT), parts)
+    accepted, got, progress, end = collect_render(client, rid)
+    assert accepted == {**accepted, "total": 5, "size": size, "encoding": encoding}
+    assert end["type"] == P.DONE and end["cancelled"] is False and end["sent"] == 5, end
+    assert [h["frame"] for h, _ in got] == frames
+    assert [h["index"] for h, _ in got] == list(range(5))
+    for h, p in got:
+        assert len(p) == 1 and h["encoding"] == encoding
+        assert (h["width"], h["height"], h["channels"]) == (size, size, 3)
+        if encoding == "raw":
+            assert len(p[0]) == size * size * 3
+            img = P.decode_raw_frame(h, p[0])
+        else:
+            assert p[0][:8] == b"\x89PNG\r\n\x1a\n"
+            img = cv2.imdecode(np.frombuffer(p[0], np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        assert img.shape == (size, size, 3)
+        assert img.std() > 0  # a rendered image, not a blank buffer
+    assert progress and all(p["total"] == 5 for p in progress)
+
+
+def test_raw_and_png_carry_the_same_pixels(client, identity, hello):
+    size = hello["sizes"][0]
+    images = {}
+    for enc in ("raw", "png"):
+        rid = f"same-{enc}"
+        parts: list = []
+        client.send(render_header(rid, identity, n_rows=4, frames=[0, 2], first=0, parts=parts, size=size,
+                                  encoding=enc, credit=8), parts)
+        _, got, _, end = collect_render(client, rid)
+        assert end["type"] == P.DONE
+        h, p = got[1]
+        images[enc] = (P.decode_raw_frame(h, p[0]) if enc == "raw" else
+                       cv2.imdecode(np.frombuffer(p[0], np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
+    np.testing.assert_array_equal(images["raw"], images["png"])
+
+
+def test_rows_can_travel_as_a_part_or_as_lists(client, identity, hello):
+    size = hello["sizes"][0]
+    r = rows(3, seed=5)
+    parts: list = []
+    a = P.request(P.RENDER, "as-part", identity=identity, rows=P.array_field(r, parts), frames=[1], size=size)
+    b = P.request(P.RENDER, "as-list", identity=identity, rows=r.tolist(), frames=[1], size=size)
+    out = {}
+    for h, p in ((a, parts), (b, [])):
+        client.send(h, p)
+        _, got, _, end = collect_render(client, h["id"])
+        assert end["type"] == P.DONE, end
+        out[h["id"]] = P.decode_raw_frame(got[0][0], got[0][1][0])
+    np.testing.assert_array_equal(out["as-part"], out["as-list"])
+
+
+def test_attributes_and_audio(client, identity, hello):
+    size = hello["sizes"][0]
+    parts: list = []
+    h = render_header("edit", identity, n_rows=4, first=0, parts=parts, size=size)
+    if hello["attributes"]:
+        name, spec = sorted(hello["attributes"].items())[0]
+        h["attributes"] = {name: P.array_field(np.linspace(spec["min"], spec["max"], 4))}
+    samples = (0.3 * np.sin(np.arange(16000) * 2 * np.pi * 220 / 16000)).astype(np.float32)
+    h["audio"] = {"samples": P.array_field(samples, parts), "sample_rate": 16000, "fps": 25.0, "frame_offset": 0.0}
+    client.send(h, parts)
+    _, got, _, end = collect_render(client, "edit")
+    if hello["audio"]:
+        assert end["type"] == P.DONE and len(got) == 4, end
+    else:
+        assert end["type"] == P.ERROR and end["code"] == P.E_UNSUPPORTED, end
+        assert "audio" in end["message"]
+
+
+def test_forget_then_render_is_unknown_identity(client, hello):
+    h, _ = client.call(P.request(P.PREPARE, "pf", align=False), [png_bytes(portrait(9))])
+    ident = h["identity"]
+    h, _ = client.call(P.request(P.FORGET, "f1", identity=ident))
+    assert h["type"] == P.FORGOTTEN and h["identity"] == ident
+    parts: list = []
+    h, _ = client.call(render_header("after-forget", ident, parts=parts), parts)
+    assert h["type"] == P.ERROR and h["code"] == P.E_UNKNOWN_IDENTITY and h["id"] == "after-forget"
+
+
+# --------------------------------------------------------------------------------------------
+# flow control, cancel, concurrency
+# --------------------------------------------------------------------------------------------
+def test_credit_flow_control(client, identity, hello):
+    size = hello["sizes"][0]
+    parts: list = []
+    client.send(render_header("cf", identity, n_rows=6, first=0, parts=parts, size=size, credit=1), parts)
+    h, _ = client.recv()
+    assert h["type"] == P.ACCEPTED and h["credit"] == 1
+    first = client.quiet(3.0)
+    assert [m[0]["frame"] for m in first] == [0], "one credit must give exactly one frame"
+    client.send(P.request(P.CREDIT, "cf", frames=2))
+    more = client.quiet(3.0)
+    assert [m[0]["frame"] for m in more] == [1, 2], "two more credits, two more frames"
+    client.send(P.request(P.CREDIT, "cf", frames=10))
+    _, rest, _, end = collect_render(client, "cf")
+    assert [m[0]["frame"] for m in rest] == [3, 4, 5]
+    assert end["type"] == P.DONE and end["sent"] == 6
+
+
+def test_zero_credit_then_stall_timeout(client, identity, hello):
+    parts: list = []
+    client.send(render_header("stall", identity, n_rows=3, first=0, parts=parts, size=hello["sizes"][0],
+                              credit=0), parts)
+    _, got, _, end = collect_render(client, "stall", timeout=STALL + 30)
+    assert got == [] and end["type"] == P.ERROR and end["code"] == P.E_STALLED, end
+    assert_server_ok(client)
+
+
+def test_cancel_stops_within_a_batch(client, identity, hello):
+    batch = hello["limits"]["batch_size"]
+    parts: list = []
+    client.send(render_header("cx", identity, n_rows=400, first=0, parts=parts, size=hello["sizes"][0],
+                              credit=2), parts)
+    seen = 0
+    while seen < 2:
+        h, _ = client.recv()
+        seen += h["type"] == P.FRAME
+    client.send(P.request(P.CREDIT, "cx", frames=P.MAX_CREDIT))
+    client.send(P.request(P.CANCEL, "cx"))
+    _, after, _, end = collect_render(client, "cx")
+    assert end["type"] == P.DONE and end["cancelled"] is True, end
+    assert end["total"] == 400 and end["sent"] < 400
+    assert len(after) <= P.MAX_CREDIT and end["sent"] == 2 + len(after)
+    assert len(after) <= 2 * batch + 1, f"cancel took {len(after)} frames to land (batch {batch})"
+    h, _ = client.call(P.request(P.CANCEL, "cx"))
+    assert h["type"] == P.ERROR and h["code"] == P.E_UNKNOWN_REQUEST
+    assert_server_ok(client)
+
+
+def test_duplicate_running_id_is_refused(client, identity, hello):
+    parts: list = []
+    client.send(render_header("dup", identity, n_rows=3, first=0, parts=parts, size=hello["sizes"][0],
+                              credit=0), parts)
+    h, _ = client.recv()
+    assert h["type"] == P.ACCEPTED
+    parts2: list = []
+    h, _ = client.call(render_header("dup", identity, n_rows=3, first=0, parts=parts2), parts2)
+    assert h["type"] == P.ERROR and h["code"] == P.E_DUPLICATE and h["id"] == "dup"
+    client.send(P.request(P.CANCEL, "dup"))
+    _, _, _, end = collect_render(client, "dup")
+    assert end["type"] == P.DONE and end["cancelled"] is True
+
+
+def test_two_clients_at_once_and_a_stalled_one_blocks_nobody(server, ctx, identity, hello):
+    size = hello["sizes"][0]
+    a, b, c = (Client(server.endpoint, ctx) for _ in range(3))
+    try:
+        # c holds a render with 1 credit and never grants more
+        pc: list = []
+        c.send(render_header("slow", identity, n_rows=20, first=0, parts=pc, size=size, credit=1), pc)
+        pa: list = []
+        pb: list = []
+        a.send(render_header("x", identity, n_rows=6, first=0, parts=pa, size=size, credit=2), pa)
+        b.send(render_header("x", identity, n_rows=6, first=50, parts=pb, size=size, credit=2), pb)
+        results = {}
+
+        def run(name, cl):
+            results[name] = collect_render(cl, "x", grant_each=True)
+
+        ta, tb = (threading.Thread(target=run, args=(n, cl)) for n, cl in (("a", a), ("b", b)))
+        ta.start(), tb.start()
+        ta.join(120), tb.join(120)
+        assert [m[0]["frame"] for m in results["a"][1]] == list(range(0, 6))
+        assert [m[0]["frame"] for m in results["b"][1]] == list(range(50, 56))
+        assert results["a"][3]["type"] == results["b"][3]["type"] == P.DONE
+        # the stalled client got exactly its one frame
+        got_c = [m for m in c.quiet(0.5)]
+        assert [m[0]["frame"] for m in got_c] == [0]
+        c.send(P.request(P.CANCEL, "slow"))
+        assert collect_render(c, "slow")[3]["cancelled"] is True
+    finally:
+        for cl in (a, b, c):
+            cl.close()
+
+
+def test_client_vanishing_mid_render_does_not_hurt(server, ctx, identity, hello):
+    size = hello["sizes"][0]
+    gone = Client(server.endpoint, ctx)
+    parts: list = []
+    gone.send(render_header("bye", identity, n_rows=300, first=0, parts=parts, size=size,
+                            credit=P.MAX_CREDIT), parts)
+    n = 0
+    while n < 2:
+        h, _ = gone.recv()
+        n += h["type"] == P.FRAME
+    gone.close()
+    other = Client(server.endpoint, ctx)
+    try:
+        t0 = time.monotonic()
+        parts = []
+        other.send(render_header("after", identity, n_rows=4, first=0, parts=parts, size=size), parts)
+        _, got, _, end = collect_render(other, "after")
+        assert end["type"] == P.DONE and len(got) == 4
+        # the vanished client's 300 frames were dropped, not rendered before ours
+        assert time.monotonic() - t0 < 60
+        assert server.proc.poll() is None
+    finally:
+        other.close()
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: every class gets an error reply with a code, and the next request still works
+# --------------------------------------------------------------------------------------------
+def _bad_render(ident, **changes):
+    parts: list = []
+    h = render_header("bad", ident, n_rows=4, first=10, parts=parts)
+    for k, v in changes.items():
+        if v is KeyError:
+            h.pop(k)
+        else:
+            h[k] = v
+    return h, parts
+
+
+def nan_rows():
+    r = rows(4)
+    r[2, 5] = np.nan
+    return P.array_field(r)
+
+
+def inf_rows():
+    r = rows(4)
+    r[0, 0] = np.inf
+    return r.tolist()
+
+
+BAD_RENDER = {
+    "rows wrong width": (dict(rows=P.array_field(np.zeros((4, 72)))), P.E_BAD_FIELD, "shape"),
+    "rows wrong rank": (dict(rows=P.array_field(np.zeros(73 * 4))), P.E_BAD_FIELD, "shape"),
+    "rows bytes do not match shape": (dict(rows={"dtype": "float32", "shape": [4, 73], "data": b"\0" * 10}),
+                                      P.E_BAD_FIELD, "bytes"),
+    "rows NaN": (dict(rows="nan"), P.E_BAD_FIELD, "NaN"),
+    "rows inf": (dict(rows="inf"), P.E_BAD_FIELD, "NaN or infinite"),
+    "rows string": (dict(rows="text"), P.E_BAD_FIELD, "rows"),
+    "rows ragged": (dict(rows=[[0.0] * 73, [0.0] * 72]), P.E_BAD_FIELD, "rows"),
+    "rows part missing": (dict(rows={"dtype": "float32", "shape": [4, 73], "part": 3}), P.E_BAD_FIELD, "part"),
+    "frames out of range": (dict(frames=[10, 14]), P.E_BAD_FIELD, "frames"),
+    "frames not increasing": (dict(frames=[11, 10]), P.E_BAD_FIELD, "increasing"),
+    "frames not ints": (dict(frames=[10.5]), P.E_BAD_FIELD, "integer"),
+    "frames bool": (dict(frames=[True]), P.E_BAD_FIELD, "integer"),
+    "frames missing": (dict(frames=KeyError), P.E_BAD_FIELD, "frames"),
+    "size unsupported": (dict(size=4096), P.E_BAD_FIELD, "size"),
+    "size negative": (dict(size=-5), P.E_BAD_FIELD, "size"),
+    "size wrong type": (dict(size="big"), P.E_BAD_FIELD, "size"),
+    "encoding unknown": (dict(encoding="jpeg"), P.E_BAD_FIELD, "encoding"),
+    "credit out of range": (dict(credit=1000), P.E_BAD_FIELD, "credit"),
+    "unknown field": (dict(colour="red"), P.E_BAD_FIELD, "unknown field"),
+    "unknown identity": (dict(identity="0123456789abcdef0123"), P.E_UNKNOWN_IDENTITY, "prepare"),
+    "identity wrong type": (dict(identity=12), P.E_BAD_FIELD, "identity"),
+    "unknown attribute": (dict(attributes={"hair_colour": [0.0] * 4}), P.E_BAD_FIELD, "attribute"),
+    "attribute wrong length": (dict(attributes={"x": [0.0] * 3}), P.E_BAD_FIELD, "shape"),
+    "audio NaN": (dict(audio={"samples": [float("nan")] * 100, "sample_rate": 16000, "fps": 25.0}),
+                  P.E_BAD_FIELD, "audio"),
+    "audio bad rate": (dict(audio={"samples": [0.0] * 100, "sample_rate": 12, "fps": 25.0}), P.E_BAD_FIELD,
+                       "sample_rate"),
+    "id too long": (dict(id="x" * 200), P.E_BAD_FIELD, "id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RENDER))
+def test_bad_render_fields_get_error_replies(client, identity, case):
+    changes, code, words = BAD_RENDER[case]
+    changes = dict(changes)
+    if changes.get("rows") == "nan":
+        changes["rows"] = nan_rows()
+    elif changes.get("rows") == "inf":
+        changes["rows"] = inf_rows()
+    h, parts = _bad_render(identity, **changes)
+    reply, _ = client.call(h, parts)
+    assert reply["type"] == P.ERROR, reply
+    assert reply["code"] == code, reply
+    assert words.lower() in reply["message"].lower(), reply
+    assert reply["message"].strip()
+    if case != "id too long":
+        assert reply["id"] == "bad"
+    assert_server_ok(client)
+
+
+def test_out_of_range_attribute_strength(client, identity, hello):
+    if not hello["attributes"]:
+        pytest.skip("this engine has no attribute edits")
+    name, spec = sorted(hello["attributes"].items())[0]
+    h, parts = _bad_render(identity, attributes={name: [spec["max"] + 1.0] * 4})
+    reply, _ = client.call(h, parts)
+    assert reply["type"] == P.ERROR and reply["code"] == P.E_BAD_FIELD and name in reply["message"]
+    assert_server_ok(client)
+
+
+BAD_MESSAGES = {
+    "garbage bytes": ([b"\xc1\xff\x00garbage"], P.E_BAD_MESSAGE),
+    "empty header": ([b""], P.E_BAD_MESSAGE),
+    "msgpack list": ([msgpack.packb([1, 2, 3])], P.E_BAD_MESSAGE),
+    "msgpack int keys": ([msgpack.packb({1: 2})], P.E_BAD_MESSAGE),
+    "msgpack ext type": ([msgpack.packb({"v": msgpack.ExtType(5, b"xx")})], P.E_BAD_MESSAGE),
+    "truncated msgpack": ([P.pack_header(P.request(P.HELLO, "t"))[:-2]], P.E_BAD_MESSAGE),
+    "pickle": ([b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01."], P.E_BAD_MESSAGE),
+    "no version": ([msgpack.packb({"type": "hello", "id": "a"})], P.E_VERSION),
+    "wrong version": ([P.pack_header({"v": 99, "type": "hello", "id": "a"})], P.E_VERSION),
+    "unknown type": ([P.pack_header(P.request("teleport", "a"))], P.E_UNKNOWN_TYPE),
+    "type wrong type": ([P.pack_header({"v": 1, "type": 7})], P.E_UNKNOWN_TYPE),
+    "too many parts": ([P.pack_header(P.request(P.HELLO, "a"))] + [b"x"] * (P.MAX_PARTS + 1), P.E_BAD_MESSAGE),
+    "part over limit": ([P.pack_header(P.request(P.PREPARE, "a")), b"\0" * (PART_LIMIT + 10)], P.E_TOO_LARGE),
+    "header over limit": ([P.pack_header(P.request(P.HELLO, "a", client="x" * (PART_LIMIT + 10)))], P.E_TOO_LARGE),
+    "prepare no image": ([P.pack_header(P.request(P.PREPARE, "a"))], P.E_BAD_FIELD),
+    "prepare not an image": ([P.pack_header(P.request(P.PREPARE, "a")), b"GIF89a not supported"], P.E_BAD_IMAGE),
+    "prepare truncated png": ([P.pack_header(P.request(P.PREPARE, "a")), png_bytes(portrait())[:200]],
+                              P.E_BAD_IMAGE),
+    "prepare tiny image": ([P.pack_header(P.request(P.PREPARE, "a")), png_bytes(portrait(0, 16))], P.E_BAD_IMAGE),
+    "prepare align wrong type": ([P.pack_header(P.request(P.PREPARE, "a", align="yes")), b"x"], P.E_BAD_FIELD),
+    "credit wrong type": ([P.pack_header(P.request(P.CREDIT, "a", frames="many"))], P.E_BAD_FIELD),
+    "credit zero": ([P.pack_header(P.request(P.CREDIT, "a", frames=0))], P.E_BAD_FIELD),
+    "forget unknown": ([P.pack_header(P.request(P.FORGET, "a", identity="nope"))], P.E_UNKNOWN_IDENTITY),
+    "cancel without id": ([P.pack_header(P.request(P.CANCEL))], P.E_BAD_FIELD),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MESSAGES))
+def test_bad_messages_get_error_replies(client, case):
+    frames, code = BAD_MESSAGES[case]
+    client.send_raw(frames)
+    reply, _ = client.recv()
+    assert reply["type"] == P.ERROR, reply
+    assert reply["code"] == code, reply
+    assert isinstance(reply["message"], str) and len(reply["message"]) > 10
+    assert_server_ok(client)
+
+
+def test_non_square_unaligned_portrait_is_refused(client):
+    h, _ = client.call(P.request(P.PREPARE, "ns", align=False), [png_bytes(portrait(0, 128)[:, :100])])
+    assert h["type"] == P.ERROR and h["code"] == P.E_BAD_IMAGE and "square" in h["message"]
+
+
+def test_frame_over_maxmsgsize_drops_only_that_connection(server, ctx, client):
+    rude = Client(server.endpoint, ctx)
+    try:
+        rude.send_raw([P.pack_header(P.request(P.PREPARE, "huge")), b"\0" * (PART_LIMIT * 2)])
+        with pytest.raises(AssertionError, match="no reply"):
+            rude.recv(timeout=3)
+    finally:
+        rude.close()
+    assert_server_ok(client)
+    assert server.proc.poll() is None
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: ping, refusal, keys, CURVE, shutdown
+# --------------------------------------------------------------------------------------------
+def test_ping_cli(server):
+    out = subprocess.run([CLI_EXE, "ping", "--server", server.endpoint], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "protocol:     1" in out.stdout
+    assert "real weights: no" in out.stdout
+    assert "device:       cpu" in out.stdout
+    assert "tiny random" in out.stdout
+
+
+def test_ping_cli_unreachable():
+    out = subprocess.run([CLI_EXE, "ping", "--server", "tcp://127.0.0.1:9", "--timeout", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "no reply from tcp://127.0.0.1:9" in out.stderr and "styleheat-server" in out.stderr
+
+
+@pytest.mark.parametrize("bind", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.10:5555"])
+def test_non_loopback_bind_without_keys_is_refused(bind):
+    out = subprocess.run([SERVER_EXE, "--tiny-random", "--bind", bind], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "refusing to bind" in out.stderr and "--curve-dir" in out.stderr and "--make-keys" in out.stderr
+
+
+def test_curve_dir_without_keys_is_refused(tmp_path):
+    out = subprocess.run([SERVER_EXE, "--tiny-random", "--bind", "tcp://0.0.0.0:*", "--curve-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "server.key_secret" in out.stderr
+
+
+def test_curve_keys_and_encrypted_connection(tmp_path, ctx):
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    out = subprocess.run([SERVER_EXE, "--make-keys", str(keys)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("server.key", "server.key_secret", "client.key", "client.key_secret",
+                 "authorized_clients/client.key"):
+        assert (keys / name).is_file(), name
+    assert (keys / "server.key_secret").stat().st_mode & 0o077 == 0
+    again = subprocess.run([SERVER_EXE, "--make-keys", str(keys)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    srv = ServerProcess("--tiny-random", "--bind", "tcp://0.0.0.0:*", "--curve-dir", str(keys), "--log-level", "WARNING")
+    try:
+        endpoint = srv.wait_ready().replace("0.0.0.0", "127.0.0.1")
+        server_pub, _ = zmq.auth.load_certificate(keys / "server.key")
+        cpub, csec = zmq.auth.load_certificate(keys / "client.key_secret")
+        good = Client(endpoint, ctx, curve=(server_pub, cpub, csec))
+        h, _ = good.call(P.request(P.HELLO, "c1"))
+        assert h["type"] == P.HELLO and h["protocol"] == 1
+        good.close()
+        # a key pair that is not in authorized_clients gets nothing; neither does a plain client
+        spub, ssec = zmq.curve_keypair()
+        stranger = Client(endpoint, ctx, curve=(server_pub, spub, ssec))
+        plain = Client(endpoint, ctx)
+        for cl in (stranger, plain):
+            cl.send(P.request(P.HELLO, "c2"))
+            with pytest.raises(AssertionError, match="no reply"):
+                cl.recv(timeout=3)
+            cl.close()
+        ping = subprocess.run([CLI_EXE, "ping", "--server", endpoint, "--curve-dir", str(keys)],
+                              capture_output=True, text=True, timeout=120)
+        assert ping.returncode == 0 and "protocol:     1" in ping.stdout, ping.stderr
+    finally:
+        srv.stop()
+
+
+def test_shutdown_ends_running_work_and_exits_zero(ctx):
+    srv = ServerProcess("--tiny-random", "--bind", "tcp://127.0.0.1:*", "--log-level", "WARNING")
+    srv.wait_ready()
+    worker_client = Client(srv.endpoint, ctx)
+    boss = Client(srv.endpoint, ctx)
+    try:
+        h, _ = worker_client.call(P.request(P.PREPARE, "p", align=False), [png_bytes(portrait(3))])
+        parts: list = []
+        worker_client.send(render_header("long", h["identity"], n_rows=50, first=0, parts=parts, credit=0), parts)
+        assert worker_client.recv()[0]["type"] == P.ACCEPTED
+        h, _ = boss.call(P.request(P.SHUTDOWN, "s"))
+        assert h["type"] == P.BYE and h["id"] == "s"
+        _, _, _, end = collect_render(worker_client, "long")
+        assert end["type"] == P.ERROR and end["code"] == P.E_SHUTTING_DOWN
+        assert srv.proc.wait(60) == 0
+    finally:
+        worker_client.close()
+        boss.close()
+        srv.stop()
