@@ -334,3 +334,24 @@ def test_official_layout_is_accepted(tmp_path, official_layout):
     got = {f.path: f for r in doctor.check_dir(tmp_path, layouts=source) for f in r.files}
     for name in ("hfgi.pth", "StyleGAN_e4e.pth", "StyleHEAT_visual.pt"):
         assert (got[name].status, got[name].checked_against) == ("ok", "model definitions"), got[name].detail
+
+
+def test_size_differs_from_manifest(tmp_path):
+    from server.download import record
+
+    write_valid_dir(tmp_path)
+    size = (tmp_path / "hfgi.pth").stat().st_size
+    record(tmp_path, "hfgi", {"url": "u", "size": size, "sha256": "x", "fetched_at": "t", "files": ["hfgi.pth"]})
+    assert verdicts(tmp_path)["hfgi.pth"][0] == "ok"
+    record(tmp_path, "hfgi", {"url": "u", "size": size + 7, "sha256": "x", "fetched_at": "t", "files": ["hfgi.pth"]})
+    status, detail = verdicts(tmp_path)["hfgi.pth"]
+    assert status == "unreadable" and f"fetched {size + 7} bytes" in detail
+
+
+def test_official_checkout_folder_is_found(tmp_path, monkeypatch, capsys):
+    from server import cli
+
+    monkeypatch.setattr(doctor, "find_layout_source", lambda: None)
+    write_valid_dir(tmp_path / "checkpoints")
+    assert cli.main(["doctor", "--dir", str(tmp_path)]) == 0
+    assert f"Checkpoint directory: {tmp_path / 'checkpoints'} (--dir, its checkpoints/ folder)" in capsys.readouterr().out

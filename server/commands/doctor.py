@@ -288,12 +288,18 @@ def _layouts_for(source: LayoutSource | None, asset, spec):
     return None
 
 
-def check_file(asset, spec, root: Path, layouts: LayoutSource | None) -> FileReport:
+def check_file(asset, spec, root: Path, layouts: LayoutSource | None,
+               manifest_entry: Mapping | None = None) -> FileReport:
     path = Path(root) / spec.path
     if not path.is_file():
         return FileReport(spec.path, "missing", "missing")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         return FileReport(spec.path, "unreadable", "cannot be read: the file is empty")
+    recorded = (manifest_entry or {}).get("size")
+    if not asset.archive and isinstance(recorded, int) and recorded != size:
+        return FileReport(spec.path, "unreadable", f"damaged: {size} bytes, but `styleheat download` "
+                          f"fetched {recorded} bytes (manifest.json); the file changed since")
     try:
         if spec.fmt == "mat":
             data = load_mat(path)
@@ -331,14 +337,19 @@ def check_dir(root: Path, assets=None, layouts: Any = AUTO) -> list[AssetReport]
     """
     from server.assets import OFFICIAL_ASSETS
 
+    from server.download import read_manifest
+
     assets = OFFICIAL_ASSETS if assets is None else assets
     if layouts is AUTO:
         layouts = find_layout_source()
+    manifest = read_manifest(Path(root))["assets"] if Path(root).is_dir() else {}
     reports = []
     for asset in assets:
         rep = AssetReport(asset)
+        entry = manifest.get(asset.name)
         for spec in asset.files:
-            rep.files.append(check_file(asset, spec, Path(root), layouts))
+            rep.files.append(check_file(asset, spec, Path(root), layouts,
+                                        entry if isinstance(entry, Mapping) else None))
         reports.append(rep)
     return reports
 
@@ -354,10 +365,14 @@ _LABEL = {"ok": "OK", "missing": "MISSING", "unreadable": "DAMAGED", "refused": 
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.assets import OFFICIAL_ASSETS
     from server.download import read_manifest
     from server.paths import resolve_checkpoint_dir
 
     root, origin = resolve_checkpoint_dir(args.dir)
+    first = OFFICIAL_ASSETS[0].paths[0]
+    if not (root / first).exists() and (root / "checkpoints" / first).is_file():
+        root, origin = root / "checkpoints", origin + ", its checkpoints/ folder"  # an official checkout
     print(f"Checkpoint directory: {root} ({origin})")
     if root.exists() and not root.is_dir():
         print(f"  {root} is a file, not a directory.")
