@@ -512,7 +512,8 @@ def audio_to_expression(samples: Any, sample_rate: float, fps: float, ref_exp: A
     At 25 fps with offset 0 and the default n_frames this is exactly SadTalker's ``Audio2Exp.test``
     (official windows and chunking-independent results). At other frame rates or offsets the network
     runs on the 25 fps grid it was trained on and the 64 curves are linearly interpolated at each
-    output frame's time (the reference README's recommendation); frames outside the audio see silence.
+    output frame's time (the reference README's recommendation); frames outside the audio see silence,
+    and frames after the last 25 fps frame but before the audio ends hold that frame's value.
     """
     wav = to_mono_16k(samples, sample_rate)
     if n_frames is None:
@@ -534,6 +535,9 @@ def audio_to_expression(samples: Any, sample_rate: float, fps: float, ref_exp: A
     if n_frames == 0:
         return np.zeros((0, exp_dim), dtype=np.float32)
     pos = _grid_position(times, TRAIN_FPS)
+    n_audio = sadtalker_num_frames(wav.shape[0])
+    # between the last 25 fps frame and the end of the audio the sound still plays: hold that frame
+    pos = np.where((pos > n_audio - 1) & (pos < n_audio), float(n_audio - 1), pos)
     lo = np.floor(pos).astype(np.int64)
     frac = (pos - lo).astype(np.float32)
     grid = np.arange(int(lo.min()), int(lo.max()) + 2, dtype=np.int64)
@@ -549,7 +553,6 @@ def audio_to_expression(samples: Any, sample_rate: float, fps: float, ref_exp: A
     elif isinstance(blink, str):
         if blink != "random":
             raise AudioError(f"blink must be None, 'random' or an array of per-frame ratios, got {blink!r}")
-        n_audio = sadtalker_num_frames(wav.shape[0])
         seq = blink_sequence(n_audio, seed)
         ratio25 = np.where((frames25 >= 0) & (frames25 < n_audio), seq[np.clip(frames25, 0, max(n_audio - 1, 0))]
                            if n_audio else 0.0, 0.0).astype(np.float32)

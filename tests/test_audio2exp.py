@@ -166,8 +166,9 @@ def test_other_fps_resample_the_25fps_curve():
     assert e25.shape == (50, 64)
     e50 = audio.audio_to_expression(x, SR, 50, ref, model=net)
     assert e50.shape == (100, 64)
-    assert np.max(np.abs(e50[0:-2:2] - e25[:49])) <= 1e-6                  # on the grid: the 25 fps value
+    assert np.max(np.abs(e50[0::2] - e25)) <= 1e-6                         # on the grid: the 25 fps value
     assert np.max(np.abs(e50[1:-2:2] - 0.5 * (e25[:49] + e25[1:50]))) <= 1e-5  # between: linear
+    assert np.max(np.abs(e50[-1] - e25[-1])) <= 1e-6                       # audio still playing: held
     e30 = audio.audio_to_expression(x, SR, 30, ref, model=net)
     assert e30.shape == (60, 64)
     assert np.max(np.abs(e30[6] - e25[5])) <= 1e-6 and np.max(np.abs(e30[36] - e25[30])) <= 1e-6
