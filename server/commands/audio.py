@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         if args.checkpoint:
             ckpt = Path(args.checkpoint)
         else:
-            ckpt, origin = resolve_checkpoint_dir(None)
+            ckpt, _origin = resolve_checkpoint_dir(None)
         model = audio.load_audio2exp(ckpt, device=args.device)
         exp = audio.audio_to_expression(samples, sr, args.fps, ref_row[:64], model=model, n_frames=args.frames,
                                         offset_seconds=args.offset,
