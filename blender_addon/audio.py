@@ -4,7 +4,8 @@ Blender's own mixdown renders the sequencer exactly as playback does -- strip po
 sound offset, volume (keyed volume included), pan and mute -- so the add-on mixes the scene down
 over the clip's frame range instead of reading ``strip.sound.filepath`` (which ignores all of
 that). Mono avoids the -3 dB stereo pan law; 16 kHz is what StyleHEAT's audio path consumes.
-The mixdown lags one sample (sample k+1 holds time k), which is removed here.
+Sample k of the mixdown plays at scene frame ``first + k * fps / rate`` (checked sample-exact by
+tests/test_addon_blender.py against the source WAV).
 """
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ def mixdown(scene, first: int, last: int, sample_rate: int = SAMPLE_RATE) -> np.
         except OSError:
             pass
     mono = data[:, 0] if data.ndim == 2 else data.reshape(-1)
-    mono = mono[1:]  # the mixdown's one-sample lag
     out = np.zeros(n_total, dtype=np.float32)
     body = mono[: max(0, n_total - pad)]
     out[pad:pad + body.shape[0]] = body

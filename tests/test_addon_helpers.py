@@ -1,0 +1,136 @@
+"""Shared helpers of the add-on tests (no tests here): building the add-on, a real tiny-random
+server on 127.0.0.1, and running bpy code in an isolated subprocess.
+
+bpy runs in a fresh subprocess per scenario: its global state (registered classes, the open
+file, preferences) cannot leak between tests or into other test modules, and Blender's user
+state, temp files and caches go into the test's tmp dir (BLENDER_USER_RESOURCES, TMPDIR,
+XDG_CACHE_HOME).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+sys.path.insert(0, str(REPO))
+
+
+def build_staged(dest: Path) -> Path:
+    """The add-on folder as the zip holds it (sources + vendored protocol), no wheels."""
+    import build_addon
+
+    return build_addon.stage(dest, wheels=False)
+
+
+def build_zip(dest: Path) -> Path:
+    import build_addon
+
+    return build_addon.build(dest, wheels=False, run_validator=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, extra: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.log = tmp / f"server_{self.port}.log"
+        exe = Path(PY).with_name("styleheat-server")
+        argv = [str(exe)] if exe.exists() else [PY, "-m", "server.app"]
+        self.proc = subprocess.Popen(argv + ["--tiny-random", "--bind", self.address, *extra],
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
+        self._wait_ready()
+
+    def _wait_ready(self, limit: float = 120.0) -> None:
+        import zmq
+        import msgpack
+
+        ctx = zmq.Context.instance()
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                pytest.fail(f"styleheat-server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.address)
+            s.send_multipart([msgpack.packb({"v": 1, "type": "hello", "id": "probe"})])
+            ok = s.poll(1000)
+            s.close(0)
+            if ok:
+                return
+        self.stop()
+        pytest.fail(f"styleheat-server did not answer within {limit} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def blender_env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    for key, sub in (("BLENDER_USER_RESOURCES", "blender-user"), ("TMPDIR", "tmp"), ("XDG_CACHE_HOME", "cache"),
+                     ("MESA_SHADER_CACHE_DIR", "mesa")):
+        p = tmp / sub
+        p.mkdir(parents=True, exist_ok=True)
+        env[key] = str(p)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+PRELUDE = """
+import json, os, sys, importlib
+import numpy as np
+import bpy, addon_utils
+OUT = {}
+ZIP = %(zip)r
+ADDRESS = %(address)r
+def install_extension():
+    r = bpy.ops.extensions.package_install_files(filepath=ZIP, repo="user_default", enable_on_install=True)
+    assert r == {"FINISHED"}, r
+    return "bl_ext.user_default.styleheat"
+MOD = install_extension() if ZIP else None
+def sub(name):
+    return importlib.import_module(MOD + "." + name)
+if MOD:
+    prefs = bpy.context.preferences.addons[MOD].preferences
+    if ADDRESS:
+        prefs.server_address = ADDRESS
+    prefs.timeout = 10.0
+"""
+
+EPILOGUE = """
+with open(%(out)r, "w") as _f:
+    json.dump(OUT, _f)
+"""
+
+
+def run_bpy(tmp: Path, body: str, zip_path: Path | None, address: str = "", timeout: float = 600) -> dict:
+    """Run ``body`` (after a prelude that installs the extension) in a fresh bpy process; returns OUT."""
+    out = tmp / f"out_{time.monotonic_ns()}.json"
+    script = (PRELUDE % {"zip": str(zip_path) if zip_path else "", "address": address}
+              + textwrap.dedent(body) + EPILOGUE % {"out": str(out)})
+    path = tmp / f"case_{time.monotonic_ns()}.py"
+    path.write_text(script)
+    r = subprocess.run([PY, str(path)], env=blender_env(tmp), cwd=tmp, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0 or not out.exists():
+        raise AssertionError(f"bpy subprocess failed (rc {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return json.loads(out.read_text())
