@@ -39,6 +39,16 @@ from models.warper import AudioWarper, VideoWarper, WarperConfig, zero_upper_flo
 #: side of the inversion / warper input image
 INPUT_SIZE = 256
 
+#: product attribute edits: name -> (edit data it needs, min strength, max strength); 0 = no edit
+ATTRIBUTES: dict[str, tuple[str, float, float]] = {
+    "age": ("age", -10.0, 10.0),
+    "pose": ("pose", -10.0, 10.0),
+    "beard": ("pca_mean", -40.0, 40.0),
+    "lip": ("pca_mean", -40.0, 40.0),
+}
+_ASSET_FILES = {"age": "interfacegan_directions/age.pt", "pose": "interfacegan_directions/pose.pt",
+                "pca_mean": "ffhq_pca.pt"}
+
 _CONFIG_TYPES = {
     "generator": StyleGAN2Config, "e4e": E4EConfig, "hfgi": HFGIConfig,
     "video_warper": WarperConfig, "audio_warper": WarperConfig, "calibration": CalibrationConfig,
@@ -208,11 +218,43 @@ class StyleHEAT(nn.Module):
         wx, ix, res = self.encode(x)
         return self.decode(wx, ix, res)
 
-    def edit_wplus(self, wx: torch.Tensor, strengths: Mapping[str, float]) -> torch.Tensor:
-        """Apply latent edits ``{name: factor}`` (see models.editing) in a fixed name order."""
+    def available_attributes(self) -> dict[str, tuple[float, float]]:
+        """{attribute: (min, max)} of the product edits whose data is attached (see ATTRIBUTES)."""
+        have = self.edit_assets()
+        return {name: (lo, hi) for name, (asset, lo, hi) in ATTRIBUTES.items() if asset in have}
+
+    def edit_wplus(self, wx: torch.Tensor, strengths: Mapping[str, float | torch.Tensor]) -> torch.Tensor:
+        """Product attribute edits of W+ codes wx (B, n_latent, style_dim); 0 = no edit, continuous.
+
+        ``age`` / ``pose``: ``w + s * direction`` (the official InterFaceGAN edit; official 'young' is
+        age -5, 'old' age +5). ``beard`` / ``lip``: move the layer-0 GANSpace coordinate BY ``s`` on the
+        official layers, i.e. ``models.editing.ganspace_edit`` with target ``c + s`` where ``c`` is the
+        code's own coordinate (the official edit sets it TO the strength: lip 20, beard -20).
+        Applied in the order age, pose, beard, lip. ``s`` is a float or a (B,) tensor.
+        """
         from models import editing
 
-        return editing.apply_edits(wx, strengths, self.edit_assets())
+        assets = self.edit_assets()
+        unknown = set(strengths) - set(ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"unknown attribute(s) {sorted(unknown)}; known: {sorted(ATTRIBUTES)}")
+        w = wx
+        for name in ATTRIBUTES:
+            if name not in strengths:
+                continue
+            asset = ATTRIBUTES[name][0]
+            if asset not in assets:
+                raise ValueError(f"attribute {name!r} needs edit data that is not loaded ({_ASSET_FILES[asset]})")
+            s = editing._per_sample(strengths[name], w)
+            if name in ("age", "pose"):
+                w = editing.interfacegan_edit(w, assets[name], s)
+            else:
+                idx, start, end = editing.GANSPACE_DIRECTIONS[name]
+                comp = assets["pca_comp"][idx].reshape(-1).to(w)
+                std = assets["pca_std"][idx].reshape(()).to(w)
+                w = w.clone()
+                w[:, start:end] = w[:, start:end] + (s.view(-1, 1) * comp * std).unsqueeze(1)
+        return w
 
     def edit_assets(self) -> dict[str, torch.Tensor]:
         """The attached edit buffers that are present, by short name (age, pose, pca_mean, ...)."""
@@ -223,12 +265,18 @@ class StyleHEAT(nn.Module):
                 out[name[len("edit_"):]] = t
         return out
 
-    def edit(self, wx: torch.Tensor, res: torch.Tensor, strengths: Mapping[str, float]):
-        """Official ``HFGI.edit(wx=, res=)``: edited code, decoded with the ORIGINAL residual.
+    def official_edit(self, wx: torch.Tensor, res: torch.Tensor, choice: str, factor: float):
+        """Official ``HFGI.edit(x=None, factor, choice, wx=, res=)`` (models.editing semantics: GANSpace
+        strengths are target coordinates): the edited code decoded with the ORIGINAL residual.
 
-        Returns (ix_edit, wx_edit, fx_edit, inversion_condition).
+        Returns (ix_edit (B,3,256,256), wx_edit, fx_edit, inversion_condition).
         """
-        wx_edit = self.edit_wplus(wx, strengths)
+        from models import editing
+
+        a = self.edit_assets()
+        pca = {"mean": a["pca_mean"], "comp": a["pca_comp"], "std": a["pca_std"]} if "pca_mean" in a else None
+        wx_edit = editing.edit_latent(wx, choice, factor, age_direction=a.get("age"),
+                                      pose_direction=a.get("pose"), pca=pca)
         image, _ = self.generator(wx_edit)
         ix_edit = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
         return self.decode(wx_edit, ix_edit, res)

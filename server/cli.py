@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.align",
     "server.commands.extract",
     "server.commands.audio",
+    "server.commands.verify_reference",
 )
 
 
