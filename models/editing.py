@@ -44,16 +44,26 @@ CHOICES = ("young", "old", "pose", "beard", "lip")
 RECOMMENDED_STRENGTH = {"young": -5.0, "old": 5.0, "beard": -20.0, "lip": 20.0}
 
 
-def _per_sample(strength: float | torch.Tensor, wplus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(strength as a (B,) tensor, wplus); a single code (B = 1) is expanded to N per-frame strengths (N,)."""
+def per_sample_strength(strength: float | torch.Tensor, wplus: torch.Tensor) -> torch.Tensor:
+    """``strength`` as a (B,) tensor on wplus's device/dtype (B = wplus batch; or N when wplus has
+    batch 1 and ``strength`` has N entries, one per frame)."""
     s = torch.as_tensor(strength, dtype=wplus.dtype, device=wplus.device)
     if s.ndim == 0:
-        return s.expand(wplus.shape[0]), wplus
-    if s.ndim == 1 and wplus.shape[0] == 1:
-        return s, wplus.expand(s.shape[0], -1, -1)
-    if s.shape != (wplus.shape[0],):
-        raise ValueError(f"strength must be a float or a ({wplus.shape[0]},) tensor (one per code), "
-                         f"got shape {tuple(s.shape)}")
+        return s.expand(wplus.shape[0])
+    if s.ndim == 1 and (wplus.shape[0] == 1 or s.shape[0] == wplus.shape[0]):
+        return s
+    raise ValueError(f"strength must be a float or a ({wplus.shape[0]},) tensor (one per code), "
+                     f"got shape {tuple(s.shape)}")
+
+
+_per_sample = per_sample_strength  # kept for callers written against the first version
+
+
+def _broadcast(strength: float | torch.Tensor, wplus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(strength (B,), wplus (B, L, D)); a single code is expanded to N per-frame strengths."""
+    s = per_sample_strength(strength, wplus)
+    if s.shape[0] != wplus.shape[0]:
+        wplus = wplus.expand(s.shape[0], -1, -1)
     return s, wplus
 
 
@@ -70,7 +80,7 @@ def interfacegan_edit(wplus: torch.Tensor, direction: torch.Tensor, strength: fl
     if direction.shape[-1] != wplus.shape[-1] or direction.ndim > 2:
         raise ValueError(f"direction must have shape ({wplus.shape[-1]},), (1, {wplus.shape[-1]}) or "
                          f"({wplus.shape[1]}, {wplus.shape[-1]}), got {tuple(direction.shape)}")
-    s, wplus = _per_sample(strength, wplus)
+    s, wplus = _broadcast(strength, wplus)
     return wplus + s.view(-1, 1, 1) * direction
 
 
@@ -92,7 +102,7 @@ def ganspace_edit(wplus: torch.Tensor, pca: Mapping[str, torch.Tensor], directio
     mean = torch.broadcast_to(pca["mean"].to(**kw), wplus.shape[1:])
     comp = pca["comp"][idx].to(**kw).reshape(-1)           # (D,)
     std = pca["std"][idx].to(**kw).reshape(())              # scalar
-    s, wplus = _per_sample(strength, wplus)
+    s, wplus = _broadcast(strength, wplus)
     coord = ((wplus[:, 0] - mean[0]) * comp).sum(dim=-1) / std        # (B,) layer-0 coordinate
     delta = (s - coord).view(-1, 1) * comp * std                        # (B, D)
     out = wplus.clone()
