@@ -302,7 +302,7 @@ class RenderSession:
 # --- results into Blender ------------------------------------------------------------------
 
 def strip_name(obj_name: str) -> str:
-    return f"StyleHEAT {obj_name}"[:63]
+    return (obj_name if "styleheat" in obj_name.lower() else f"StyleHEAT {obj_name}")[:63]
 
 
 def _free_channel(scene, start: int, end: int, avoid: str) -> int:

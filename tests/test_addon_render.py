@@ -1,0 +1,181 @@
+"""Rendering through a real tiny-random server on 127.0.0.1 from real bpy (fresh subprocess per test)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from test_addon_helpers import PY, Server, blender_env, build_staged, build_zip, run_bpy
+
+pytestmark = pytest.mark.blender
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def addon_zip(tmp_path_factory) -> Path:
+    return build_zip(tmp_path_factory.mktemp("dist"))
+
+
+def scene_setup(fixtures_dir, start: int, end: int, blend: Path) -> str:
+    """bpy code: a saved .blend with a rig on the fixture portrait, tiny size 64."""
+    return f"""
+        scene = bpy.context.scene
+        scene.frame_start, scene.frame_end = {start}, {end}
+        bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})
+        bpy.ops.styleheat.add_rig(portrait={str(fixtures_dir / 'portrait_100.jpg')!r})
+        obj = bpy.context.active_object
+        obj.styleheat.align = False          # the fixture is already FFHQ-aligned
+        obj.styleheat.size = 64
+        render = sub("render"); rig_mod = sub("rig"); compat = sub("compat")
+        outdir = os.path.join(os.path.dirname({str(blend)!r}), "styleheat", bpy.path.clean_name(obj.name))
+        def files():
+            return sorted(f for f in os.listdir(outdir)) if os.path.isdir(outdir) else []
+        def strip_info():
+            s = [x for x in compat.all_strips(scene) if x.type == "IMAGE"]
+            return [(x.name, x.frame_final_start, x.frame_final_duration, x.channel, len(x.elements),
+                     bpy.path.abspath(x.directory)) for x in s]
+    """
+
+
+def _png_ok(path: Path) -> bool:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    return img is not None and img.shape == (64, 64, 3)
+
+
+def test_render_ten_frames_into_image_strip(tmp_path, addon_zip, server, fixtures_dir):
+    blend = tmp_path / "shot.blend"
+    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 5, 14, blend) + """
+        strips = compat.top_strips(scene)
+        for ch in (1, 2):   # occupy channels 1-2 over the range so the strip must go to channel 3
+            strips.new_image(f"bg{ch}", os.path.join(os.path.dirname(bpy.data.filepath), "bg.png"), ch, 1)
+            strips[f"bg{ch}"].frame_final_duration = 30
+        OUT["connect"] = sorted(bpy.ops.styleheat.connect())
+        OUT["attributes"] = sorted(a.name for a in obj.styleheat.attributes)
+        OUT["render"] = sorted(bpy.ops.styleheat.render())
+        OUT["files"] = files()
+        OUT["strips"] = strip_info()
+        OUT["outdir"] = outdir
+        OUT["status"] = sub("preferences").status
+        obj.styleheat.preview_size = 50     # -> the smallest advertised size >= 50: 64
+        OUT["preview"] = sorted(bpy.ops.styleheat.preview())
+        OUT["preview_size"] = list(bpy.data.images[render.PREVIEW_IMAGE].size)
+        OUT["torch"] = "torch" in sys.modules
+    """, addon_zip, server.address)
+    assert out["connect"] == ["FINISHED"] and out["render"] == ["FINISHED"]
+    assert out["attributes"] == ["age", "beard", "lip", "pose"]          # what the server reports
+    pngs = [f for f in out["files"] if f.endswith(".png")]
+    assert pngs == [f"StyleHEAT_Face_{f:04d}.png" for f in range(5, 15)]
+    assert "styleheat_frames.json" in out["files"]
+    assert all(_png_ok(Path(out["outdir"]) / f) for f in pngs)
+    image_strips = [s for s in out["strips"] if s[0] == "StyleHEAT Face"]
+    assert len(image_strips) == 1
+    name, start, duration, channel, elements, directory = image_strips[0]
+    assert (start, duration, elements, channel) == (5, 10, 10, 3)
+    assert os.path.samefile(directory, out["outdir"])
+    assert out["status"]["state"] == "ok" and out["status"]["device"] == "cpu"
+    assert "tiny-random" in out["status"]["model"]
+    assert out["preview"] == ["FINISHED"] and out["preview_size"] == [64, 64]
+    assert out["torch"] is False
+
+
+def test_cancel_after_four_frames_keeps_four_valid_files(tmp_path, addon_zip, server, fixtures_dir):
+    blend = tmp_path / "shot.blend"
+    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 10, blend) + """
+        def stop_after_four(session, frame):
+            if len(session.written) == 4:
+                session.cancel()     # what Esc does in the modal operator
+        s = render.render_range(scene, obj, ADDRESS, 10.0, on_frame=stop_after_four)
+        OUT["cancelled"] = s.cancelled
+        OUT["written"] = s.written
+        OUT["files"] = files()
+        OUT["strips"] = strip_info()
+        OUT["outdir"] = outdir
+        OUT["sidecar"] = sorted(json.load(open(os.path.join(outdir, "styleheat_frames.json")))["frames"])
+        s2 = render.render_range(scene, obj, ADDRESS, 10.0)      # resume: only the missing frames
+        OUT["resumed"] = s2.written
+        OUT["strips2"] = strip_info()
+    """, addon_zip, server.address)
+    assert out["cancelled"] is True and out["written"] == [1, 2, 3, 4]
+    assert out["files"] == [f"StyleHEAT_Face_{f:04d}.png" for f in range(1, 5)] + ["styleheat_frames.json"]
+    assert all(_png_ok(Path(out["outdir"]) / f) for f in out["files"][:4])
+    assert out["sidecar"] == ["1", "2", "3", "4"]
+    assert [(s[1], s[2], s[4]) for s in out["strips"]] == [(1, 4, 4)]     # start, duration, elements
+    assert out["resumed"] == [5, 6, 7, 8, 9, 10]
+    assert [s[2] for s in out["strips2"]] == [10]
+
+
+def test_changed_key_rerenders_only_affected_frames(tmp_path, addon_zip, server, fixtures_dir):
+    """Keys at 1, 19, 20 on one expression coefficient; changing the key at 20 changes row 20 only,
+    so exactly the frames whose 27-frame window reaches frame 20 (7..20) are rendered again."""
+    blend = tmp_path / "shot.blend"
+    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 20, blend) + """
+        def key(frame, value):
+            buf = [0.0] * 64; buf[5] = value
+            obj.styleheat.expression.foreach_set(buf)
+            obj.keyframe_insert("styleheat.expression", index=5, frame=frame)
+        key(1, 0.0); key(19, 0.5); key(20, 0.5)
+        for fc in compat.fcurves_for(obj):
+            for kp in fc.keyframe_points:
+                kp.interpolation = "LINEAR"
+        first = render.render_range(scene, obj, ADDRESS, 10.0)
+        mtimes = {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in files()}
+        unchanged_run = render.render_range(scene, obj, ADDRESS, 10.0)
+        key(20, 1.5)
+        second = render.render_range(scene, obj, ADDRESS, 10.0)
+        OUT["first"] = first.written
+        OUT["unchanged_run"] = unchanged_run.written
+        OUT["second"] = second.written
+        OUT["touched"] = sorted(f for f in files() if f.endswith(".png")
+                                and os.stat(os.path.join(outdir, f)).st_mtime_ns != mtimes[f])
+    """, addon_zip, server.address)
+    assert out["first"] == list(range(1, 21))
+    assert out["unchanged_run"] == []
+    radius = 13
+    affected = [f for f in range(1, 21) if f + radius >= 20]
+    assert out["second"] == affected == list(range(7, 21))
+    assert out["touched"] == [f"StyleHEAT_Face_{f:04d}.png" for f in affected]
+
+
+def test_headless_entry_point_renders_saved_blend(tmp_path, addon_zip, server, fixtures_dir):
+    blend = tmp_path / "farm.blend"
+    run_bpy(tmp_path, scene_setup(fixtures_dir, 3, 5, blend) + """
+        obj.rotation_euler[2] = 0.3
+        obj.keyframe_insert("rotation_euler", frame=3)
+        bpy.ops.wm.save_mainfile()
+    """, addon_zip, "")
+    staged = build_staged(tmp_path / "pkg")
+    env = blender_env(tmp_path / "headless")
+    env["PYTHONPATH"] = str(staged.parent)
+    # python -m, with the bpy module
+    r = subprocess.run([PY, "-m", "styleheat.headless", str(blend), "--server", server.address],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rendered 3" in r.stdout
+    outdir = tmp_path / "styleheat" / "StyleHEAT_Face"
+    assert sorted(p.name for p in outdir.glob("*.png")) == [f"StyleHEAT_Face_{f:04d}.png" for f in (3, 4, 5)]
+    # the .blend was saved with the strip; a second run (as `blender -b x.blend --python-expr ...` does
+    # it: the file already open, main() reading args after "--") has nothing left to render
+    code = ("import bpy, sys; bpy.ops.wm.open_mainfile(filepath=%r); "
+            "sys.argv = ['blender', '--', '--server', %r]; import styleheat.headless as h; "
+            "code = h.main(); import styleheat.compat as c; "
+            "print('STRIPS', [(s.name, s.frame_final_start, len(s.elements)) for s in c.all_strips(bpy.context.scene)]); "
+            "sys.exit(code)") % (str(blend), server.address)
+    r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rendered 0, unchanged 3" in r.stdout
+    assert "STRIPS [('StyleHEAT Face', 3, 3)]" in r.stdout
+    # a bad server address fails with exit code 1 and a sentence
+    r = subprocess.run([PY, "-m", "styleheat.headless", str(blend), "--server", "tcp://127.0.0.1:9",
+                        "--timeout", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "No StyleHEAT server answered" in r.stderr
