@@ -1,0 +1,140 @@
+"""The add-on's bpy-free pieces: the ZeroMQ client against a real tiny-random server, the PNG
+writer, windows and hashes. No Blender here."""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from test_addon_helpers import Server, build_staged
+
+
+@pytest.fixture(scope="module")
+def addon(tmp_path_factory):
+    staged = build_staged(tmp_path_factory.mktemp("pkg"))
+    sys.path.insert(0, str(staged.parent))
+    try:
+        yield importlib.import_module("styleheat")
+    finally:
+        sys.path.remove(str(staged.parent))
+        for name in [m for m in sys.modules if m == "styleheat" or m.startswith("styleheat.")]:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(addon, server):
+    from styleheat.client import Client
+
+    c = Client(server.address, timeout=10.0)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def identity(client, fixtures_dir):
+    return client.prepare((fixtures_dir / "portrait_100.jpg").read_bytes(), align=False)["identity"]
+
+
+def test_hello_reports_model_device_sizes(client):
+    info = client.hello()
+    assert info["type"] == "hello" and info["protocol"] == 1
+    assert info["device"] == "cpu" and info["real_weights"] is False
+    assert info["sizes"] and info["native_size"] in info["sizes"]
+
+
+def test_render_stream_with_credit_and_cancel(client, identity):
+    from styleheat import protocol as P
+
+    rows = np.zeros((12, 73), np.float32)
+    stream = client.render(identity, rows, 100, [101, 103, 105], size=64, encoding="raw", credit=1)
+    frames = list(stream)
+    assert [f.frame for f in frames] == [101, 103, 105]
+    assert [f.index for f in frames] == [0, 1, 2]
+    assert all(f.rgb().shape == (64, 64, 3) and f.rgb().dtype == np.uint8 for f in frames)
+    assert stream.done["sent"] == 3 and stream.done["cancelled"] is False
+
+    # credit flow: with credit 2 and nothing consumed, the server sends at most 2 frames
+    stream = client.render(identity, rows, 0, list(range(12)), size=64, encoding="png", credit=2)
+    time.sleep(6.0)
+    assert stream._q.qsize() <= 2 + 2   # frames + accepted/progress messages
+    first = stream.next(timeout=30)
+    assert first.frame == 0
+    png = cv2.imdecode(np.frombuffer(first.data, np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape == (64, 64, 3)
+    stream.cancel(wait=30)
+    assert stream.finished
+    assert stream.received < 12
+    # the connection is still usable after a cancel
+    assert [f.frame for f in client.render(identity, rows, 0, [4], size=64)] == [4]
+    assert P.PROTOCOL_VERSION == 1
+
+
+def test_server_errors_are_clear(client, identity):
+    from styleheat.client import ServerError
+
+    with pytest.raises(ServerError) as e:
+        list(client.render("not-prepared", np.zeros((3, 73), np.float32), 0, [0]))
+    assert e.value.code == "unknown_identity" and "prepare" in e.value.message
+    with pytest.raises(ServerError) as e:
+        client.prepare(b"definitely not an image", align=False)
+    assert e.value.code == "bad_image"
+    with pytest.raises(ServerError) as e:
+        list(client.render(identity, np.zeros((3, 73), np.float32), 0, [0], size=77))
+    assert e.value.code == "bad_field" and "77" in e.value.message
+
+
+def test_server_down_is_reported_within_the_timeout(addon):
+    from styleheat.client import Client, ServerUnavailable
+
+    with Client("tcp://127.0.0.1:9", timeout=0.5) as c:
+        t = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="No StyleHEAT server answered at tcp://127.0.0.1:9"):
+            c.hello()
+        assert time.monotonic() - t < 3.0
+    from styleheat.client import ClientError
+    with pytest.raises(ClientError, match="not a ZeroMQ endpoint"):
+        Client("localhost:5555")
+
+
+def test_png_writer_round_trips(addon, tmp_path):
+    from styleheat import frames as F
+
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    F.write_png_atomic(str(path), rgb)
+    back = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(back, rgb)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_windows_clip_range_and_hashes(addon):
+    from styleheat import frames as F
+
+    assert F.window_indices(0, 5).tolist() == [0] * 14 + [1, 2, 3, 4] + [4] * 9
+    assert F.clip_range(10, 20, None) == (10, 20)
+    assert F.clip_range(10, 20, (0.0, 100.0)) == (0, 33)      # widened by 13 where keys exist
+    assert F.clip_range(10, 20, (8.0, 25.0)) == (8, 25)       # ... but not past the keys
+    rows = np.zeros((40, 73), np.float32)
+    h1 = F.frame_hashes("id", "m", 64, rows, range(40))
+    rows[30, 5] = 1.0
+    h2 = F.frame_hashes("id", "m", 64, rows, range(40))
+    assert sorted(i for i in range(40) if h1[i] != h2[i]) == list(range(17, 40))
+    assert F.frame_hashes("id", "m", 128, rows, [0])[0] != h2[0]          # size counts
+    assert F.frame_hashes("other", "m", 64, rows, [0])[0] != h2[0]      # identity counts
+    audio = np.zeros(40 * 640, np.float32)
+    a1 = F.frame_hashes("id", "m", 64, rows, range(40), audio=audio, samples_per_frame=640)
+    audio[39 * 640 + 5] = 0.5
+    a2 = F.frame_hashes("id", "m", 64, rows, range(40), audio=audio, samples_per_frame=640)
+    assert sorted(i for i in range(40) if a1[i] != a2[i]) == list(range(26, 40))
