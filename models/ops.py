@@ -167,17 +167,25 @@ class EqualLinear(nn.Module):
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, *, demodulate: bool = True,
                      upsample: bool = False, padding: int = 0, eps: float = 1e-8) -> torch.Tensor:
-    """Per-sample modulated convolution (grouped over the batch).
+    """Per-sample modulated convolution.
 
     x (B, Cin, H, W); weight (Cout, Cin, k, k) already multiplied by its equalized-lr scale;
-    styles (B, Cin). Returns (B, Cout, H, W), or (B, Cout, 2H+k-2, 2W+k-2) with ``upsample``
-    (stride-2 transposed convolution, before the blur).
+    styles (B, Cin), or (1, Cin) shared by the whole batch (then one plain convolution runs over the
+    batch instead of a grouped one). Returns (B, Cout, H, W), or (B, Cout, 2H+k-2, 2W+k-2) with
+    ``upsample`` (stride-2 transposed convolution, before the blur).
     """
     b, cin, h, w = x.shape
+    bs = styles.shape[0]
+    if bs not in (1, b):
+        raise ValueError(f"styles batch {bs} does not match input batch {b}")
     cout, _, kh, kw = weight.shape
-    wts = weight.unsqueeze(0) * styles.view(b, 1, cin, 1, 1)          # (B, Cout, Cin, k, k)
+    wts = weight.unsqueeze(0) * styles.view(bs, 1, cin, 1, 1)          # (Bs, Cout, Cin, k, k)
     if demodulate:
-        wts = wts * torch.rsqrt(wts.pow(2).sum(dim=(2, 3, 4)) + eps).view(b, cout, 1, 1, 1)
+        wts = wts * torch.rsqrt(wts.pow(2).sum(dim=(2, 3, 4)) + eps).view(bs, cout, 1, 1, 1)
+    if bs == 1:
+        if upsample:
+            return F.conv_transpose2d(x, wts[0].transpose(0, 1), stride=2, padding=0)
+        return F.conv2d(x, wts[0], padding=padding)
     x = x.reshape(1, b * cin, h, w)
     if upsample:
         wts = wts.transpose(1, 2).reshape(b * cin, cout, kh, kw)
@@ -190,7 +198,7 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
 class ModulatedConv2d(nn.Module):
     """StyleGAN2 modulated conv. Keys: weight (1, out, in, k, k), modulation.{weight,bias}, blur.kernel.
 
-    forward(x (B, in, H, W), style (B, style_dim)) -> (B, out, H, W), or (B, out, 2H, 2W) if upsample.
+    forward(x (B, in, H, W), style (B or 1, style_dim)) -> (B, out, H, W), or (B, out, 2H, 2W) if upsample.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,

@@ -150,6 +150,17 @@ class Generator(nn.Module):
                              f"(or (B, {self.style_dim})), got {tuple(wplus.shape)}")
         return wplus
 
+    @staticmethod
+    def _shared(latent: torch.Tensor) -> torch.Tensor:
+        """A W+ batch that is an expanded view of one code (stride 0) -> that single code (1, L, D).
+
+        Every layer then builds its modulated weights once and runs one plain convolution over the
+        batch instead of a grouped one (same values; much cheaper for frames of one identity).
+        """
+        if latent.shape[0] > 1 and latent.stride(0) == 0:
+            return latent[:1]
+        return latent
+
     def _check_feature(self, name: str, t: torch.Tensor, batch: int) -> None:
         want = (self.config.fx_channels, F_RES, F_RES)
         if t.ndim != 4 or tuple(t.shape[1:]) != want or t.shape[0] not in (1, batch):
@@ -175,7 +186,8 @@ class Generator(nn.Module):
         """
         latent = self._wplus(wplus)
         b = latent.shape[0]
-        out = self.conv1(self.input(b), latent[:, 0])
+        latent = self._shared(latent)
+        out = self.conv1(self.input(latent.shape[0]), latent[:, 0])
         skip = self.to_rgb1(out, latent[:, 1])
         k64 = self._block_index(F_RES)
         for k in range(k64):
@@ -191,13 +203,18 @@ class Generator(nn.Module):
             self._check_feature("inversion_condition[0] (scale)", scale, b)
             self._check_feature("inversion_condition[1] (shift)", shift, b)
             out = out * (1 + scale) + shift
+        if out.shape[0] != b:
+            out = out.expand(b, -1, -1, -1)
+        if skip.shape[0] != b:
+            skip = skip.expand(b, -1, -1, -1)
         return out, skip
 
     def synthesize_from_64(self, feat64: torch.Tensor, skip32: torch.Tensor, wplus: torch.Tensor,
                            out_size: int | None = None) -> torch.Tensor:
         """Render from the (already warped / refined) 64x64 feature.
 
-        feat64 (B, C, 64, 64), skip32 (B, 3, 32, 32), wplus (B, n_latent, style_dim).
+        feat64 (B, C, 64, 64), skip32 (B or 1, 3, 32, 32), wplus (B or 1, n_latent, style_dim); a W+
+        batch of one code (batch 1, or an ``expand``-ed view) is rendered with shared weights (faster).
         Returns the image (B, 3, out_size, out_size); for out_size < size it stops early and returns
         the accumulated RGB skip at that resolution (what the full network adds its finer layers to).
         """
@@ -206,10 +223,16 @@ class Generator(nn.Module):
     def _from_64(self, out: torch.Tensor, skip: torch.Tensor, latent: torch.Tensor, out_size: int,
                  refining: Sequence[torch.Tensor] | None) -> torch.Tensor:
         self._check_out_size(out_size)
-        b = latent.shape[0]
+        b = max(out.shape[0], latent.shape[0])
         self._check_feature("feat64", out, b)
-        if skip.ndim != 4 or tuple(skip.shape[1:]) != (3, F_RES // 2, F_RES // 2):
-            raise ValueError(f"skip32 must have shape (B, 3, {F_RES // 2}, {F_RES // 2}), got {tuple(skip.shape)}")
+        if latent.shape[0] not in (1, b):
+            raise ValueError(f"wplus batch {latent.shape[0]} does not match feat64 batch {out.shape[0]}")
+        if skip.ndim != 4 or tuple(skip.shape[1:]) != (3, F_RES // 2, F_RES // 2) or skip.shape[0] not in (1, b):
+            raise ValueError(f"skip32 must have shape (B={b} or 1, 3, {F_RES // 2}, {F_RES // 2}), "
+                             f"got {tuple(skip.shape)}")
+        latent = self._shared(latent)
+        if latent.shape[0] > 1 and out.shape[0] == 1:
+            out = out.expand(latent.shape[0], -1, -1, -1)
         k = self._block_index(F_RES)
         while True:
             i = 2 * k + 1
@@ -220,7 +243,7 @@ class Generator(nn.Module):
             out = self.convs[2 * k + 1](out, latent[:, i + 1])
             skip = self.to_rgbs[k](out, latent[:, i + 2], skip)
             if 2 ** (k + 3) >= out_size:
-                return skip
+                return skip if skip.shape[0] == b else skip.expand(b, -1, -1, -1)
             k += 1
 
     # ------------------------------------------------------------------ full pass

@@ -193,6 +193,27 @@ def test_only_the_64x64_refining_pair_is_used(tiny):
     assert (a - c).abs().max() > 1e-3 and (a - plain).abs().max() > 1e-3
 
 
+def test_one_shared_code_renders_like_per_sample_codes(tiny):
+    """An expanded (stride-0) or batch-1 W+ takes the shared-weight path; values equal the grouped path."""
+    w1 = _wplus(tiny, 1)
+    _, fcond, deformations, rc = _conditions(tiny, 3)
+    with torch.no_grad():
+        shared, fx_shared = tiny(w1.expand(3, -1, -1), f_condition=fcond, warping_condition=deformations[:1],
+                                 refining_condition=rc)
+        grouped, fx_grouped = tiny(w1.repeat(3, 1, 1), f_condition=fcond, warping_condition=deformations[:1],
+                                   refining_condition=rc)
+        fx, skip32 = tiny.synthesize_to_64(w1)
+        from_one = tiny.synthesize_from_64(fcond, skip32, w1)
+        from_grouped = tiny.synthesize_from_64(fcond, skip32.repeat(3, 1, 1, 1), w1.repeat(3, 1, 1))
+    assert shared.shape == grouped.shape == (3, 3, 128, 128) and fx_shared.shape == (3, 32, 64, 64)
+    torch.testing.assert_close(shared, grouped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fx_shared, fx_grouped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_one, from_grouped, atol=1e-5, rtol=1e-5)
+    assert (shared[0] - shared[1]).abs().max() > 1e-3  # the frames differ (different features)
+    with pytest.raises(ValueError, match="wplus batch 2"):
+        tiny.synthesize_from_64(fcond, skip32, w1.repeat(2, 1, 1))
+
+
 def test_early_stop_returns_the_accumulated_skip():
     torch.manual_seed(5)
     g = Generator(StyleGAN2Config(size=256, style_dim=16, n_mlp=1, uniform_channels=8)).eval()
