@@ -92,10 +92,18 @@ def test_render_ten_frames_into_image_strip(tmp_path, addon_zip, server, fixture
 def test_cancel_after_four_frames_keeps_four_valid_files(tmp_path, addon_zip, server, fixtures_dir):
     blend = tmp_path / "shot.blend"
     out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 10, blend) + """
-        def stop_after_four(session, frame):
+        # the modal operator's body, driven the way its timer/Esc events would drive it
+        ops = sub("operators"); prefs_mod = sub("preferences")
+        s = ops.start_session(bpy.context, obj, prefs_mod.settings())
+        OUT["progress"] = [ops.progress["text"]]
+        def esc_after_four(session, frame):                  # Esc pressed right after frame 4 arrived
             if len(session.written) == 4:
-                session.cancel()     # what Esc does in the modal operator
-        s = render.render_range(scene, obj, ADDRESS, 10.0, on_frame=stop_after_four)
+                session.cancel()
+        s.on_frame = esc_after_four
+        while ops.step_session(bpy.context, s, 0.05):
+            if ops.progress["text"] != OUT["progress"][-1]:
+                OUT["progress"].append(ops.progress["text"])
+        OUT["finish_error"] = repr(ops.finish_session(bpy.context, s))
         OUT["cancelled"] = s.cancelled
         OUT["written"] = s.written
         OUT["files"] = files()
@@ -107,6 +115,10 @@ def test_cancel_after_four_frames_keeps_four_valid_files(tmp_path, addon_zip, se
         OUT["strips2"] = strip_info()
     """, addon_zip, server.address)
     assert out["cancelled"] is True and out["written"] == [1, 2, 3, 4]
+    assert out["finish_error"] == "None"
+    counts = [int(p.split()[1].split("/")[0]) for p in out["progress"]]
+    assert out["progress"][0] == "Frame 0/10" and counts == sorted(counts) and counts[-1] <= 4
+    assert all(p.endswith("/10") for p in out["progress"])
     assert out["files"] == [f"StyleHEAT_Face_{f:04d}.png" for f in range(1, 5)] + ["styleheat_frames.json"]
     assert all(_png_ok(Path(out["outdir"]) / f) for f in out["files"][:4])
     assert out["sidecar"] == ["1", "2", "3", "4"]
