@@ -1,0 +1,386 @@
+"""The inference engine: portraits in, talking-face frames out (bpy-free; see prompts/engine_api.md).
+
+``Engine`` owns one :class:`models.styleheat.StyleHEAT` in eval mode on one device. A portrait is
+inverted once (:meth:`Engine.prepare_identity`, cached in an LRU keyed by a content hash); frames are
+rendered batch by batch with ONE generator pass per frame from the cached 64x64 feature
+(:meth:`Engine.render`). Per-frame attribute strengths re-invert the edited code (official
+``HFGI.edit``) once per (identity, quantized strengths) and cache the result.
+
+Frame conversion follows the official saving code: clamp(-1, 1) -> (x + 1) / 2 * 255, rounded to uint8.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from models.styleheat import INPUT_SIZE, Inversion, StyleHEAT, StyleHEATConfig
+
+#: how many identities stay cached, and how many edited variants per identity
+IDENTITY_CACHE_SIZE = 8
+EDIT_CACHE_SIZE = 32
+#: attribute strengths are quantized to this fraction of their (max - min) range before caching
+ATTRIBUTE_QUANTUM = 1.0 / 200.0
+
+
+@dataclass(frozen=True)
+class IdentityInfo:
+    """Result of :meth:`Engine.prepare_identity`."""
+
+    id: str
+    image_256: np.ndarray                 # (256, 256, 3) uint8: the HFGI reconstruction the warper sees
+    coefficients: np.ndarray | None       # (73,) float32 3DMM row of the portrait, or None
+
+
+@dataclass
+class _Identity:
+    inv: Inversion
+    info: IdentityInfo
+    edits: "OrderedDict[tuple, Inversion]" = field(default_factory=OrderedDict)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; otherwise the named device (ValueError if unusable)."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (clamp, (x+1)/2*255, round)."""
+    x = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255.0).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H, W) float32 in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
+
+
+def window_indices(frame: int, num_rows: int, length: int = 27) -> np.ndarray:
+    """Rows of frame ``frame``'s driving window [i - r, i + r] (r = length // 2), clamped to the clip."""
+    r = length // 2
+    return np.clip(np.arange(frame - r, frame + r + 1), 0, num_rows - 1)
+
+
+class Engine:
+    """See prompts/engine_api.md. Thread-safe for one render at a time (a lock serializes GPU work)."""
+
+    def __init__(self, model: StyleHEAT, *, device: torch.device, real_weights: bool, model_name: str,
+                 checkpoints: str | Path | None = None,
+                 coefficient_fn: Callable[[np.ndarray], np.ndarray | None] | None = None,
+                 identity_cache_size: int = IDENTITY_CACHE_SIZE, edit_cache_size: int = EDIT_CACHE_SIZE):
+        self.model = model.to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.device = device
+        self.real_weights = real_weights
+        self.model_name = model_name
+        self.checkpoints = Path(checkpoints) if checkpoints is not None else None
+        self._coefficient_fn = coefficient_fn
+        self._identities: "OrderedDict[str, _Identity]" = OrderedDict()
+        self._identity_cache_size = max(1, identity_cache_size)
+        self._edit_cache_size = max(1, edit_cache_size)
+        self._lock = threading.RLock()
+        self.config: StyleHEATConfig = model.config
+        self.window = model.config.video_warper.coeff_window
+        self.load_notes: list[str] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoints(cls, directory, device="auto") -> "Engine":
+        """The official files as users download them (see server.weights for the layout)."""
+        from server import weights
+
+        dev = resolve_device(device)
+        model, report = weights.load_official(directory, device="cpu")
+        eng = cls(model, device=dev, real_weights=True, model_name="StyleHEAT (official checkpoints)",
+                  checkpoints=weights.resolve_directory(directory))
+        eng.load_notes = report.lines()
+        return eng
+
+    @classmethod
+    def from_bundle(cls, path, device="auto") -> "Engine":
+        """A safetensors bundle written by ``styleheat convert``."""
+        from server import weights
+
+        dev = resolve_device(device)
+        model, meta = weights.load_bundle(path, device="cpu")
+        eng = cls(model, device=dev, real_weights=True, model_name=f"StyleHEAT (bundle {Path(path).name})")
+        eng.load_notes = [f"{k:<13s} <- {v}" for k, v in meta.get("sources", {}).items()]
+        return eng
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, device="cpu", *, audio: bool = True, edits: bool = True) -> "Engine":
+        """Tiny config, seeded random weights (tests / demos); renders in milliseconds per frame on CPU."""
+        dev = resolve_device(device)
+        cfg = StyleHEATConfig.tiny(audio=audio)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = StyleHEAT(cfg)
+        _randomize_for_demo(model, gen)
+        d = cfg.style_dim
+        if edits:
+            age = torch.randn(1, d, generator=gen)
+            pose = torch.randn(1, d, generator=gen)
+            k = 60
+            comp = torch.randn(k, 1, d, generator=gen)
+            comp = comp / comp.norm(dim=-1, keepdim=True)
+            model.set_edit_assets(age=age / age.norm(), pose=pose / pose.norm(),
+                                  pca={"mean": 0.1 * torch.randn(1, d, generator=gen), "comp": comp,
+                                       "std": 1 + torch.rand(k, generator=gen)})
+        return cls(model, device=dev, real_weights=False, model_name=f"tiny-random (seed {seed})")
+
+    # ------------------------------------------------------------------ info
+    @property
+    def native_size(self) -> int:
+        return self.config.size
+
+    @property
+    def sizes(self) -> list[int]:
+        """Output sizes render() accepts: powers of two from max(64, native/4) to native."""
+        out, s = [], self.native_size
+        while s >= max(64, self.native_size // 4):
+            out.append(s)
+            s //= 2
+        return sorted(out)
+
+    def attributes(self) -> dict[str, dict[str, float]]:
+        """{name: {"min", "max", "default": 0.0}} of the attribute edits these weights support."""
+        return {name: {"min": float(lo), "max": float(hi), "default": 0.0}
+                for name, (lo, hi) in self.model.available_attributes().items()}
+
+    def info(self) -> dict:
+        return {"model": self.model_name, "device": str(self.device), "real_weights": self.real_weights,
+                "sizes": self.sizes, "native_size": self.native_size, "attributes": self.attributes(),
+                "audio_warper": self.model.has_audio}
+
+    # ------------------------------------------------------------------ identities
+    def prepare_identity(self, image: np.ndarray) -> IdentityInfo:
+        """Invert an FFHQ-aligned square portrait (H, W, 3) uint8 RGB once; cached by content hash."""
+        image = _check_portrait(image)
+        ident = hashlib.sha256(f"{image.shape}".encode() + image.tobytes()).hexdigest()[:20]
+        with self._lock:
+            hit = self._identities.get(ident)
+            if hit is not None:
+                self._identities.move_to_end(ident)
+                return hit.info
+            with torch.inference_mode():
+                x = image_to_tensor(image).to(self.device)
+                inv = self.model.prepare(x)
+            coeffs = self._coefficients(image)
+            info = IdentityInfo(id=ident, image_256=to_uint8(inv.ix)[0], coefficients=coeffs)
+            self._identities[ident] = _Identity(inv=inv, info=info)
+            while len(self._identities) > self._identity_cache_size:
+                self._identities.popitem(last=False)
+            return info
+
+    def _coefficients(self, image: np.ndarray) -> np.ndarray | None:
+        if self._coefficient_fn is not None:
+            row = self._coefficient_fn(image)
+            return None if row is None else np.asarray(row, dtype=np.float32).reshape(73)
+        if self.checkpoints is None:
+            return None
+        try:
+            from server.deep3d import portrait_coefficients
+        except ImportError:
+            return None
+        row, _reason = portrait_coefficients(image, self.checkpoints)
+        return None if row is None else np.asarray(row, dtype=np.float32).reshape(73)
+
+    def forget_identity(self, identity_id: str) -> None:
+        with self._lock:
+            self._identities.pop(identity_id, None)
+
+    def identity_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._identities)
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, identity_id: str, rows: np.ndarray, frames: Sequence[int], *,
+               audio: np.ndarray | None = None, attributes: Mapping[str, np.ndarray] | None = None,
+               size: int | None = None, batch_size: int | None = None,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (frame_index, (size, size, 3) uint8) for ``frames`` in order, batch by batch.
+
+        Input is validated before anything runs (ValueError with a clear sentence); see engine_api.md.
+        """
+        ident = self._get_identity(identity_id)
+        rows = _check_rows(rows, self.config.video_warper.coeff_dim)
+        n = rows.shape[0]
+        frames = _check_frames(frames, n)
+        mel = self._check_audio(audio, n)
+        attrs = self._check_attributes(attributes, n)
+        size = self._check_size(size)
+        if batch_size is None:
+            batch_size = 8 if self.device.type == "cuda" else 2
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return self._render_iter(ident, rows, frames, mel, attrs, size, int(batch_size), should_stop)
+
+    def _render_iter(self, ident, rows, frames, mel, attrs, size, batch_size, should_stop):
+        for start in range(0, len(frames), batch_size):
+            if should_stop is not None and should_stop():
+                return
+            chunk = frames[start:start + batch_size]
+            with self._lock, torch.inference_mode():
+                windows = np.stack([rows[window_indices(i, len(rows), self.window)].T for i in chunk])
+                coeffs = torch.from_numpy(windows).to(self.device)
+                mel_t = torch.from_numpy(mel[chunk]).to(self.device) if mel is not None else None
+                invs = [self._inversion_for(ident, {k: float(v[i]) for k, v in attrs.items()}) for i in chunk]
+                images = self.model.render(invs, coeffs, mel_t, out_size=size)
+                out = to_uint8(images)
+            for i, img in zip(chunk, out):
+                yield int(i), img
+
+    def _inversion_for(self, ident: _Identity, strengths: Mapping[str, float]) -> Inversion:
+        key = self._quantize(strengths)
+        if not key:
+            return ident.inv
+        hit = ident.edits.get(key)
+        if hit is not None:
+            ident.edits.move_to_end(key)
+            return hit
+        inv = self.model.prepare_edit(ident.inv, dict(key))
+        ident.edits[key] = inv
+        while len(ident.edits) > self._edit_cache_size:
+            ident.edits.popitem(last=False)
+        return inv
+
+    def _quantize(self, strengths: Mapping[str, float]) -> tuple:
+        spec = self.attributes()
+        out = []
+        for name in sorted(strengths):
+            lo, hi = spec[name]["min"], spec[name]["max"]
+            q = (hi - lo) * ATTRIBUTE_QUANTUM
+            value = round(strengths[name] / q) * q if q > 0 else strengths[name]
+            if value != 0.0:
+                out.append((name, float(value)))
+        return tuple(out)
+
+    # ------------------------------------------------------------------ validation
+    def _get_identity(self, identity_id: str) -> _Identity:
+        with self._lock:
+            ident = self._identities.get(identity_id) if isinstance(identity_id, str) else None
+            if ident is None:
+                raise ValueError(f"unknown identity id {identity_id!r}: call prepare_identity(image) first "
+                                 f"(identities are cached for the {self._identity_cache_size} most recent portraits)")
+            self._identities.move_to_end(identity_id)
+            return ident
+
+    def _check_audio(self, audio, n: int) -> np.ndarray | None:
+        if audio is None:
+            return None
+        if not self.model.has_audio:
+            raise ValueError("audio given but these weights have no AudioWarper (audio_warper.* keys); "
+                             "drive with 3DMM rows instead")
+        cfg = self.config.audio_warper
+        want = (n, cfg.mel_bins, cfg.mel_window)
+        arr = np.asarray(audio)
+        if arr.shape != want:
+            raise ValueError(f"audio must have shape {want} (one {cfg.mel_bins}x{cfg.mel_window} mel window per row), "
+                             f"got {arr.shape}")
+        arr = arr.astype(np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("audio contains NaN or infinite values")
+        return arr
+
+    def _check_attributes(self, attributes, n: int) -> dict[str, np.ndarray]:
+        if not attributes:
+            return {}
+        if not isinstance(attributes, Mapping):
+            raise ValueError(f"attributes must be a mapping {{name: per-row strengths}}, got {type(attributes).__name__}")
+        spec = self.attributes()
+        out = {}
+        for name, values in attributes.items():
+            if name not in spec:
+                known = ", ".join(sorted(spec)) or "none (no edit files loaded)"
+                raise ValueError(f"unknown attribute {name!r}; known attributes: {known}")
+            arr = np.asarray(values, dtype=np.float64)
+            if arr.shape != (n,):
+                raise ValueError(f"attribute {name!r} must have one strength per row, shape ({n},), got {arr.shape}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"attribute {name!r} contains NaN or infinite values")
+            lo, hi = spec[name]["min"], spec[name]["max"]
+            if arr.min() < lo or arr.max() > hi:
+                raise ValueError(f"attribute {name!r} strengths must lie in [{lo}, {hi}], "
+                                 f"got values from {arr.min():g} to {arr.max():g}")
+            out[name] = arr
+        return out
+
+    def _check_size(self, size) -> int:
+        if size is None:
+            return self.native_size
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or int(size) not in self.sizes:
+            raise ValueError(f"unsupported size {size!r}; choose one of {self.sizes}")
+        return int(size)
+
+
+def _check_portrait(image) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must have shape (H, W, 3) (RGB), got {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (0..255), got dtype {image.dtype}")
+    h, w = image.shape[:2]
+    if h != w:
+        raise ValueError(f"image must be a square FFHQ-aligned portrait, got {w}x{h}; align it first "
+                         f"(server/align.py)")
+    if h < 64:
+        raise ValueError(f"image is too small ({w}x{h}); give an aligned portrait of at least {INPUT_SIZE}x{INPUT_SIZE}")
+    return np.ascontiguousarray(image)
+
+
+def _check_rows(rows, coeff_dim: int) -> np.ndarray:
+    arr = np.asarray(rows)
+    if arr.ndim != 2 or arr.shape[1] != coeff_dim or arr.shape[0] < 1:
+        raise ValueError(f"rows must have shape (N, {coeff_dim}) (exp 64 | angle 3 | trans 3 | crop 3) with N >= 1, "
+                         f"got {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"rows must be numeric, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        r, c = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"rows contain NaN or infinite values (first at row {r}, column {c})")
+    return arr
+
+
+def _check_frames(frames, n: int) -> list[int]:
+    try:
+        out = [int(f) for f in frames]
+        ok = all(float(f) == int(f) for f in frames)
+    except (TypeError, ValueError):
+        raise ValueError("frames must be a sequence of integer row indices") from None
+    if not ok:
+        raise ValueError("frames must be integer row indices")
+    bad = [f for f in out if f < 0 or f >= n]
+    if bad:
+        raise ValueError(f"frame index {bad[0]} is outside the clip: rows has {n} rows (valid 0..{n - 1})")
+    return out
+
+
+def _randomize_for_demo(model: StyleHEAT, gen: torch.Generator) -> None:
+    """Tiny demo weights: the modules' own seeded init, a non-trivial latent_avg, and smaller ToRGB
+    weights (ToRGB has no demodulation) so images mostly stay inside [-1, 1]."""
+    model.latent_avg = 0.2 * torch.randn(model.latent_avg.shape, generator=gen)
+    with torch.no_grad():
+        for name, p in model.generator.named_parameters():
+            if name.startswith("to_rgb") and name.endswith("conv.weight"):
+                p.mul_(0.3)

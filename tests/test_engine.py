@@ -1,0 +1,235 @@
+"""server.engine on the tiny seeded model: rendering, one generator pass per frame, windows, sizes,
+attributes, audio, caching, cancellation and input errors."""
+import numpy as np
+import pytest
+import torch
+
+from server.engine import Engine, to_uint8, window_indices
+
+N = 6
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.tiny_random(seed=0)
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:256, 0:256] / 256.0
+    base = np.stack([np.sin(6 * x + 1), np.cos(5 * y), np.sin(4 * (x + y))], -1)
+    img = 127.5 + 90 * base + rng.normal(0, 10, (256, 256, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def ident(engine, portrait):
+    return engine.prepare_identity(portrait)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    r = np.random.default_rng(1).standard_normal((N, 73)).astype(np.float32) * 0.5
+    r[:, 70] += 1.0
+    return r
+
+
+class PassCounter:
+    """Counts real generator work: rows through the last ToRGB (one per rendered image) and full passes."""
+
+    def __init__(self, model):
+        self.rows = 0
+        self.full_passes = 0
+        self.handles = [
+            model.generator.to_rgbs[-1].register_forward_hook(self._rgb),
+            model.generator.register_forward_hook(self._full),
+        ]
+
+    def _rgb(self, module, args, out):
+        self.rows += out.shape[0]
+
+    def _full(self, module, args, out):
+        self.full_passes += 1
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_info(engine):
+    info = engine.info()
+    assert info["native_size"] == 128 and info["sizes"] == [64, 128]
+    assert info["real_weights"] is False and info["device"] == "cpu" and info["audio_warper"] is True
+    assert set(info["attributes"]) == {"age", "pose", "beard", "lip"}
+    assert all(a["default"] == 0.0 and a["min"] < 0 < a["max"] for a in info["attributes"].values())
+
+
+def test_prepare_identity_is_cached_by_content(engine, portrait, ident):
+    again = engine.prepare_identity(portrait.copy())
+    assert again is ident
+    assert ident.image_256.shape == (256, 256, 3) and ident.image_256.dtype == np.uint8
+    assert ident.coefficients is None  # no Deep3D weights behind a tiny random engine
+    other = engine.prepare_identity(np.ascontiguousarray(portrait[:, ::-1]))
+    assert other.id != ident.id
+
+
+def test_render_one_generator_pass_per_frame(engine, ident, rows):
+    counter = PassCounter(engine.model)
+    try:
+        out = list(engine.render(ident.id, rows, range(N), batch_size=4))
+    finally:
+        counter.close()
+    assert [i for i, _ in out] == list(range(N))
+    for _, img in out:
+        assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+    assert counter.rows == N            # exactly one image's worth of final layers per frame
+    assert counter.full_passes == 0     # no full generator pass from the 4x4 constant
+    assert not np.array_equal(out[0][1], out[-1][1])  # motion changes the picture
+    assert 20 < float(np.std(out[0][1])) < 110        # a real image, not black / saturated
+
+
+def test_window_clamping_equals_explicit_per_frame_computation(engine, ident, rows):
+    assert window_indices(0, 30).tolist() == [0] * 14 + list(range(1, 14))
+    assert window_indices(29, 30).tolist() == list(range(16, 30)) + [29] * 13
+    frames = [0, 2, N - 1]
+    got = dict(engine.render(ident.id, rows, frames, batch_size=1))
+    inv = engine._identities[ident.id].inv
+    for i in frames:
+        idx = [min(max(j, 0), N - 1) for j in range(i - 13, i + 14)]
+        window = torch.from_numpy(rows[idx].T.copy())[None]          # (1, 73, 27)
+        with torch.inference_mode():
+            image = engine.model.render(inv, window)
+        np.testing.assert_array_equal(got[i], to_uint8(image)[0])
+
+
+def test_batching_does_not_change_frames(engine, ident, rows):
+    a = dict(engine.render(ident.id, rows, range(N), batch_size=1))
+    b = dict(engine.render(ident.id, rows, range(N), batch_size=N))
+    for i in range(N):
+        assert np.abs(a[i].astype(int) - b[i]).max() <= 1
+
+
+def test_preview_size(engine, ident, rows):
+    (i, small), = engine.render(ident.id, rows, [3], size=64)
+    assert i == 3 and small.shape == (64, 64, 3)
+    (_, full), = engine.render(ident.id, rows, [3])
+    # the preview is the coarse RGB skip: close to a downscaled full frame, far cheaper
+    down = full.reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
+    assert np.corrcoef(down.ravel(), small.astype(float).ravel())[0, 1] > 0.5
+    for bad in (32, 100, 256, "64"):
+        with pytest.raises(ValueError, match="unsupported size"):
+            list(engine.render(ident.id, rows, [0], size=bad))
+
+
+def test_attribute_strengths_change_output_per_frame(engine, ident, rows):
+    base = dict(engine.render(ident.id, rows, range(3)))
+    zero = dict(engine.render(ident.id, rows, range(3), attributes={"age": np.zeros(N)}))
+    for i in range(3):
+        np.testing.assert_array_equal(zero[i], base[i])
+    ramp = np.array([0.0, 4.0, 8.0, 8.0, 8.0, 8.0])
+    edited = dict(engine.render(ident.id, rows, range(3), attributes={"age": ramp}))
+    np.testing.assert_array_equal(edited[0], base[0])          # strength 0 on frame 0
+    d1 = np.abs(edited[1].astype(int) - base[1]).mean()
+    d2 = np.abs(edited[2].astype(int) - base[2]).mean()
+    assert 0.5 < d1 < d2                                       # stronger edit, bigger change
+    lip = dict(engine.render(ident.id, rows, [1], attributes={"lip": np.full(N, 30.0)}))
+    assert np.abs(lip[1].astype(int) - base[1]).mean() > 0.5
+    keys = list(engine._identities[ident.id].edits)
+    assert (("age", 4.0),) in keys and (("age", 8.0),) in keys
+
+
+def test_audio_changes_output(engine, ident, rows):
+    mel = np.random.default_rng(5).standard_normal((N, 80, 32)).astype(np.float32)
+    with_audio = dict(engine.render(ident.id, rows, [2], audio=mel))
+    without = dict(engine.render(ident.id, rows, [2]))
+    assert not np.array_equal(with_audio[2], without[2])
+    with pytest.raises(ValueError, match=r"audio must have shape \(6, 80, 32\)"):
+        list(engine.render(ident.id, rows, [2], audio=mel[:, :, :16]))
+
+
+def test_should_stop_between_batches(engine, ident, rows):
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 1
+
+    out = list(engine.render(ident.id, rows, range(N), batch_size=2, should_stop=stop))
+    assert [i for i, _ in out] == [0, 1]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(identity_id="nope"), "unknown identity id"),
+    (dict(rows=np.zeros((N, 70), np.float32)), r"rows must have shape \(N, 73\)"),
+    (dict(rows=np.zeros((0, 73), np.float32)), "N >= 1"),
+    (dict(rows=np.full((N, 73), np.nan, np.float32)), "NaN"),
+    (dict(frames=[0, N]), "outside the clip"),
+    (dict(frames=[-1]), "outside the clip"),
+    (dict(frames=[0.5]), "integer"),
+    (dict(attributes={"smile": np.zeros(N)}), "unknown attribute 'smile'"),
+    (dict(attributes={"age": np.zeros(N - 1)}), "one strength per row"),
+    (dict(attributes={"age": np.full(N, 99.0)}), r"must lie in \[-10.0, 10.0\]"),
+    (dict(attributes={"age": np.full(N, np.inf)}), "NaN or infinite"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_bad_render_input(engine, ident, rows, kwargs, needle):
+    args = dict(identity_id=ident.id, rows=rows, frames=[0])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        engine.render(args.pop("identity_id"), args.pop("rows"), args.pop("frames"), **args)
+
+
+@pytest.mark.parametrize("image, needle", [
+    (np.zeros((256, 200, 3), np.uint8), "square"),
+    (np.zeros((256, 256), np.uint8), r"\(H, W, 3\)"),
+    (np.zeros((256, 256, 3), np.float32), "uint8"),
+    ([[0]], "numpy array"),
+])
+def test_bad_portrait(engine, image, needle):
+    with pytest.raises(ValueError, match=needle):
+        engine.prepare_identity(image)
+
+
+def test_forget_and_lru(portrait):
+    eng = Engine.tiny_random(seed=0, audio=False, edits=False)
+    eng._identity_cache_size = 2
+    assert eng.info()["attributes"] == {} and eng.info()["audio_warper"] is False
+    ids = [eng.prepare_identity(np.roll(portrait, k, axis=1)).id for k in range(3)]
+    assert eng.identity_ids() == ids[1:]
+    eng.forget_identity(ids[2])
+    assert eng.identity_ids() == [ids[1]]
+    with pytest.raises(ValueError, match="unknown identity"):
+        list(eng.render(ids[2], np.zeros((1, 73), np.float32), [0]))
+    with pytest.raises(ValueError, match="no AudioWarper"):
+        eng.render(ids[1], np.zeros((1, 73), np.float32), [0], audio=np.zeros((1, 80, 32), np.float32))
+    with pytest.raises(ValueError, match="none"):
+        eng.render(ids[1], np.zeros((1, 73), np.float32), [0], attributes={"age": [1.0]})
+
+
+def test_seeded_and_bundle_round_trip(tmp_path, engine, portrait, rows):
+    from server import weights
+
+    path = weights.save_bundle(tmp_path / "tiny.safetensors", engine.model)
+    other = Engine.from_bundle(path, device="cpu")
+    assert other.real_weights is True and other.info()["sizes"] == engine.info()["sizes"]
+    a = engine.prepare_identity(portrait)
+    b = other.prepare_identity(portrait)
+    assert a.id == b.id
+    fa = dict(engine.render(a.id, rows, [1, 4]))
+    fb = dict(other.render(b.id, rows, [1, 4]))
+    for i in (1, 4):
+        np.testing.assert_array_equal(fa[i], fb[i])
+    again = Engine.tiny_random(seed=0)
+    np.testing.assert_array_equal(again.prepare_identity(portrait).image_256, a.image_256)
+    different = Engine.tiny_random(seed=1)
+    assert not np.array_equal(different.prepare_identity(portrait).image_256, a.image_256)
+
+
+def test_device_resolution():
+    from server.engine import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu0")
