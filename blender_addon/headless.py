@@ -69,6 +69,8 @@ def render_blend(blend_path: str | None = None, *, server: str | None = None, ri
                                       frame_timeout=s.frame_timeout,
                                       on_frame=lambda sess, fr: log(f"StyleHEAT {sess.status()}"))
         done[obj.name] = len(session.written)
+        for w in session.plan.warnings:
+            log(f"StyleHEAT: warning: {w}")
         log(f"StyleHEAT: {obj.name}: rendered {len(session.written)}, unchanged "
             f"{len(session.plan.frames) - len(session.plan.todo)}")
     if bpy.data.filepath:

@@ -13,6 +13,10 @@ progress = {"text": "", "running": False}
 
 def _fail(op, exc: Exception):
     msg = R.explain(exc)
+    code = localserver.exit_code()
+    if code not in (None, 0):  # the server this Blender started has died: say why
+        tail = [ln for ln in localserver.log_tail().splitlines() if ln.strip()]
+        msg += f" The local server exited with code {code}" + (f": {tail[-1]}" if tail else ".")
     if isinstance(exc, ClientError) and not isinstance(exc, R.UserError):
         preferences.set_status("error", msg)
     op.report({"ERROR"}, msg)
@@ -160,6 +164,8 @@ class STYLEHEAT_OT_render(bpy.types.Operator):
                                      frame_timeout=s.frame_timeout)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
+        for w in session.plan.warnings:
+            self.report({"WARNING"}, f"StyleHEAT: {w}")
         self.report({"INFO"}, f"StyleHEAT: rendered {len(session.written)} frame(s), "
                               f"{len(session.plan.frames) - len(session.plan.todo)} unchanged")
         return {"FINISHED"}
@@ -201,6 +207,8 @@ class STYLEHEAT_OT_render(bpy.types.Operator):
         err = finish_session(context, self.session)
         if err is not None:
             return _fail(self, err)
+        for w in self.session.plan.warnings:
+            self.report({"WARNING"}, f"StyleHEAT: {w}")
         msg = "cancelled" if self.session.cancelled else "done"
         self.report({"INFO"}, f"StyleHEAT {msg}: {self.session.status()}")
         return {"FINISHED"} if not self.session.cancelled else {"CANCELLED"}

@@ -52,6 +52,10 @@ class STYLEHEAT_PT_expression(_Base, bpy.types.Panel):
             col.prop(rig, name, slider=True)
         if not rig.has_base:
             self.layout.label(text="Prepare the portrait to use its own expression", icon="INFO")
+        from . import render
+        info = render.server_info.get(preferences.settings(context).address)
+        if info is not None and not render.presets_from_info(info):
+            self.layout.label(text="This server sends no presets: sliders have no effect", icon="INFO")
 
 
 class STYLEHEAT_PT_attributes(_Base, bpy.types.Panel):
