@@ -1,5 +1,4 @@
 """e4e encoder and HFGI inversion: tiny-config behaviour, official layouts, seed-0 parity."""
-import numpy as np
 import pytest
 import torch
 
@@ -9,6 +8,7 @@ from models import hfgi
 from models.e4e import E4EConfig, Encoder4Editing
 from models.hfgi import HFGIConfig, ResidualAligner, ResidualEncoder
 from models.stylegan2 import Generator, StyleGAN2Config
+from server import reference
 from server.reference import compare
 
 E4E_FILE = "checkpoints/Encoder_e4e.pth"
@@ -147,8 +147,12 @@ def test_hfgi_full_size_state_dicts_match_official_layout(official_layout, part,
 
 # ----------------------------------------------------------------------------- full size, seed-0 parity
 @pytest.fixture(scope="module")
-def official_e4e(seeded_official):
-    return Encoder4Editing.from_state_dict(seeded_official(E4E_FILE, "encoder"))
+def official_e4e(official_layout):
+    """Seed-0 e4e (1 GB). Built here rather than through the session-cached ``seeded_official`` so the
+    tensors are freed when this module's tests are done."""
+    model = Encoder4Editing.from_state_dict(reference.seeded_part(official_layout, E4E_FILE, "encoder", seed=0))
+    yield model
+    del model
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Latent edits (InterFaceGAN / GANSpace) and the official HFGI edit procedure."""
-import numpy as np
 import pytest
 import torch
 
