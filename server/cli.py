@@ -14,6 +14,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.extract",
     "server.commands.audio",
     "server.commands.verify_reference",
+    "server.commands.render",
+    "server.commands.convert",
 )
 
 

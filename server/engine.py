@@ -103,12 +103,15 @@ class Engine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_checkpoints(cls, directory, device="auto") -> "Engine":
-        """The official files as users download them (see server.weights for the layout)."""
+    def from_checkpoints(cls, directory, device="auto", *, config: StyleHEATConfig | None = None) -> "Engine":
+        """The official files as users download them (see server.weights for the layout).
+
+        ``config``: only for non-standard model sizes (default: the official full-size model).
+        """
         from server import weights
 
         dev = resolve_device(device)
-        model, report = weights.load_official(directory, device="cpu")
+        model, report = weights.load_official(directory, config, device="cpu")
         eng = cls(model, device=dev, real_weights=True, model_name="StyleHEAT (official checkpoints)",
                   checkpoints=weights.resolve_directory(directory))
         eng.load_notes = report.lines()

@@ -467,7 +467,7 @@ def save_bundle(path: str | os.PathLike, model, *, sources: Mapping[str, str] | 
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": BUNDLE_FORMAT, "version": str(BUNDLE_VERSION),
             "config": json.dumps(model.config.to_dict()),
             "sources": json.dumps(dict(sources or {}))}

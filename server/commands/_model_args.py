@@ -1,0 +1,39 @@
+"""Shared options of the commands that load the StyleHEAT model (render, convert)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, *, bundle: bool) -> None:
+    parser.add_argument("--checkpoints", metavar="DIR", default=None,
+                        help="folder with the official StyleHEAT files (default: $STYLEHEAT_CHECKPOINTS, "
+                             "else the folder 'styleheat download' fills)")
+    if bundle:
+        parser.add_argument("--bundle", metavar="FILE", default=None,
+                            help="load a safetensors bundle made by 'styleheat convert' instead of --checkpoints")
+    parser.add_argument("--config", metavar="JSON", default=None,
+                        help="model config JSON (StyleHEATConfig.to_dict()) for non-standard sizes; "
+                             "default: the official full-size model")
+
+
+def read_config(path: str | None):
+    """The StyleHEATConfig of --config (None = official full size); ValueError with a clear message."""
+    if not path:
+        return None
+    from models.styleheat import StyleHEATConfig
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return StyleHEATConfig.from_dict(data)
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: file not found") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"--config {path}: not a valid StyleHEAT config ({e})") from None
+
+
+def checkpoint_dir(explicit: str | None) -> tuple[Path, str]:
+    from server.paths import resolve_checkpoint_dir
+
+    return resolve_checkpoint_dir(explicit)

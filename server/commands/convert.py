@@ -1,0 +1,48 @@
+"""`styleheat convert`: official checkpoint files -> one safetensors bundle (weights + config)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from server.commands._model_args import add_checkpoint_arguments, checkpoint_dir, read_config
+
+NAME = "convert"
+HELP = "convert the official StyleHEAT checkpoints into one safetensors bundle"
+DESCRIPTION = ("Read StyleHEAT_visual.pt, hfgi.pth, Encoder_e4e.pth, StyleGAN_e4e.pth (and the edit "
+               "directions when present) with strict key/shape checks, and write a single safetensors file "
+               "holding every weight plus the model config. 'styleheat render --bundle' and the server load "
+               "it without unpickling anything.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser, bundle=False)
+    parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write (.safetensors)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from server import weights
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        print(f"styleheat convert: --out should end in .safetensors, got {out}", file=sys.stderr)
+        return 2
+    if not out.parent.is_dir():
+        print(f"styleheat convert: output folder {out.parent} does not exist", file=sys.stderr)
+        return 2
+    directory, origin = checkpoint_dir(args.checkpoints)
+    t0 = time.time()
+    try:
+        config = read_config(args.config)
+        model, report = weights.load_official(directory, config)
+    except (weights.WeightsError, ValueError) as e:
+        print(f"styleheat convert: {e}", file=sys.stderr)
+        return 1
+    print(f"read {directory} ({origin}) in {time.time() - t0:.1f} s:")
+    for line in report.lines():
+        print(f"  {line}")
+    weights.save_bundle(out, model, sources=report.sources)
+    n = sum(t.numel() for t in model.state_dict().values())
+    print(f"wrote {out} ({n / 1e6:.1f} M values, {out.stat().st_size / 2**20:.0f} MiB)")
+    return 0

@@ -1,0 +1,113 @@
+"""`styleheat render`: one portrait + a motion file -> numbered PNG frames."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from server.commands._model_args import add_checkpoint_arguments, checkpoint_dir, read_config
+
+NAME = "render"
+HELP = "render a talking-face frame sequence from a portrait and a motion file"
+DESCRIPTION = ("Invert the FFHQ-aligned square portrait once (e4e + HFGI), then render one frame per row of "
+               "the motion file (styleheat extract / the Blender add-on write them) as OUT/frame_00000.png, "
+               "frame_00001.png, ... (row index; each file is written atomically). Per-row attribute "
+               "strengths in the motion file are applied.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_checkpoint_arguments(parser, bundle=True)
+    parser.add_argument("--source", required=True, metavar="IMAGE",
+                        help="FFHQ-aligned square portrait (PNG/JPEG); 'styleheat align' makes one from a photo")
+    parser.add_argument("--motion", required=True, metavar="JSON", help="styleheat-motion file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG frames (created)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="output side in pixels (default: native 1024; 256 and 512 are cheaper previews)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=None, help="frames per batch (default 8 on GPU, 2 on CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def read_portrait(path: Path):
+    """(H, W, 3) uint8 RGB of an image file; ValueError with a clear message."""
+    import cv2
+
+    if not path.is_file():
+        raise ValueError(f"--source {path}: file not found")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"--source {path}: not an image OpenCV can read (use PNG or JPEG)")
+    h, w = bgr.shape[:2]
+    if h != w:
+        raise ValueError(f"--source {path}: the portrait is {w}x{h}, not square; align it first "
+                         f"('styleheat align --image {path} --out aligned.png')")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def write_png_atomic(path: Path, rgb) -> None:
+    import cv2
+
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path.name} as PNG")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.tobytes())
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from server import weights
+    from server.engine import Engine
+    from server.motion import MotionError, read_motion
+
+    try:
+        motion = read_motion(args.motion)
+        portrait = read_portrait(Path(args.source))
+    except (MotionError, ValueError) as e:
+        print(f"styleheat render: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"styleheat render: cannot create output folder {out}: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    try:
+        if args.bundle:
+            if args.checkpoints:
+                print("styleheat render: give --checkpoints or --bundle, not both", file=sys.stderr)
+                return 2
+            engine = Engine.from_bundle(args.bundle, device=args.device)
+        else:
+            directory, origin = checkpoint_dir(args.checkpoints)
+            engine = Engine.from_checkpoints(directory, device=args.device, config=read_config(args.config))
+    except (weights.WeightsError, ValueError) as e:
+        print(f"styleheat render: {e}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"loaded {engine.model_name} on {engine.device} in {time.time() - t0:.1f} s", file=sys.stderr)
+    n = motion.num_frames
+    try:
+        ident = engine.prepare_identity(portrait)
+        frames = engine.render(ident.id, motion.rows, range(n), attributes=motion.attributes or None,
+                               size=args.size, batch_size=args.batch_size)
+    except ValueError as e:
+        print(f"styleheat render: {e}", file=sys.stderr)
+        return 2
+    t1 = time.time()
+    bar = tqdm(total=n, unit="frame", desc="render", file=sys.stderr, disable=args.quiet)
+    try:
+        for index, image in frames:
+            write_png_atomic(out / f"frame_{index:05d}.png", image)
+            bar.update(1)
+    finally:
+        bar.close()
+    dt = time.time() - t1
+    print(f"wrote {n} frames to {out} ({dt / max(n, 1):.2f} s/frame)")
+    return 0
