@@ -477,9 +477,11 @@ class Worker(threading.Thread):
         png = encode_png(aligned)
         coeffs = None if info.coefficients is None else [float(x) for x in np.asarray(info.coefficients).ravel()]
         self.sched.finish(job)
-        if job.abort is not None and job.abort[0] != "error":
+        if job.abort is not None:
             if job.abort[0] == "cancelled":
                 self.send(job.client, P.reply(P.DONE, job.id, sent=0, total=1, cancelled=True))
+            elif job.abort[0] == "error":
+                self.send(job.client, P.error_reply(job.id, job.abort[1], job.abort[2]))
             return
         self.send(job.client, P.reply(P.PREPARED, job.id, identity=info.id, aligned=did_align, align_note=note,
                                       coefficients=coeffs, width=int(aligned.shape[1]),
