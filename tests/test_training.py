@@ -1,0 +1,300 @@
+"""Training (issue 9): loss terms with known answers, helper-network layouts, each stage on a tiny synthetic
+dataset (loss goes down), checkpoint/resume, export loadable by the inference path, distributed (gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import data as D
+from training import losses as L
+from training.config import ConfigError, TrainConfig
+from training.trainer import Trainer, read_scalars
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------- synthetic data
+def make_dataset(root: Path, res: int, *, clips: int = 1, frames: int = 2, audio: bool = False, seed: int = 0) -> Path:
+    """Frames of a textured blob that moves; coefficients record the motion; mouth landmarks follow it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res] / res
+    for c in range(clips):
+        imgs, rows, lms = [], [], []
+        for i in range(frames):
+            dx, dy = 0.08 * np.sin(1.7 * i + c), 0.06 * np.cos(1.3 * i + c)
+            tex = np.stack([np.sin(9 * (xx - dx) + k) * np.cos(7 * (yy - dy) * (k + 1)) for k in range(3)], -1)
+            blob = np.exp(-((xx - 0.5 - dx) ** 2 + (yy - 0.55 - dy) ** 2) / 0.03)[..., None]
+            imgs.append(np.clip((0.4 * tex + 0.9 * blob - 0.3 + 1) * 127.5, 0, 255).astype(np.uint8))
+            row = np.zeros(73, np.float32)
+            row[:64] = rng.normal(size=64) * 0.2
+            row[64:67] = [dy * 3, dx * 3, 0.0]
+            row[67:70] = [dx * 10, dy * 10, 0.0]
+            row[70:73] = [1.0, 128.0, 128.0]
+            rows.append(row)
+            lm = rng.uniform(0.3, 0.7, size=(68, 2)) * res
+            lm[48:68] = (np.array([0.5 + dx, 0.72 + dy]) + rng.normal(size=(20, 2)) * 0.03) * res
+            lms.append(lm)
+        kw = {}
+        if audio:
+            n = int(16000 * frames / 25)
+            t = np.arange(n) / 16000
+            kw["wav16k"] = (0.2 * np.sin(2 * np.pi * (200 + 80 * c) * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+        D.write_clip(root, f"id{c:05d}#vid#{c:03d}", np.stack(imgs), np.stack(rows), np.stack(lms).astype(np.float32), **kw)
+    return root
+
+
+def tiny_cfg(stage: str, data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(stage=stage, data=str(data), out=str(out), model="tiny", steps=3, batch_size=1, lr=2e-3,
+                lr_finetune=2e-3, random_helpers=True, helper_width=16, samples_per_epoch=8, num_workers=0,
+                log_every=1, sample_every=1000, checkpoint_every=1000, discriminator_size=64,
+                perceptual_layers=["relu_1_1", "relu_2_1", "relu_3_1"], perceptual_scales=2, amp="off")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fixed_batch(trainer: Trainer) -> dict:
+    ds = trainer.dataset
+    items = [ds[i] for i in range(2)]
+    return {k: v.to(trainer.device) for k, v in D.collate(items).items()}
+
+
+def eval_loss(trainer: Trainer, batch) -> float:
+    with torch.no_grad():
+        total, _, _ = trainer.compute(batch)
+    return float(total)
+
+
+@pytest.fixture(scope="module")
+def ds256(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("ds256"), 256)
+
+
+@pytest.fixture(scope="module")
+def ds256_audio(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("ds256a"), 256, frames=6, audio=True)
+
+
+@pytest.fixture(scope="module")
+def ds128(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("ds128"), 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """A tiny StyleHEAT with demo-random weights (server.engine's) saved as a bundle and as official files."""
+    from server import weights
+    from server.engine import Engine
+
+    eng = Engine.tiny_random(seed=0, audio=False, edits=False)
+    d = tmp_path_factory.mktemp("init")
+    weights.save_bundle(d / "init.safetensors", eng.model)
+    model = eng.model
+    weights.write_official(d / "official", model)
+    return d / "init.safetensors", d / "official", model
+
+
+# ------------------------------------------------------------------------------------------- losses
+def test_perceptual_known_answers():
+    torch.manual_seed(0)
+    p = L.PerceptualLoss(L.VGG19Features(width=16), num_scales=2)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert float(p(x, x)) == 0.0
+    assert float(p(x, y)) > 0.0
+    assert float(p(x, y, torch.zeros(2, 1, 64, 64))) == 0.0             # mask covering nothing -> 0
+    assert torch.allclose(p(x, y, torch.ones(2, 1, 64, 64)), p(x, y))    # mask covering all -> unmasked
+    half = torch.zeros(2, 1, 64, 64)
+    half[..., :32] = 1
+    y2 = x.clone()
+    y2[..., 32:] = y[..., 32:]                                          # differs only where the mask is 0
+    assert float(p(x, y2, half)) == 0.0
+    assert float(p(x, y2)) > 0.0
+
+
+def test_masked_l1_and_masks():
+    x, y = torch.ones(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
+    assert float(L.masked_l1(x, x)) == 0.0
+    assert float(L.masked_l1(x, y)) == 1.0
+    m = L.box_mask(torch.tensor([[2.0, 3.0, 6.0, 5.0]]), 8)
+    assert m.shape == (1, 1, 8, 8) and float(m.sum()) == 8.0               # x 2..5, y 3..4
+    assert float(m[0, 0, 3, 2]) == 1.0 and float(m[0, 0, 5, 2]) == 0.0 and float(m[0, 0, 3, 6]) == 0.0
+    assert float(L.masked_l1(x, y, m)) == pytest.approx(8 / 64)
+    # landmarks far outside the image: the region mask is empty, the complement term is the plain one
+    lms = torch.full((1, 68, 2), -1000.0)
+    hard = L.region_mask(lms, 8, [L.MOUTH, L.LEFT_EYE])
+    assert float(hard.sum()) == 0.0
+    assert torch.equal(L.soft_mask(hard, 0.05), torch.full_like(hard, 0.05))
+    assert float(L.masked_l1(x, y, 1 - hard)) == 1.0
+    # a box scaled from a 512 frame to a 256 image
+    lms = torch.zeros(1, 68, 2)
+    lms[0, 48:68] = torch.tensor([[200.0, 300.0], [260.0, 340.0]]).repeat(10, 1)
+    b = L.landmark_boxes(lms, L.MOUTH, margin=0.0)
+    assert b.tolist() == [[200.0, 300.0, 260.0, 340.0]]
+    assert float(L.box_mask(b, 256, scale=0.5).sum()) == 30 * 20
+
+
+def test_sync_and_adversarial_known_answers():
+    torch.manual_seed(0)
+    net = L.freeze(L.SyncNet(width=16))
+    mel, faces = torch.randn(2, 1, 80, 16), torch.rand(2, 15, 48, 96)
+    a, v = net(mel, faces)
+    assert a.shape == v.shape == (2, 32)
+    cos = torch.nn.functional.cosine_similarity(a, v).clamp(1e-7, 1)
+    assert float(L.sync_loss(net, mel, faces)) == pytest.approx(float(-torch.log(cos).mean()), rel=1e-5)
+    # the crop helper: 5 frames -> (B, 15, 48, 96) lower halves in [0, 1]
+    frames = torch.zeros(1, 5, 3, 64, 64)
+    frames[..., 32:, :] = 1.0        # lower half white
+    boxes = torch.tensor([0.0, 0.0, 64.0, 64.0]).repeat(1, 5, 1)
+    f = L.sync_faces(frames, boxes)
+    assert f.shape == (1, 15, 48, 96) and float(f.min()) > 0.9
+    # D that outputs 0 -> softplus(0) = log 2
+    d = L.Discriminator(L.DiscriminatorConfig.tiny())
+    with torch.no_grad():
+        d.final_linear[1].weight.zero_()
+        d.final_linear[1].bias.zero_()
+    assert float(L.adversarial_loss(d, torch.randn(2, 3, 128, 128))) == pytest.approx(float(np.log(2.0)))
+
+
+def test_helper_layouts_and_loading(tmp_path):
+    vgg = L.VGG19Features()
+    convs = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
+    assert list(vgg.state_dict()) == [f"features.{i}.{w}" for i in convs for w in ("weight", "bias")]
+    assert vgg.state_dict()["features.28.weight"].shape == (512, 512, 3, 3)
+    sd = {k: torch.randn_like(v) for k, v in vgg.state_dict().items()}
+    sd["classifier.0.weight"] = torch.zeros(4096, 25088 // 64)  # a torchvision file also has the classifier
+    torch.save(sd, tmp_path / "vgg19.pth")
+    loaded = L.VGG19Features.from_file(tmp_path / "vgg19.pth")
+    assert torch.equal(loaded.features[28].weight, sd["features.28.weight"])
+    torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(L.HelperWeightsError, match="not a torchvision VGG-19"):
+        L.VGG19Features.from_file(tmp_path / "bad.pth")
+    with pytest.raises(L.HelperWeightsError, match="not found"):
+        L.VGG19Features.from_file(tmp_path / "missing.pth")
+
+    sync = L.SyncNet()
+    keys = list(sync.state_dict())
+    assert len(keys) == 31 * 7 and keys[0] == "face_encoder.0.conv_block.0.weight"
+    assert sync.state_dict()["face_encoder.0.conv_block.0.weight"].shape == (32, 15, 7, 7)
+    assert sync.state_dict()["audio_encoder.13.conv_block.0.weight"].shape == (512, 512, 1, 1)
+    torch.save({"state_dict": {"module." + k: v for k, v in sync.state_dict().items()}, "global_step": 5},
+               tmp_path / "lipsync_expert.pth")
+    L.SyncNet.from_file(tmp_path / "lipsync_expert.pth")
+
+    disc = L.Discriminator()
+    dsd = disc.state_dict()
+    assert len(dsd) == 50 and list(dsd)[:3] == ["convs.0.0.weight", "convs.0.1.bias", "convs.1.conv1.0.weight"]
+    assert dsd["convs.0.0.weight"].shape == (128, 3, 1, 1)
+    assert dsd["final_linear.0.weight"].shape == (512, 512 * 16)
+    torch.save({"d": dsd, "g": {}}, tmp_path / "rosinality.pt")
+    L.Discriminator.from_file(tmp_path / "rosinality.pt")
+
+
+def test_config_and_dataset_errors(tmp_path, ds256):
+    with pytest.raises(ConfigError, match="unknown config field"):
+        TrainConfig.from_dict({"stage": "video_warper", "lrr": 1})
+    with pytest.raises(ConfigError, match="stage must be"):
+        TrainConfig(stage="nope", data="x").validate()
+    with pytest.raises(ConfigError, match="needs pre-trained weights"):
+        TrainConfig(stage="calibration", data="x").validate()
+    with pytest.raises(D.DatasetError, match="prepare-data"):
+        D.ClipStore(tmp_path)
+    with pytest.raises(D.DatasetError, match="no clip with audio"):
+        D.ClipStore(ds256, need_audio=True)
+    for name in ("video_warper", "audio_warper", "calibration"):   # shipped configs parse, paper values
+        cfg = TrainConfig.load(REPO / "configs" / f"{name}.json", data="x")
+        assert cfg.stage == name and cfg.batch_size == 20 and tuple(cfg.adam_betas) == (0.5, 0.999)
+        assert (cfg.lambda_l1, cfg.lambda_r, cfg.lambda_s, cfg.lambda_d, cfg.lambda_adv) == (10, 0.1, 1, 0.01, 0.1)
+    assert TrainConfig.load(REPO / "configs" / "calibration.json", data="x").lr_finetune == 2e-5
+
+
+def test_dataset_roundtrip(ds256_audio):
+    store = D.ClipStore(ds256_audio, need_audio=True)
+    clip = store.clips[0]
+    assert store.resolution == 256 and clip.frames == 6 and clip.audio
+    assert clip.window(0).shape == (73, 27)
+    assert torch.equal(clip.window(0)[:, 0], clip.window(0)[:, 13])             # clamped at the start
+    assert clip.audio_windows.shape == (6, 80, 32) and clip.sync_mel(1, 25.0).shape == (1, 80, 16)
+    item = D.SyncDataset(store, 4)[0]
+    assert item["targets"].shape == (5, 3, 256, 256) and item["target_audio"].shape == (5, 80, 32)
+    assert -1.0 <= float(item["source"].min()) and float(item["source"].max()) <= 1.0
+
+
+# ------------------------------------------------------------------------------------------- stages
+def test_stage1a_loss_down_checkpoint_resume(tmp_path, ds256):
+    a = Trainer(tiny_cfg("video_warper", ds256, tmp_path / "a", steps=4, checkpoint_every=2))
+    batch = fixed_batch(a)
+    before = eval_loss(a, batch)
+    a.run()
+    assert eval_loss(a, batch) < before
+    logs = read_scalars(tmp_path / "a")
+    assert [r["step"] for r in logs] == [1, 2, 3, 4] and "loss/warp_perceptual" in logs[0]
+    assert (tmp_path / "a" / "samples" / "step_0000004.png").is_file()
+    ck2 = tmp_path / "a" / "checkpoints" / "step_0000002.pt"
+    assert ck2.is_file() and (tmp_path / "a" / "export" / "video_warper.pt").is_file()
+
+    b = Trainer(tiny_cfg("video_warper", ds256, tmp_path / "b", steps=4, checkpoint_every=2))
+    b.load_checkpoint(ck2)
+    saved = torch.load(ck2, map_location="cpu", weights_only=True)
+    assert b.step == 2
+    for sa, sb in zip(saved["optimizer"]["state"].values(), b.optimizer.state_dict()["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    b.run()
+    assert b.step == 4
+    for (k, pa), pb in zip(a.parts["video_warper"].state_dict().items(), b.parts["video_warper"].state_dict().values()):
+        assert torch.allclose(pa, pb, atol=1e-6), k
+    for ka, kb in zip(a.ema["video_warper"].state_dict().values(), b.ema["video_warper"].state_dict().values()):
+        assert torch.allclose(ka, kb, atol=1e-6)
+
+
+def test_stage2_loss_down_export_loads_into_engine(tmp_path, ds128, tiny_bundle):
+    from server import weights
+    from server.engine import Engine
+    from models.styleheat import StyleHEATConfig
+
+    bundle, official, init_model = tiny_bundle
+    tr = Trainer(tiny_cfg("calibration", ds128, tmp_path / "run", init=str(bundle), steps=3))
+    batch = fixed_batch(tr)
+    before = eval_loss(tr, batch)
+    last = tr.run()
+    assert eval_loss(tr, batch) < before
+    assert {"loss/target_perceptual", "loss/target_l1", "loss/domain", "loss/adversarial"} <= set(last)
+    # frozen parts did not move
+    assert torch.equal(tr.model.generator.state_dict()["conv1.conv.weight"],
+                       init_model.generator.state_dict()["conv1.conv.weight"].to(tr.device))
+    exp = tmp_path / "run" / "export"
+    # 1) the official layout, loaded by server.weights next to the other official files
+    net = torch.load(exp / "StyleHEAT_visual.pt", map_location="cpu", weights_only=True)["net_G_ema"]
+    assert any(k.startswith("calibrator.") for k in net) and any(k.startswith("video_warper.") for k in net)
+    (official / "StyleHEAT_visual.pt").write_bytes((exp / "StyleHEAT_visual.pt").read_bytes())
+    model, _ = weights.load_official(official, config=StyleHEATConfig.tiny())
+    for k, v in tr.ema["calibrator"].state_dict().items():
+        assert torch.equal(model.calibrator.state_dict()[k], v.cpu()), k
+    # 2) the bundle, rendered by the engine
+    eng = Engine.from_bundle(exp / "styleheat.safetensors", device="cpu")
+    img = ((np.stack(np.meshgrid(np.arange(128), np.arange(128)), -1).sum(-1) % 255)[..., None]
+           .repeat(3, -1)).astype(np.uint8)
+    ident = eng.prepare_identity(img)
+    rows = np.zeros((3, 73), np.float32)
+    frames = list(eng.render(ident.id, rows, [0, 2], size=eng.info()["native_size"]))
+    assert [i for i, _ in frames] == [0, 2] and frames[0][1].dtype == np.uint8
+    assert frames[0][1].shape[2] == 3 and frames[0][1].std() > 0
+
+
+def test_stage1b_audio_warper_loss_down(tmp_path, ds256_audio, tiny_bundle):
+    bundle, _, _ = tiny_bundle
+    tr = Trainer(tiny_cfg("audio_warper", ds256_audio, tmp_path / "run", init=str(bundle), steps=3,
+                          mask_floor=[[0, 0.1]]))
+    batch = fixed_batch(tr)
+    before = eval_loss(tr, batch)
+    last = tr.run()
+    assert {"loss/mouth_perceptual", "loss/mouth_l1", "loss/nonmouth_reg", "loss/sync"} <= set(last)
+    assert eval_loss(tr, batch) < before
+    net = torch.load(tmp_path / "run" / "export" / "StyleHEAT_visual.pt", weights_only=True)["net_G_ema"]
+    assert any(k.startswith("audio_warper.warpping_net.") for k in net)
