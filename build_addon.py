@@ -111,8 +111,19 @@ def download_wheels(dest: Path, cache: Path | None) -> dict[str, list[str]]:
                            "--implementation", "cp", "--platform", tag, "--dest", str(tmp), f"{pkg}=={ver}"]
                     r = subprocess.run(cmd, capture_output=True, text=True)
                     if r.returncode != 0:
+                        err = r.stderr.lower()
+                        last = r.stderr.strip().splitlines()[-1:] or [""]
+                        first_try = not found and not names and bl_platform == PLATFORMS[0][0]
+                        if (first_try and "from versions: none" in err) or any(
+                                s in err for s in ("connection refused", "network is unreachable",
+                                                   "name or service not known", "max retries")):
+                            # no version at all of a pinned package that has linux-x64 wheels: no registry
+                            raise BuildError("could not download pyzmq/msgpack wheels: the package registry is "
+                                             f"not reachable (pip: {last[0]}). Retry online, pass --wheel-cache "
+                                             "DIR with downloaded wheels, or build with --no-wheels (then "
+                                             "Blender's Python must already have pyzmq and msgpack)")
                         ok = False
-                        errors.append((bl_platform, tag, pkg, r.stderr.strip().splitlines()[-1:] or [""]))
+                        errors.append((bl_platform, tag, pkg, last))
                         break
                     got = sorted(tmp.glob(f"{pkg}-*.whl"))
                     if not got:

@@ -118,6 +118,16 @@ def test_full_build_bundles_wheels_for_every_platform(tmp_path):
         assert f'"./wheels/{w}"' in manifest
     for plat in build_addon.REQUIRED_PLATFORMS:
         assert f'"{plat}"' in manifest
+    # bpy installs it as an extension and puts this platform's wheels into its own site-packages
+    import test_addon_helpers as H
+    got = H.run_bpy(tmp_path, """
+        site = os.path.join(os.environ["BLENDER_USER_RESOURCES"], "extensions", ".local", "lib",
+                            f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages")
+        OUT["site"] = sorted(os.listdir(site)) if os.path.isdir(site) else []
+        OUT["enabled"] = hasattr(bpy.types.Object, "styleheat")
+    """, out)
+    assert got["enabled"] is True
+    assert "zmq" in got["site"] and "msgpack" in got["site"]
 
 
 def test_unreachable_registry_fails_clearly(tmp_path, monkeypatch):

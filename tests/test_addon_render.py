@@ -191,3 +191,35 @@ def test_headless_entry_point_renders_saved_blend(tmp_path, addon_zip, server, f
     r = subprocess.run([PY, "-m", "styleheat.headless", str(blend), "--server", "tcp://127.0.0.1:9",
                         "--timeout", "1"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "No StyleHEAT server answered" in r.stderr
+
+
+def test_sound_strip_drives_the_render_and_its_changes_rerender(tmp_path, addon_zip, server, fixtures_dir):
+    """The server accepts the mixed-down PCM; muting the strip changes the audio of every frame
+    (re-rendered), moving nothing else changes nothing (not re-rendered)."""
+    import wave
+
+    rate = 16000
+    t = np.arange(rate * 2) / rate
+    pcm = np.round(0.5 * np.sin(2 * np.pi * 300 * t) * 32767).astype("<i2")
+    with wave.open(str(tmp_path / "line.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate), w.writeframes(pcm.tobytes())
+    blend = tmp_path / "talk.blend"
+    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 4, blend) + f"""
+        strip = compat.top_strips(scene).new_sound("line", {str(tmp_path / 'line.wav')!r}, channel=1, frame_start=2)
+        info = render.connect(ADDRESS, 10.0)
+        OUT["server_audio"] = info["audio"]
+        first = render.render_range(scene, obj, ADDRESS, 10.0)
+        OUT["first"] = first.written
+        OUT["sent_audio"] = first.plan.audio is not None and float(np.abs(first.plan.audio["samples"]).max())
+        OUT["frame_offset"] = first.plan.audio["frame_offset"]
+        OUT["again"] = render.render_range(scene, obj, ADDRESS, 10.0).written
+        strip.mute = True
+        muted = render.render_range(scene, obj, ADDRESS, 10.0)
+        OUT["muted"] = muted.written
+        OUT["muted_audio"] = muted.plan.audio is None
+    """, addon_zip, server.address)
+    assert out["server_audio"] is True
+    assert out["first"] == [1, 2, 3, 4]
+    assert 0.45 < out["sent_audio"] < 0.55 and out["frame_offset"] == 1.0
+    assert out["again"] == []
+    assert out["muted"] == [1, 2, 3, 4] and out["muted_audio"] is True
