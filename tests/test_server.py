@@ -614,6 +614,18 @@ def test_bad_messages_get_error_replies(client, case):
     assert_server_ok(client)
 
 
+def test_image_dimensions_are_checked_before_decoding(client):
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    bomb = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + b"\0" * 64)
+    h, _ = client.call(P.request(P.PREPARE, "bomb", align=False), [bomb])
+    assert h["type"] == P.ERROR and h["code"] == P.E_BAD_IMAGE and "60000x60000" in h["message"], h
+    assert_server_ok(client)
+
+
 def test_non_square_unaligned_portrait_is_refused(client):
     h, _ = client.call(P.request(P.PREPARE, "ns", align=False), [png_bytes(portrait(0, 128)[:, :100])])
     assert h["type"] == P.ERROR and h["code"] == P.E_BAD_IMAGE and "square" in h["message"]
