@@ -60,7 +60,7 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
                                    description="Folder with the StyleHEAT weights (as 'styleheat download' leaves them)")
     device: EnumProperty(name="Device", default="auto",
                          items=[("auto", "Auto", "CUDA when available, else CPU"), ("cuda", "CUDA", "NVIDIA GPU"),
-                                ("mps", "MPS", "Apple GPU"), ("cpu", "CPU", "Processor (slow)")])
+                                ("cpu", "CPU", "Processor (slow)")])
     server_args: StringProperty(name="Extra Arguments", default="",
                                 description="More command-line arguments for the server")
 

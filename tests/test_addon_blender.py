@@ -192,6 +192,11 @@ def test_sound_strip_offset_trim_volume_key_mute(tmp_path, addon_zip):
         for fc in compat.fcurves_for(scene):
             for kp in fc.keyframe_points:
                 kp.interpolation = "CONSTANT"
+        # content trim (5.1: content_trim_start; before: animation_offset_start) through the compat helper
+        c = strips.new_sound("content", {str(tmp_path / 'voice.wav')!r}, channel=3, frame_start=90)
+        compat.set_sound_trim(c, 3, 0)
+        OUT["trim_read"] = list(compat.sound_trim(c))
+        OUT["content"] = audio.mixdown(scene, 90, 99).tolist()
         m = strips.new_sound("muted", {str(tmp_path / 'other.wav')!r}, channel=2, frame_start=1)
         m.mute = True
         pcm = audio.mixdown(scene, {first}, {last})
@@ -222,6 +227,10 @@ def test_sound_strip_offset_trim_volume_key_mute(tmp_path, addon_zip):
     late = frame_time >= step + 3
     ratio = (pcm[late] @ src[src_index[late]]) / (src[src_index[late]] @ src[src_index[late]])
     assert abs(ratio - 0.5) < 1e-3
+    # the content-trimmed strip starts playing its source 3 frames in, right at its start frame
+    assert out["trim_read"] == [3.0, 0.0]
+    content = np.asarray(out["content"])
+    np.testing.assert_allclose(content, src[3 * spf: 3 * spf + content.size], atol=2e-4)
     # unmuting the second strip changes what is sent; no strips -> no audio
     assert np.abs(np.asarray(out["with_unmuted"]) - pcm[:200]).max() > 0.2
     assert out["no_strips"] is True

@@ -223,3 +223,52 @@ def test_sound_strip_drives_the_render_and_its_changes_rerender(tmp_path, addon_
     assert 0.45 < out["sent_audio"] < 0.55 and out["frame_offset"] == 1.0
     assert out["again"] == []
     assert out["muted"] == [1, 2, 3, 4] and out["muted_audio"] is True
+
+
+def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip):
+    """Preferences > Start Local Server runs the server as a subprocess; connect shows its device
+    and model; Stop ends exactly that process."""
+    from test_addon_helpers import free_port
+
+    exe = Path(PY).with_name("styleheat-server")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    out = run_bpy(tmp_path, f"""
+        import time
+        prefs.server_command = {str(exe) + ' --tiny-random'!r}
+        prefs.device = "cpu"
+        local = sub("localserver")
+        OUT["argv"] = local.build_command(command=prefs.server_command, bind=ADDRESS, device="cpu")
+        OUT["start"] = sorted(bpy.ops.styleheat.server_start())
+        pid = local.pid()
+        OUT["running"] = local.running()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                OUT["connect"] = sorted(bpy.ops.styleheat.connect())
+                break
+            except RuntimeError as exc:
+                if time.monotonic() > deadline or not local.running():
+                    OUT["connect"] = str(exc) + local.log_tail()
+                    break
+                time.sleep(1.0)
+        OUT["status"] = dict(sub("preferences").status)
+        try:
+            bpy.ops.styleheat.server_start()
+            OUT["second_start"] = "no error"
+        except RuntimeError as exc:
+            OUT["second_start"] = str(exc)
+        OUT["stop"] = sorted(bpy.ops.styleheat.server_stop())
+        OUT["running_after"] = local.running()
+        try:
+            os.kill(pid, 0)
+            OUT["pid_alive"] = True
+        except OSError:
+            OUT["pid_alive"] = False
+    """, addon_zip, address, timeout=300)
+    assert out["argv"] == [str(exe), "--tiny-random", "--bind", address, "--device", "cpu"]
+    assert out["start"] == ["FINISHED"] and out["running"] is True
+    assert out["connect"] == ["FINISHED"], out["connect"]
+    assert out["status"]["state"] == "ok" and out["status"]["device"] == "cpu"
+    assert "tiny-random" in out["status"]["model"]
+    assert "already running" in out["second_start"]
+    assert out["stop"] == ["FINISHED"] and out["running_after"] is False and out["pid_alive"] is False
