@@ -900,6 +900,7 @@ def load_engine(args):
     from server.paths import resolve_checkpoint_dir
 
     path, source = resolve_checkpoint_dir(args.checkpoints)
+    source = "--checkpoints" if source == "--dir" else source
     if path.is_file():
         return Engine.from_bundle(path, device=args.device)
     if not path.is_dir():
@@ -969,6 +970,10 @@ def main(argv: list[str] | None = None) -> int:
         engine = load_engine(args)
     except SystemExit as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        hint = "" if args.tiny_random else " (check the files with 'styleheat doctor', or use --tiny-random for a demo)"
+        print(f"styleheat-server: cannot load the model: {exc}{hint}", file=sys.stderr)
         return 2
     try:
         server = Server(engine, args.bind, tiny_random=args.tiny_random, curve_dir=args.curve_dir,

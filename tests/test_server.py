@@ -669,6 +669,13 @@ def test_non_loopback_bind_without_keys_is_refused(bind):
     assert "refusing to bind" in out.stderr and "--curve-dir" in out.stderr and "--make-keys" in out.stderr
 
 
+def test_missing_checkpoints_and_device_are_explained(tmp_path):
+    out = subprocess.run([SERVER_EXE, "--checkpoints", str(tmp_path / "none"), "--bind", "tcp://127.0.0.1:*"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "no checkpoints at" in out.stderr and "styleheat download" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_curve_dir_without_keys_is_refused(tmp_path):
     out = subprocess.run([SERVER_EXE, "--tiny-random", "--bind", "tcp://0.0.0.0:*", "--curve-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
