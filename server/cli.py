@@ -16,6 +16,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.verify_reference",
     "server.commands.render",
     "server.commands.convert",
+    "server.commands.prepare_data",
+    "server.commands.train",
 )
 
 

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -49,12 +49,12 @@ def window_rows(frame: int, num_rows: int, length: int = WINDOW) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def write_clip(root: str | os.PathLike, clip_id: str, frames: Sequence[np.ndarray] | np.ndarray,
+def write_clip(root: str | os.PathLike, clip_id: str, frames: Iterable[np.ndarray],
                coeffs: np.ndarray, landmarks: np.ndarray, *, person: str | None = None,
                wav16k: np.ndarray | None = None, fps: float = 25.0, audio_windows: np.ndarray | None = None,
                mel: np.ndarray | None = None) -> Path:
-    """Write one clip (frames (N,R,R,3) uint8 RGB, coeffs (N,73), landmarks (N,68,2)) and register it in
-    ``dataset.json`` (created on first use; every clip must have the resolution of the first).
+    """Write one clip (frames: N images (R,R,3) uint8 RGB, any iterable; coeffs (N,73); landmarks (N,68,2)
+    in pixels of R) and register it in ``dataset.json`` (created on first use; all clips share one R).
 
     Audio: pass ``wav16k`` (16 kHz mono float) and the windows and mel are computed with ``server.audio``
     (exactly what inference feeds the AudioWarper), or pass ``audio_windows``/``mel`` directly.
@@ -62,30 +62,35 @@ def write_clip(root: str | os.PathLike, clip_id: str, frames: Sequence[np.ndarra
     import cv2
 
     root = Path(root)
-    n = len(frames)
     coeffs = np.asarray(coeffs, np.float32)
     landmarks = np.asarray(landmarks, np.float32)
-    if n == 0:
-        raise DatasetError(f"clip {clip_id!r} has no frames")
-    if coeffs.shape != (n, COEFF_DIM):
-        raise DatasetError(f"clip {clip_id!r}: coeffs must be ({n}, {COEFF_DIM}), got {coeffs.shape}")
+    n = int(coeffs.shape[0]) if coeffs.ndim == 2 else -1
+    if n <= 0 or coeffs.shape != (n, COEFF_DIM):
+        raise DatasetError(f"clip {clip_id!r}: coeffs must be (N, {COEFF_DIM}) with N >= 1, got {coeffs.shape}")
     if landmarks.shape != (n, 68, 2):
         raise DatasetError(f"clip {clip_id!r}: landmarks must be ({n}, 68, 2), got {landmarks.shape}")
-    res = int(np.asarray(frames[0]).shape[0])
     if not np.isfinite(coeffs).all():
         raise DatasetError(f"clip {clip_id!r}: coeffs contain NaN/inf")
-    meta = _read_meta(root) if (root / "dataset.json").is_file() else {
-        "format": FORMAT, "version": VERSION, "resolution": res, "fps": float(fps), "clips": []}
-    if meta["resolution"] != res:
-        raise DatasetError(f"clip {clip_id!r} is {res}x{res} but the dataset at {root} is "
-                           f"{meta['resolution']}x{meta['resolution']}; use one dataset per resolution")
+    meta = _read_meta(root) if (root / "dataset.json").is_file() else None
     d = root / "clips" / clip_id
     (d / "frames").mkdir(parents=True, exist_ok=True)
+    res = None
+    count = 0
     for i, fr in enumerate(frames):
         fr = np.asarray(fr)
+        if res is None:
+            res = int(fr.shape[0])
+            if meta is not None and meta["resolution"] != res:
+                raise DatasetError(f"clip {clip_id!r} is {res}x{res} but the dataset at {root} is "
+                                   f"{meta['resolution']}x{meta['resolution']}; use one dataset per resolution")
         if fr.shape != (res, res, 3) or fr.dtype != np.uint8:
             raise DatasetError(f"clip {clip_id!r} frame {i}: expected ({res}, {res}, 3) uint8, got {fr.shape} {fr.dtype}")
         cv2.imwrite(str(d / "frames" / f"{i:06d}.png"), cv2.cvtColor(fr, cv2.COLOR_RGB2BGR))
+        count += 1
+    if count != n:
+        raise DatasetError(f"clip {clip_id!r}: {count} frames but {n} coefficient rows")
+    if meta is None:
+        meta = {"format": FORMAT, "version": VERSION, "resolution": res, "fps": float(fps), "clips": []}
     np.save(d / "coeffs.npy", coeffs)
     np.save(d / "landmarks.npy", landmarks)
     has_audio = False
