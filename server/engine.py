@@ -100,6 +100,8 @@ class Engine:
         self.config: StyleHEATConfig = model.config
         self.window = model.config.video_warper.coeff_window
         self.load_notes: list[str] = []
+        #: why the last prepare_identity returned no coefficients (None when it did)
+        self.coefficient_note: str | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -199,12 +201,15 @@ class Engine:
             row = self._coefficient_fn(image)
             return None if row is None else np.asarray(row, dtype=np.float32).reshape(73)
         if self.checkpoints is None:
+            self.coefficient_note = "no checkpoints folder (tiny or bundle weights): no 3DMM regressor"
             return None
         try:
             from server.deep3d import portrait_coefficients
-        except ImportError:
-            return None
-        row, _reason = portrait_coefficients(image, self.checkpoints)
+
+            row, reason = portrait_coefficients(image, self.checkpoints)
+        except Exception as e:  # optional feature (Deep3D weights, landmark detector): never block inversion
+            row, reason = None, f"{type(e).__name__}: {e}"
+        self.coefficient_note = reason
         return None if row is None else np.asarray(row, dtype=np.float32).reshape(73)
 
     def forget_identity(self, identity_id: str) -> None:
