@@ -30,6 +30,7 @@ in its metadata.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -104,9 +105,14 @@ def module_layouts(config=None, *, audio: bool = True) -> dict[str, dict[str, tu
     """{our part: {key: shape}} of every module, built on the meta device (no memory used)."""
     import dataclasses
 
+    cached = _module_layouts(dataclasses.replace(_config(config), audio=audio))
+    return {part: dict(keys) for part, keys in cached.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _module_layouts(cfg) -> dict[str, dict[str, tuple[int, ...]]]:
     from models.styleheat import StyleHEAT
 
-    cfg = dataclasses.replace(_config(config), audio=audio)
     with torch.device("meta"):
         model = StyleHEAT(cfg)
     out = {}
