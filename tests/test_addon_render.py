@@ -128,22 +128,22 @@ def test_cancel_after_four_frames_keeps_four_valid_files(tmp_path, addon_zip, se
 
 
 def test_changed_key_rerenders_only_affected_frames(tmp_path, addon_zip, server, fixtures_dir):
-    """Keys at 1, 19, 20 on one expression coefficient; changing the key at 20 changes row 20 only,
-    so exactly the frames whose 27-frame window reaches frame 20 (7..20) are rendered again."""
+    """Keys at 1, 15, 16 on one expression coefficient; changing the key at 16 changes row 16 only,
+    so exactly the frames whose 27-frame window reaches frame 16 (3..16) are rendered again."""
     blend = tmp_path / "shot.blend"
-    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 20, blend) + """
+    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 16, blend) + """
         def key(frame, value):
             buf = [0.0] * 64; buf[5] = value
             obj.styleheat.expression.foreach_set(buf)
             obj.keyframe_insert("styleheat.expression", index=5, frame=frame)
-        key(1, 0.0); key(19, 0.5); key(20, 0.5)
+        key(1, 0.0); key(15, 0.5); key(16, 0.5)
         for fc in compat.fcurves_for(obj):
             for kp in fc.keyframe_points:
                 kp.interpolation = "LINEAR"
         first = render.render_range(scene, obj, ADDRESS, 10.0)
         mtimes = {f: os.stat(os.path.join(outdir, f)).st_mtime_ns for f in files()}
         unchanged_run = render.render_range(scene, obj, ADDRESS, 10.0)
-        key(20, 1.5)
+        key(16, 1.5)
         second = render.render_range(scene, obj, ADDRESS, 10.0)
         OUT["first"] = first.written
         OUT["unchanged_run"] = unchanged_run.written
@@ -151,11 +151,11 @@ def test_changed_key_rerenders_only_affected_frames(tmp_path, addon_zip, server,
         OUT["touched"] = sorted(f for f in files() if f.endswith(".png")
                                 and os.stat(os.path.join(outdir, f)).st_mtime_ns != mtimes[f])
     """, addon_zip, server.address)
-    assert out["first"] == list(range(1, 21))
+    assert out["first"] == list(range(1, 17))
     assert out["unchanged_run"] == []
     radius = 13
-    affected = [f for f in range(1, 21) if f + radius >= 20]
-    assert out["second"] == affected == list(range(7, 21))
+    affected = [f for f in range(1, 17) if f + radius >= 16]
+    assert out["second"] == affected == list(range(3, 17))
     assert out["touched"] == [f"StyleHEAT_Face_{f:04d}.png" for f in affected]
 
 
