@@ -128,6 +128,19 @@ def test_full_build_bundles_wheels_for_every_platform(tmp_path):
     """, out)
     assert got["enabled"] is True
     assert "zmq" in got["site"] and "msgpack" in got["site"]
+    # legacy install: a Python without pyzmq/msgpack gets them from the bundled wheel of its platform
+    legacy = tmp_path / "legacy"
+    with zipfile.ZipFile(out) as z:
+        z.extractall(legacy)
+    code = ("import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]; "
+            "sys.path.insert(0, %r); import importlib.util as u; "
+            "assert u.find_spec('zmq') is None and u.find_spec('msgpack') is None; "
+            "import styleheat.deps as d; d.ensure(); import zmq, msgpack; "
+            "assert '_vendor' in zmq.__file__ and '_vendor' in msgpack.__file__, zmq.__file__; "
+            "zmq.Context().term(); print('vendored', zmq.pyzmq_version(), msgpack.version)") % str(legacy)
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "vendored 27.3.0 (1, 2, 4)" in r.stdout
 
 
 def test_unreachable_registry_fails_clearly(tmp_path, monkeypatch):

@@ -187,6 +187,13 @@ def test_headless_entry_point_renders_saved_blend(tmp_path, addon_zip, server, f
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rendered 0, unchanged 3" in r.stdout
     assert "STRIPS [('StyleHEAT Face', 3, 3)]" in r.stdout
+    # as a plain script path (what `blender -b x.blend --python .../styleheat/headless.py -- ...` runs)
+    script_env = dict(env)
+    script_env.pop("PYTHONPATH")
+    r = subprocess.run([PY, str(staged / "headless.py"), str(blend), "--server", server.address],
+                       env=script_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rendered 0, unchanged 3" in r.stdout
     # a bad server address fails with exit code 1 and a sentence
     r = subprocess.run([PY, "-m", "styleheat.headless", str(blend), "--server", "tcp://127.0.0.1:9",
                         "--timeout", "1"], env=env, capture_output=True, text=True, timeout=600)
