@@ -327,3 +327,53 @@ def test_distributed_gloo_two_processes_match_one(tmp_path, ds256):
     gb = torch.cat([b[k]["exp_avg"].flatten() for k in b])
     assert float(gb.abs().max()) > 0
     assert torch.allclose(ga, gb, rtol=1e-3, atol=1e-5 * float(gb.abs().max()))
+
+
+def test_prepare_data_voxceleb_style(tmp_path, fixtures_dir, reference_dir):
+    """A moving portrait video (+ sidecar wav) -> one 256^2 clip: fixed crop box (the face moves in it),
+    Deep3D rows (seeded weights), landmarks in frame pixels, audio windows."""
+    import cv2
+    from PIL import Image
+
+    from server.audio import read_audio
+    from server.cli import main
+    from server.reference import load_layout, seeded_part
+
+    ck = tmp_path / "ckpt"
+    (ck / "Deep3D").mkdir(parents=True)
+    layout = load_layout(reference_dir / "deep3d_checkpoints.json")
+    torch.save({"net_recon": seeded_part(layout, "checkpoints/Deep3D/epoch_20.pth", "net_recon", seed=0)},
+               ck / "Deep3D" / "epoch_20.pth")
+    size = 320
+    base = cv2.resize(np.asarray(Image.open(fixtures_dir / "portrait_100.jpg").convert("RGB")), (size, size),
+                      interpolation=cv2.INTER_AREA)
+    vdir = tmp_path / "vox" / "id00007" / "vidA"
+    vdir.mkdir(parents=True)
+    writer = cv2.VideoWriter(str(vdir / "00001.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (size, size))
+    for dx in (0, 6, 12):
+        m = np.float32([[1, 0, dx], [0, 1, 0]])
+        writer.write(cv2.cvtColor(cv2.warpAffine(base, m, (size, size), borderMode=cv2.BORDER_REFLECT101),
+                                  cv2.COLOR_RGB2BGR))
+    writer.release()
+    import soundfile
+    soundfile.write(str(vdir / "00001.wav"), 0.1 * np.sin(np.arange(4000) / 10.0), 16000)
+
+    rc = main(["prepare-data", str(tmp_path / "vox"), "--out", str(tmp_path / "ds"), "--checkpoints", str(ck)])
+    assert rc == 0
+    store = D.ClipStore(tmp_path / "ds")
+    clip = store.clips[0]
+    assert clip.audio and store.resolution == 256 and clip.id == "id00007#vidA#00001" and clip.person == "id00007"
+    assert clip.frames == 3 and clip.coeffs.shape == (3, 73) and np.isfinite(clip.coeffs).all()
+    assert clip.audio_windows.shape == (3, 80, 32)
+    lm = np.asarray(clip.landmarks)
+    assert (lm > 0).all() and (lm < 256).all()
+    assert lm[0, 48:68, 1].mean() > lm[0, 36:48, 1].mean()                 # mouth below the eyes
+    shift = lm[2, :, 0].mean() - lm[0, :, 0].mean()                        # the face moves in the fixed box
+    assert shift > 3.0 and abs(lm[2, :, 1].mean() - lm[0, :, 1].mean()) < 3.0
+    img = clip.image(0, 256)
+    assert img.shape == (3, 256, 256) and float(img.std()) > 0.1
+    wav, sr = read_audio(clip.path / "audio.wav")
+    assert sr == 16000 and len(wav) == 4000
+    # bad input: a folder without videos
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare-data", str(tmp_path / "empty"), "--out", str(tmp_path / "ds2"), "--checkpoints", str(ck)]) == 2
