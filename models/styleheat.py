@@ -115,6 +115,13 @@ class StyleHEATConfig:
         return cls(**kwargs)
 
 
+def ganspace_coordinate(wplus: torch.Tensor, pca: Mapping[str, torch.Tensor], index: int) -> torch.Tensor:
+    """(B,) layer-0 GANSpace coordinate ``<w[0] - mean[0], comp[index]> / std[index]`` (official rule)."""
+    mean = torch.broadcast_to(pca["mean"].to(wplus), wplus.shape[1:])
+    comp = pca["comp"][index].to(wplus).reshape(-1)
+    return ((wplus[:, 0] - mean[0]) * comp).sum(dim=-1) / pca["std"][index].to(wplus).reshape(())
+
+
 def _tuples(value: Any) -> Any:
     """JSON lists back to the (nested) tuples the frozen configs use."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -249,11 +256,9 @@ class StyleHEAT(nn.Module):
             if name in ("age", "pose"):
                 w = editing.interfacegan_edit(w, assets[name], s)
             else:
-                idx, start, end = editing.GANSPACE_DIRECTIONS[name]
-                comp = assets["pca_comp"][idx].reshape(-1).to(w)
-                std = assets["pca_std"][idx].reshape(()).to(w)
-                w = w.clone()
-                w[:, start:end] = w[:, start:end] + (s.view(-1, 1) * comp * std).unsqueeze(1)
+                pca = {"mean": assets["pca_mean"], "comp": assets["pca_comp"], "std": assets["pca_std"]}
+                direction = editing.GANSPACE_DIRECTIONS[name]
+                w = editing.ganspace_edit(w, pca, direction, ganspace_coordinate(w, pca, direction.index) + s)
         return w
 
     def edit_assets(self) -> dict[str, torch.Tensor]:
