@@ -52,15 +52,31 @@ def _dlib_models():
             except ImportError as exc:
                 raise RuntimeError("face detection needs dlib: pip install dlib==20.0.1 "
                                    "(it builds from source; cmake and a C++ compiler are required)") from exc
-            try:
-                import face_recognition_models
-            except ImportError as exc:
-                raise RuntimeError("face landmarks need the face_recognition_models package: "
-                                   "pip install face_recognition_models==0.3.0") from exc
+            model = shape_predictor_path()
             _DLIB["detector"] = dlib.get_frontal_face_detector()
-            _DLIB["predictor"] = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
+            _DLIB["predictor"] = dlib.shape_predictor(str(model))
             _DLIB["dlib"] = dlib
         return _DLIB["dlib"], _DLIB["detector"], _DLIB["predictor"]
+
+
+def shape_predictor_path() -> Path:
+    """``shape_predictor_68_face_landmarks.dat`` inside the installed face_recognition_models package.
+
+    Located without importing the package (its ``__init__`` needs ``pkg_resources``, which recent
+    setuptools no longer ship).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("face landmarks need the face_recognition_models package: "
+                           "pip install face_recognition_models==0.3.0")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "models" / "shape_predictor_68_face_landmarks.dat"
+        if path.is_file():
+            return path
+    raise RuntimeError("face_recognition_models is installed but shape_predictor_68_face_landmarks.dat is "
+                       "missing from it; reinstall it: pip install --force-reinstall face_recognition_models==0.3.0")
 
 
 def dlib_available() -> bool:

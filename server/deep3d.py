@@ -298,10 +298,16 @@ def portrait_coefficients(aligned_image: np.ndarray, checkpoints: str | os.PathL
     from server.align import detect_landmarks
 
     img256 = resize_nearest_256(aligned_image)
-    found = detect_landmarks(img256)
+    try:
+        found = detect_landmarks(img256)
+    except RuntimeError as exc:  # dlib not installed
+        return None, str(exc)
     if found is None:
         return None, "no face found in the portrait at 256x256 (dlib); cannot extract its 3DMM coefficients"
-    extractor = _cached_extractor(str(Path(checkpoints).resolve()))
+    try:
+        extractor = _cached_extractor(str(Path(checkpoints).resolve()))
+    except CheckpointError as exc:
+        return None, str(exc)
     return extractor.rows([img256], found.landmarks[None])[0], None
 
 

@@ -159,7 +159,6 @@ def test_portrait_coefficients_reason_without_weights(fixtures_dir, tmp_path):
 
 def test_portrait_coefficients_reproduce_the_official_source_row(fixtures_dir, checkpoint_dir, vectors):
     """portrait_100.jpg -> NEAREST 256 -> dlib -> align_img -> ResNet: the reference's own row_73."""
-    pytest.importorskip("dlib")
     from PIL import Image
 
     img = np.asarray(Image.open(fixtures_dir / "portrait_100.jpg").convert("RGB"))
