@@ -250,6 +250,7 @@ def finish_session(context, session: R.RenderSession):
             context.area.header_text_set(None)
     except (AttributeError, RuntimeError):
         pass
+    session.flush()
     scene = bpy.data.scenes.get(getattr(session, "scene_name", ""), context.scene)
     obj = bpy.data.objects.get(session.plan.obj_name)
     R.update_strip(scene, session.plan, obj.styleheat.strip_channel if obj else 0)

@@ -187,6 +187,12 @@ def plan_render(scene, obj, identity: str, info: dict, start: int, end: int, dir
     clip = rig_mod.sample_clip(scene, obj, start, end, presets)
     pcm = None
     warnings = []
+    known = info_field(info, "attributes", None)
+    if isinstance(known, dict):
+        unknown = sorted(n for n in clip.attributes if n not in known)
+        if unknown:
+            warnings.append(f"the server has no attribute edit(s) {', '.join(unknown)}; they are ignored")
+        clip.attributes = {n: v for n, v in clip.attributes.items() if n in known}
     if rig.use_audio and info_field(info, "audio", False) is False and audio_mod.audible_sound_strips(scene):
         warnings.append("this server has no audio path, so the sound strips do not drive the lips")
     elif rig.use_audio:
@@ -226,6 +232,8 @@ class RenderSession:
         self.cancelled = False
         self.on_frame = on_frame
         self.started = time.monotonic()
+        self._dirty = False
+        self._saved = 0.0
         self.stream = None
         if plan.todo:
             if plan.directory:
@@ -260,7 +268,10 @@ class RenderSession:
                     break
         except ClientError as exc:
             self.error = exc
+            self.flush()
             return False
+        if self.done:
+            self.flush()
         return not self.done
 
     def _store(self, fr) -> None:
@@ -276,24 +287,36 @@ class RenderSession:
             else:
                 F.write_png_atomic(path, fr.rgb())
             p.sidecar[str(fr.frame)] = {"hash": p.hashes[fr.frame], "file": name}
-            F.save_sidecar(p.directory, p.sidecar, {"identity": p.identity, "model": p.model})
+            self._dirty = True
+            if time.monotonic() - self._saved > 0.5:
+                self.flush()
         else:
             self.images[fr.frame] = fr.rgb()
         self.written.append(fr.frame)
         if self.on_frame is not None:
             self.on_frame(self, fr)
 
+    def flush(self) -> None:
+        """Write the sidecar (throttled while frames stream in; always at the end)."""
+        if self._dirty and self.plan.directory:
+            F.save_sidecar(self.plan.directory, self.plan.sidecar,
+                           {"identity": self.plan.identity, "model": self.plan.model})
+        self._dirty = False
+        self._saved = time.monotonic()
+
     def cancel(self) -> None:
         """Stop: frames written so far stay valid (each file was complete before it got its name)."""
         self.cancelled = True
         if self.stream is not None and not self.stream.finished:
             self.stream.cancel(wait=0.0)
+        self.flush()
 
     def run(self, should_stop=None, poll: float = 0.2) -> "RenderSession":
         while self.step(poll):
             if should_stop is not None and should_stop(self):
                 self.cancel()
                 break
+        self.flush()
         if self.error is not None:
             raise self.error
         return self
@@ -329,8 +352,10 @@ def update_strip(scene, plan: RenderPlan, channel: int = 0):
     name = strip_name(plan.obj_name)
     strips = compat.top_strips(scene)
     old = next((s for s in compat.all_strips(scene) if s.name == name), None)
+    keep = {}
     if old is not None:
         channel = channel or old.channel
+        keep = {k: getattr(old, k) for k in ("blend_type", "blend_alpha", "mute", "lock") if hasattr(old, k)}
         strips.remove(old)
     if not names:
         return None
@@ -343,6 +368,11 @@ def update_strip(scene, plan: RenderPlan, channel: int = 0):
     strip = strips.new_image(name, first, channel, plan.start, fit_method="FIT")
     for n in names[1:]:
         strip.elements.append(n)
+    for k, v in keep.items():
+        try:
+            setattr(strip, k, v)
+        except (AttributeError, TypeError):
+            pass
     return strip
 
 
