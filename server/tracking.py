@@ -42,6 +42,10 @@ class VideoError(ValueError):
     """The driving video cannot be used; the message says why and what to do."""
 
 
+class Cancelled(Exception):
+    """``should_stop()`` returned True during :func:`track_video`."""
+
+
 @dataclass
 class VideoInfo:
     path: Path
@@ -179,7 +183,7 @@ def track_video(path: str | os.PathLike, extractor: Deep3DExtractor, *, landmark
     prev_box = None
     for i, frame in enumerate(iter_frames(path, max_frames)):
         if should_stop is not None and should_stop():
-            raise KeyboardInterrupt
+            raise Cancelled("tracking cancelled")
         crop = square.crop(frame)
         det = align.detect_landmarks(crop)
         if det is not None:
@@ -218,7 +222,7 @@ def track_video(path: str | os.PathLike, extractor: Deep3DExtractor, *, landmark
 
     for i, frame in enumerate(iter_frames(path, n)):
         if should_stop is not None and should_stop():
-            raise KeyboardInterrupt
+            raise Cancelled("tracking cancelled")
         aligned = extractor.align(square.crop(frame), smooth[i])
         batch_imgs.append(aligned.image)
         trans.append(aligned.trans_params)
@@ -240,3 +244,23 @@ def track_video(path: str | os.PathLike, extractor: Deep3DExtractor, *, landmark
 def smooth_curves(rows: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian-smooth every coefficient curve of (N, 73) rows over time (``sigma`` in frames)."""
     return smooth_along_time(rows, sigma).astype(np.float32)
+
+
+def resample_rows(rows: np.ndarray, src_fps: float, dst_fps: float) -> np.ndarray:
+    """Linearly resample (N, 73) per-frame rows from ``src_fps`` to ``dst_fps`` (same duration).
+
+    StyleHEAT's networks were trained on 25 fps clips (the 27-frame window spans ~1 s), so a 30 or
+    60 fps video is best converted to 25 fps rows. Frame j of the output is at time j / dst_fps.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if src_fps <= 0 or dst_fps <= 0:
+        raise ValueError(f"frame rates must be positive, got {src_fps} -> {dst_fps}")
+    n = len(rows)
+    if n == 0 or src_fps == dst_fps:
+        return rows.astype(np.float32)
+    duration = (n - 1) / src_fps
+    m = int(math.floor(duration * dst_fps + 1e-9)) + 1
+    t_out = np.arange(m) / dst_fps
+    t_in = np.arange(n) / src_fps
+    out = np.stack([np.interp(t_out, t_in, rows[:, j]) for j in range(rows.shape[1])], axis=1)
+    return out.astype(np.float32)

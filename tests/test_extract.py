@@ -172,6 +172,27 @@ def test_extract_command_end_to_end(video, checkpoint_dir, tracked, tmp_path, ca
                  "--smooth", "--max-frames", "8", "--quiet"]) == 0
     sm = read_motion(out2)
     assert sm.num_frames == 8 and sm.source["curve_sigma"] == 1.5
+    # resampling to half the rate keeps every other row
+    out3 = tmp_path / "half.json"
+    assert main(["extract", "--video", str(video), "--out", str(out3), "--checkpoints", str(checkpoint_dir),
+                 "--landmark-sigma", "0", "--fps", "12.5", "--quiet"]) == 0
+    half = read_motion(out3)
+    assert half.fps == 12.5 and half.num_frames == (len(MOTION) - 1) // 2 + 1
+    np.testing.assert_allclose(half.rows, tracked.rows[::2], rtol=1e-6, atol=1e-6)
+
+
+def test_resample_rows():
+    t = np.arange(31) / 30.0  # 1 s at 30 fps
+    rows = np.stack([np.sin(t * 3 + j) for j in range(73)], axis=1).astype(np.float32)
+    out = tracking.resample_rows(rows, 30.0, 25.0)
+    assert out.shape == (26, 73) and out.dtype == np.float32
+    t25 = np.arange(26) / 25.0
+    expected = np.stack([np.sin(t25 * 3 + j) for j in range(73)], axis=1)
+    assert np.abs(out - expected).max() < 2e-3  # linear interpolation error of a smooth curve
+    np.testing.assert_array_equal(out[[0, 5, 25]], rows[[0, 6, 30]])  # shared instants are exact
+    np.testing.assert_array_equal(tracking.resample_rows(rows, 30.0, 30.0), rows)
+    with pytest.raises(ValueError, match="positive"):
+        tracking.resample_rows(rows, 0.0, 25.0)
 
 
 def test_extract_command_errors(video, checkpoint_dir, tmp_path, capsys):
@@ -198,3 +219,9 @@ def test_video_without_a_face(tmp_path, checkpoint_dir):
     ext = Deep3DExtractor(torch.nn.Identity())  # never reached
     with pytest.raises(tracking.VideoError, match="no face found in any frame"):
         tracking.track_video(path, ext)
+
+
+def test_tracking_can_be_cancelled(video):
+    ext = Deep3DExtractor(torch.nn.Identity())  # never reached
+    with pytest.raises(tracking.Cancelled):
+        tracking.track_video(video, ext, should_stop=lambda: True)

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Gaussian-smooth the coefficient curves over time (SIGMA frames, default 1.5)")
     parser.add_argument("--landmark-sigma", type=float, default=1.0, metavar="FRAMES",
                         help="temporal smoothing of the landmarks that place the crop (0 = off, default 1.0)")
+    parser.add_argument("--fps", type=float, default=None, metavar="FPS",
+                        help="resample the rows to this frame rate (StyleHEAT was trained at 25; "
+                             "default: keep the video's rate)")
     parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="only the first N frames")
     parser.add_argument("--device", default="cpu", help="torch device for the regressor (cpu, cuda, ...)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from server.deep3d import CheckpointError, Deep3DExtractor
     from server.motion import write_motion
     from server.paths import resolve_checkpoint_dir
-    from server.tracking import VideoError, probe_video, track_video
+    from server.tracking import VideoError, probe_video, resample_rows, track_video
 
     out = Path(args.out)
     if out.suffix.lower() != ".json":
@@ -46,12 +49,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         print("styleheat extract: --max-frames must be at least 1", file=sys.stderr)
         return 2
+    if args.fps is not None and not 0 < args.fps <= 240:
+        print("styleheat extract: --fps must be between 0 and 240", file=sys.stderr)
+        return 2
     if args.smooth < 0 or args.landmark_sigma < 0:
         print("styleheat extract: smoothing sigmas must be >= 0", file=sys.stderr)
         return 2
     root, origin = resolve_checkpoint_dir(args.checkpoints)
     try:
-        info = probe_video(args.video)
+        probe_video(args.video)  # fail early on a missing or undecodable file
         extractor = Deep3DExtractor.from_checkpoints(root, device=args.device)
     except (VideoError, CheckpointError) as exc:
         print(f"styleheat extract: {exc}", file=sys.stderr)
@@ -85,7 +91,11 @@ def run(args: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     source = result.provenance(args.video)
-    source.update({"landmark_sigma": args.landmark_sigma, "curve_sigma": args.smooth})
-    write_motion(out, result.rows, fps=info.fps, source=source)
-    print(f"{args.video}: {result.num_frames} frames at {info.fps:g} fps -> {out}")
+    source.update({"landmark_sigma": args.landmark_sigma, "curve_sigma": args.smooth, "video_fps": result.fps})
+    rows, fps = result.rows, result.fps
+    if args.fps is not None and abs(args.fps - fps) > 1e-6:
+        rows, fps = resample_rows(rows, fps, args.fps), args.fps
+        source["resampled_to_fps"] = fps
+    write_motion(out, rows, fps=fps, source=source)
+    print(f"{args.video}: {result.num_frames} frames at {result.fps:g} fps -> {len(rows)} rows at {fps:g} fps -> {out}")
     return 0
