@@ -76,7 +76,9 @@ def _new_id(kind: str) -> str:
 class Client:
     """Connection to one server address. Thread-safe for callers; call :meth:`close` when done."""
 
-    def __init__(self, address: str, timeout: float = 5.0):
+    def __init__(self, address: str, timeout: float = 5.0, curve_dir: str | None = None):
+        """``curve_dir``: a folder made by ``styleheat-server --make-keys`` (server.key and
+        client.key_secret), needed for a server that is not on this machine."""
         import zmq  # imported here so that importing the add-on never requires zmq
 
         if not address or "://" not in address:
@@ -96,6 +98,9 @@ class Client:
         self._sock.setsockopt(zmq.RCVHWM, 0)         # credit flow bounds what the server sends
         self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.curve_dir = curve_dir or None
+        if self.curve_dir:
+            self._use_curve(self.curve_dir)
         try:
             self._sock.connect(address)
         except zmq.ZMQError as exc:
@@ -103,6 +108,25 @@ class Client:
             raise ClientError(f"cannot use server address {address!r}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="styleheat-client", daemon=True)
         self._thread.start()
+
+    def _use_curve(self, directory: str) -> None:
+        import zmq.auth
+
+        server_key = os.path.join(directory, "server.key")
+        client_secret = os.path.join(directory, "client.key_secret")
+        for path in (server_key, client_secret):
+            if not os.path.isfile(path):
+                self._sock.close(0)
+                raise ClientError(f"CURVE key {path} not found; copy server.key and client.key_secret from the "
+                                  f"folder 'styleheat-server --make-keys DIR' created")
+        server_pub, _ = zmq.auth.load_certificate(server_key)
+        pub, sec = zmq.auth.load_certificate(client_secret)
+        if not sec:
+            self._sock.close(0)
+            raise ClientError(f"{client_secret} holds no secret key")
+        self._sock.curve_serverkey = server_pub
+        self._sock.curve_publickey = pub
+        self._sock.curve_secretkey = sec
 
     # -- I/O thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -171,7 +195,9 @@ class Client:
         return ServerUnavailable(
             f"No StyleHEAT server answered at {self.address} within {self.timeout:g} s ({what}). "
             f"Start one (Preferences > Add-ons > StyleHEAT > Start Local Server, or run "
-            f"'styleheat-server --bind {self.address}') or fix the server address.")
+            f"'styleheat-server --bind {self.address}') or fix the server address"
+            + (". A remote server needs CURVE keys (Preferences > CURVE Keys)." if not self.curve_dir and
+               not any(h in self.address for h in ("127.0.0.1", "localhost", "[::1]", "ipc://")) else "."))
 
     def call(self, type_: str, fields: Mapping | None = None, parts: Sequence = (),
              timeout: float | None = None, expect: Sequence[str] = ()) -> tuple[dict, list]:

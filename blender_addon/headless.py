@@ -7,7 +7,7 @@ Blender binary::
 
 (as an extension the module is ``bl_ext.user_default.styleheat.headless``). The bpy module::
 
-    python -m styleheat.headless scene.blend --server tcp://127.0.0.1:5555 [--start 1 --end 250]
+    python -m styleheat.headless scene.blend --server tcp://127.0.0.1:5555 [--start 1 --end 250] [--curve-dir KEYS]
 
 or from Python: ``styleheat.headless.render_blend("scene.blend", server=...)``. Exit code 0 when
 every rig rendered, 1 on a user/server error (the message says what to do), 2 on bad arguments.
@@ -40,7 +40,7 @@ def ensure_registered() -> None:
 
 def render_blend(blend_path: str | None = None, *, server: str | None = None, rigs: list[str] | None = None,
                  start: int | None = None, end: int | None = None, force: bool = False,
-                 timeout: float | None = None, log=print) -> dict:
+                 timeout: float | None = None, curve_dir: str | None = None, log=print) -> dict:
     """Open ``blend_path`` (None: the current file), render every face rig (or the named ones) over
     start..end (default the scene/preview range), update their image strips and save the .blend.
     Returns {rig name: number of frames rendered}."""
@@ -56,6 +56,8 @@ def render_blend(blend_path: str | None = None, *, server: str | None = None, ri
     rig_mod = importlib.import_module(f"{__package__}.rig")
     prefs = importlib.import_module(f"{__package__}.preferences")
     s = prefs.settings()
+    if curve_dir:
+        render.curve["dir"] = os.path.abspath(curve_dir)
     address = server or s.address
     timeout = s.timeout if timeout is None else timeout
     scene = bpy.context.scene
@@ -88,6 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--end", type=int, default=None)
     p.add_argument("--force", action="store_true", help="re-render frames whose inputs did not change")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the server to answer")
+    p.add_argument("--curve-dir", default=None,
+                   help="CURVE keys for a remote server (server.key, client.key_secret from --make-keys)")
     return p.parse_args(argv)
 
 
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     render = importlib.import_module(f"{__package__}.render")
     try:
         render_blend(args.blend, server=args.server, rigs=args.rig, start=args.start, end=args.end,
-                     force=args.force, timeout=args.timeout)
+                     force=args.force, timeout=args.timeout, curve_dir=args.curve_dir)
     except (ClientError, render.UserError, FileNotFoundError) as exc:
         print(f"styleheat: {render.explain(exc)}", file=sys.stderr)
         return 1

@@ -25,6 +25,9 @@ class Settings:
         self.address = getattr(prefs, "server_address", "tcp://127.0.0.1:5555")
         self.timeout = float(getattr(prefs, "timeout", 5.0))
         self.frame_timeout = float(getattr(prefs, "frame_timeout", 300.0))
+        self.curve_dir = bpy.path.abspath(getattr(prefs, "curve_dir", "")) if getattr(prefs, "curve_dir", "") else ""
+        from . import render
+        render.curve["dir"] = self.curve_dir
 
 
 def settings(context=None) -> Settings:
@@ -51,6 +54,9 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
                            description="Seconds to wait for the server to answer a request")
     frame_timeout: FloatProperty(name="Frame Timeout", default=300.0, min=1.0, max=36000.0, unit="TIME_ABSOLUTE",
                                  description="Seconds a render may go without any message from the server")
+    curve_dir: StringProperty(name="CURVE Keys", subtype="DIR_PATH", default="",
+                              description="For a server on another machine: the folder with server.key and "
+                                          "client.key_secret made by 'styleheat-server --make-keys DIR'")
     server_python: StringProperty(name="Server Python", subtype="FILE_PATH", default="",
                                   description="Python interpreter of the environment where the server is installed")
     server_command: StringProperty(name="Server Command", default="",
@@ -71,6 +77,7 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
         row = col.row()
         row.prop(self, "timeout")
         row.prop(self, "frame_timeout")
+        col.prop(self, "curve_dir")
         box = layout.box()
         box.label(text="Local Server")
         box.prop(self, "server_python")

@@ -36,12 +36,15 @@ _clients: dict[str, Client] = {}
 server_info: dict[str, dict] = {}
 
 
+curve = {"dir": ""}  # CURVE key folder from the preferences (set by the operators / headless)
+
+
 def get_client(address: str, timeout: float) -> Client:
     c = _clients.get(address)
-    if c is None or c.timeout != timeout:
+    if c is None or c.timeout != timeout or (c.curve_dir or "") != curve["dir"]:
         if c is not None:
             c.close()
-        c = _clients[address] = Client(address, timeout=timeout)
+        c = _clients[address] = Client(address, timeout=timeout, curve_dir=curve["dir"] or None)
     return c
 
 

@@ -143,3 +143,27 @@ def test_windows_clip_range_and_hashes(addon):
     audio[39 * 640 + 5] = 0.5
     a2 = F.frame_hashes("id", "m", 64, rows, range(40), audio=audio, samples_per_frame=640)
     assert sorted(i for i in range(40) if a1[i] != a2[i]) == list(range(26, 40))
+
+
+def test_curve_keys_for_remote_servers(addon, tmp_path):
+    """A server with CURVE keys answers a client holding the keys 'styleheat-server --make-keys'
+    made, and nobody else."""
+    import subprocess
+    from test_addon_helpers import PY
+    from styleheat.client import Client, ClientError, ServerUnavailable
+
+    exe = Path(PY).with_name("styleheat-server")
+    keys = tmp_path / "keys"
+    r = subprocess.run([str(exe), "--make-keys", str(keys)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    srv = Server(tmp_path, extra=("--curve-dir", str(keys)), probe_curve_dir=keys)
+    try:
+        with Client(srv.address, timeout=10.0, curve_dir=str(keys)) as c:
+            assert c.hello()["type"] == "hello"
+        with Client(srv.address, timeout=1.0) as c:
+            with pytest.raises(ServerUnavailable):
+                c.hello()
+        with pytest.raises(ClientError, match="client.key_secret"):
+            Client(srv.address, curve_dir=str(tmp_path))
+    finally:
+        srv.stop()

@@ -44,7 +44,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, tmp: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, tmp: Path, extra: tuple[str, ...] = (), probe_curve_dir: Path | None = None):
+        self.probe_curve_dir = probe_curve_dir
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log = tmp / f"server_{self.port}.log"
@@ -65,6 +66,11 @@ class Server:
                 pytest.fail(f"styleheat-server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            if self.probe_curve_dir is not None:
+                import zmq.auth
+                s.curve_serverkey = zmq.auth.load_certificate(self.probe_curve_dir / "server.key")[0]
+                s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(
+                    self.probe_curve_dir / "client.key_secret")
             s.connect(self.address)
             s.send_multipart([msgpack.packb({"v": 1, "type": "hello", "id": "probe"})])
             ok = s.poll(1000)
