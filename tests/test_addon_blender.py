@@ -261,3 +261,58 @@ def test_server_down_gives_clear_error(tmp_path, addon_zip):
     assert out["seconds"] < 5
     assert out["status"] == "error"
     assert "No StyleHEAT server answered" in out["render_error"]
+
+
+def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path, addon_zip):
+    """Panels cannot draw without a window here, so their draw() runs against a recording layout
+    that checks every prop() names a real RNA property and every operator() a registered one."""
+    out = run_bpy(tmp_path, """
+        problems, seen = [], []
+        class Layout:
+            def __getattr__(self, name):
+                if name in ("row", "column", "box", "grid_flow", "split", "column_flow"):
+                    return lambda *a, **k: Layout()
+                if name == "prop":
+                    def prop(data, prop_name, **k):
+                        seen.append(prop_name)
+                        if prop_name not in data.bl_rna.properties:
+                            problems.append(f"{type(data).__name__}.{prop_name}")
+                    return prop
+                if name == "operator":
+                    def operator(idname, **k):
+                        seen.append(idname)
+                        cat, op = idname.split(".")
+                        if not hasattr(getattr(bpy.ops, cat), op) or getattr(getattr(bpy.ops, cat), op).idname() == "":
+                            problems.append(idname)
+                    return operator
+                if name == "label":
+                    return lambda **k: None
+                raise AttributeError(name)
+        class Panel:
+            pass
+        ctx = bpy.context
+        for with_rig in (False, True):
+            if with_rig:
+                bpy.ops.styleheat.add_rig()
+                rig = ctx.active_object.styleheat
+                sub("rig").ensure_attributes(rig, {"age": {"min": -10, "max": 10}})
+            for name in sorted(n for n in dir(bpy.types) if n.startswith("STYLEHEAT_PT_")):
+                cls = getattr(bpy.types, name)
+                if hasattr(cls, "poll") and not cls.poll(ctx):
+                    continue
+                fake = Panel(); fake.layout = Layout()
+                cls.draw(fake, ctx)
+        p = bpy.context.preferences.addons[MOD].preferences
+        class PrefsView:                     # the preferences' draw() with the recording layout
+            layout = Layout()
+            def __getattr__(self, name):
+                return getattr(p, name)
+        type(p).draw(PrefsView(), ctx)
+        OUT["problems"] = problems
+        OUT["seen"] = sorted(set(seen))
+    """, addon_zip)
+    assert out["problems"] == []
+    for expected in ("styleheat.render", "styleheat.preview", "styleheat.prepare_portrait", "styleheat.add_rig",
+                     "mouth", "expression", "portrait", "value", "rotation_euler", "location",
+                     "server_address", "curve_dir", "styleheat.server_start", "styleheat.connect"):
+        assert expected in out["seen"]
