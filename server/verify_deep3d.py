@@ -35,8 +35,17 @@ def _exact(name: str, got, ref) -> Comparison:
 
 
 def verify_deep3d_vectors(npz_path: str | os.PathLike, layout_dir: str | os.PathLike) -> list[Comparison]:
+    """All comparisons for one Deep3D vectors file. ``layout_dir``: the folder holding
+    ``deep3d_checkpoints.json`` (or that JSON file itself); the portrait is looked up in its sibling
+    ``fixtures/`` folder."""
     npz_path = Path(npz_path)
     layout_dir = Path(layout_dir)
+    layout_file = layout_dir / LAYOUT_NAME
+    if layout_dir.is_file():  # the layout JSON itself was given
+        layout_file, layout_dir = layout_dir, layout_dir.parent
+    if not layout_file.is_file():
+        raise FileNotFoundError(f"Deep3D layout {layout_file} not found; pass the folder holding "
+                                f"{LAYOUT_NAME} or the file itself")
     d = dict(np.load(npz_path))
     meta = json.loads(str(d["meta_json"]))
     seed = int(meta.get("seed", 0))
@@ -76,7 +85,7 @@ def verify_deep3d_vectors(npz_path: str | os.PathLike, layout_dir: str | os.Path
         out.append(_exact("deep3d.alt_image_224", alt.image, d["alt_image_224"]))
         out.append(compare("deep3d.alt_lm68_224", alt.landmarks, d["alt_lm68_224"], rel=1e-6))
 
-    extractor = deep3d.Deep3DExtractor.seeded(layout_dir / LAYOUT_NAME, seed=seed)
+    extractor = deep3d.Deep3DExtractor.seeded(layout_file, seed=seed)
     with torch.no_grad():
         feats = extractor.net.features(torch.from_numpy(d["input_224"]))
         coeff = extractor.net(torch.from_numpy(d["input_224"]))

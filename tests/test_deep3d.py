@@ -58,17 +58,27 @@ def test_tiny_config_runs_and_has_257_outputs():
         net(torch.rand(3, 224, 224))
 
 
-def test_reference_vectors_all_match(reference_dir):
+@pytest.mark.parametrize("layout_arg", ["folder", "file"])
+def test_reference_vectors_all_match(reference_dir, layout_arg):
     from server.verify_deep3d import verify_deep3d_vectors
 
-    results = verify_deep3d_vectors(reference_dir / "vectors_deep3d_seed0.npz", reference_dir)
+    layout = reference_dir if layout_arg == "folder" else reference_dir / "deep3d_checkpoints.json"
+    results = verify_deep3d_vectors(reference_dir / "vectors_deep3d_seed0.npz", layout)
     names = {r.name for r in results}
     for needed in ("deep3d.trans_params", "deep3d.image_224", "deep3d.lm5p", "deep3d.coeff_257",
                    "deep3d.row_73[:70]", "deep3d.row_73[70:] (crop)", "deep3d.alt_image_224",
                    "deep3d.image_256"):
         assert needed in names
+    assert "deep3d.lm68 (dlib)" in names  # dlib is a dependency: the landmarks are checked too
     bad = [r.line() for r in results if not r.ok]
     assert not bad, "\n".join(bad)
+
+
+def test_verify_names_a_missing_layout(reference_dir, tmp_path):
+    from server.verify_deep3d import verify_deep3d_vectors
+
+    with pytest.raises(FileNotFoundError, match="deep3d_checkpoints.json"):
+        verify_deep3d_vectors(reference_dir / "vectors_deep3d_seed0.npz", tmp_path)
 
 
 def test_align_img_exact_on_both_cases(vectors):
