@@ -228,25 +228,25 @@ def test_dataset_roundtrip(ds256_audio):
 
 # ------------------------------------------------------------------------------------------- stages
 def test_stage1a_loss_down_checkpoint_resume(tmp_path, ds256):
-    a = Trainer(tiny_cfg("video_warper", ds256, tmp_path / "a", steps=4, checkpoint_every=2))
+    a = Trainer(tiny_cfg("video_warper", ds256, tmp_path / "a", steps=3, checkpoint_every=2))
     batch = fixed_batch(a)
     before = eval_loss(a, batch)
     a.run()
     assert eval_loss(a, batch) < before
     logs = read_scalars(tmp_path / "a")
-    assert [r["step"] for r in logs] == [1, 2, 3, 4] and "loss/warp_perceptual" in logs[0]
-    assert (tmp_path / "a" / "samples" / "step_0000004.png").is_file()
+    assert [r["step"] for r in logs] == [1, 2, 3] and "loss/warp_perceptual" in logs[0]
+    assert (tmp_path / "a" / "samples" / "step_0000003.png").is_file()
     ck2 = tmp_path / "a" / "checkpoints" / "step_0000002.pt"
     assert ck2.is_file() and (tmp_path / "a" / "export" / "video_warper.pt").is_file()
 
-    b = Trainer(tiny_cfg("video_warper", ds256, tmp_path / "b", steps=4, checkpoint_every=2))
+    b = Trainer(tiny_cfg("video_warper", ds256, tmp_path / "b", steps=3, checkpoint_every=2))
     b.load_checkpoint(ck2)
     saved = torch.load(ck2, map_location="cpu", weights_only=True)
     assert b.step == 2
     for sa, sb in zip(saved["optimizer"]["state"].values(), b.optimizer.state_dict()["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     b.run()
-    assert b.step == 4
+    assert b.step == 3
     for (k, pa), pb in zip(a.parts["video_warper"].state_dict().items(), b.parts["video_warper"].state_dict().values()):
         assert torch.allclose(pa, pb, atol=1e-6), k
     for ka, kb in zip(a.ema["video_warper"].state_dict().values(), b.ema["video_warper"].state_dict().values()):
@@ -259,7 +259,7 @@ def test_stage2_loss_down_export_loads_into_engine(tmp_path, ds128, tiny_bundle)
     from models.styleheat import StyleHEATConfig
 
     bundle, official, init_model = tiny_bundle
-    tr = Trainer(tiny_cfg("calibration", ds128, tmp_path / "run", init=str(bundle), steps=3))
+    tr = Trainer(tiny_cfg("calibration", ds128, tmp_path / "run", init=str(bundle), steps=2))
     batch = fixed_batch(tr)
     before = eval_loss(tr, batch)
     last = tr.run()
@@ -377,3 +377,27 @@ def test_prepare_data_voxceleb_style(tmp_path, fixtures_dir, reference_dir):
     # bad input: a folder without videos
     (tmp_path / "empty").mkdir()
     assert main(["prepare-data", str(tmp_path / "empty"), "--out", str(tmp_path / "ds2"), "--checkpoints", str(ck)]) == 2
+
+
+def test_stage2_audio_motion_bf16_smoke(tmp_path, ds256_audio, tiny_bundle):
+    """Stage 2 with the AudioWarper as motion generator (added fresh to a visual-only init), bf16 autocast:
+    one step runs, only the calibrator and the AudioWarper move, the export holds both."""
+    import shutil
+
+    bundle, _, init_model = tiny_bundle
+    data = tmp_path / "ds128"
+    shutil.copytree(ds256_audio, data)                      # 256 frames are resized to the 128 generator
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["resolution"] = 128
+    (data / "dataset.json").write_text(json.dumps(meta))
+    tr = Trainer(tiny_cfg("calibration", data, tmp_path / "run", init=str(bundle), motion="audio", steps=1,
+                          amp="bf16", lambda_adv=0.1))
+    assert tr.model.audio_warper is not None and set(tr.train_parts) == {"calibrator", "audio_warper"}
+    before = {n: {k: v.clone() for k, v in tr.parts[n].state_dict().items()} for n in tr.parts}
+    last = tr.run()
+    assert np.isfinite(last["loss/total"])
+    changed = {n: any(not torch.equal(v, tr.parts[n].state_dict()[k]) for k, v in sd.items())
+               for n, sd in before.items()}
+    assert changed == {"video_warper": False, "audio_warper": True, "calibrator": True}
+    net = torch.load(tmp_path / "run" / "export" / "StyleHEAT_visual.pt", weights_only=True)["net_G_ema"]
+    assert {k.split(".")[0] for k in net} == {"video_warper", "calibrator", "audio_warper"}

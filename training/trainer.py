@@ -292,6 +292,9 @@ class Trainer:
             if r > size or r < 64 or r & (r - 1):
                 raise TrainingError(f"dataset resolution {r} cannot be rendered by this StyleGAN2 (size {size}); "
                                     "use a power of two between 64 and the generator size (512 for HDTF-style)")
+        if cfg.samples_per_epoch < cfg.batch_size:
+            raise TrainingError(f"samples_per_epoch ({cfg.samples_per_epoch}) must be at least batch_size "
+                                f"({cfg.batch_size})")
         dataset_cls = D.SyncDataset if cfg.stage == "audio_warper" else D.PairDataset
         self.dataset = dataset_cls(self.store, cfg.samples_per_epoch, seed=cfg.seed)
         if audio and dataset_cls is D.PairDataset:
