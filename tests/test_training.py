@@ -271,7 +271,9 @@ def test_stage2_loss_down_export_loads_into_engine(tmp_path, ds128, tiny_bundle)
     exp = tmp_path / "run" / "export"
     # 1) the official layout, loaded by server.weights next to the other official files
     net = torch.load(exp / "StyleHEAT_visual.pt", map_location="cpu", weights_only=True)["net_G_ema"]
-    assert any(k.startswith("calibrator.") for k in net) and any(k.startswith("video_warper.") for k in net)
+    official_keys = weights.official_files(init_model)[weights.VISUAL][weights.NET]
+    assert list(net) == list(official_keys)                     # the official key layout, in order
+    assert all(net[k].shape == official_keys[k].shape for k in net)
     (official / "StyleHEAT_visual.pt").write_bytes((exp / "StyleHEAT_visual.pt").read_bytes())
     model, _ = weights.load_official(official, config=StyleHEATConfig.tiny())
     for k, v in tr.ema["calibrator"].state_dict().items():
@@ -401,3 +403,17 @@ def test_stage2_audio_motion_bf16_smoke(tmp_path, ds256_audio, tiny_bundle):
     assert changed == {"video_warper": False, "audio_warper": True, "calibrator": True}
     net = torch.load(tmp_path / "run" / "export" / "StyleHEAT_visual.pt", weights_only=True)["net_G_ema"]
     assert {k.split(".")[0] for k in net} == {"video_warper", "calibrator", "audio_warper"}
+
+
+def test_train_command_errors(tmp_path, capsys, ds256):
+    from server.cli import main
+
+    assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--stage", "calibration", "--data", str(ds256)]) == 2
+    assert "needs pre-trained weights" in capsys.readouterr().err
+    assert main(["train", "--stage", "video_warper", "--data", str(tmp_path)]) == 2
+    assert "prepare-data" in capsys.readouterr().err
+    assert main(["train", "--stage", "video_warper", "--data", str(ds256), "--vgg19", str(tmp_path / "v.pth")]) == 2
+    assert "VGG-19 weights not found" in capsys.readouterr().err
+    assert main(["train"]) == 2

@@ -212,6 +212,15 @@ class ClipStore:
                                    "AudioWarper stage needs audio (put VIDEO.wav next to each video)")
         if not self.clips:
             raise DatasetError(f"{self.root} holds no clips; add some with 'styleheat prepare-data'")
+        self.by_person: dict[str, list[int]] = {}
+        for i, c in enumerate(self.clips):
+            self.by_person.setdefault(c.person, []).append(i)
+        self.persons = sorted(self.by_person)
+
+    def pick(self, rng: np.random.Generator) -> Clip:
+        """A person uniformly, then one of their clips (the official datasets sample by person id)."""
+        clips = self.by_person[self.persons[int(rng.integers(len(self.persons)))]]
+        return self.clips[clips[int(rng.integers(len(clips)))]]
 
 
 class _Base(Dataset):
@@ -238,7 +247,7 @@ class PairDataset(_Base):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._rng(index)
-        clip = self.store.clips[int(rng.integers(len(self.store.clips)))]
+        clip = self.store.pick(rng)
         s, t = (int(v) for v in rng.integers(clip.frames, size=2))
         r = self.store.resolution
         extra = {}
@@ -265,7 +274,7 @@ class SyncDataset(_Base):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._rng(index)
-        clip = self.store.clips[int(rng.integers(len(self.store.clips)))]
+        clip = self.store.pick(rng)
         s = int(rng.integers(clip.frames))
         t0 = int(rng.integers(clip.frames - SYNC_T + 1))
         ts = list(range(t0, t0 + SYNC_T))

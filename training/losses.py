@@ -49,7 +49,9 @@ class HelperWeightsError(ValueError):
 def load_state_file(path: str | os.PathLike, what: str, hint: str,
                     nested: Sequence[str] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) a state dict file; unwraps ``state_dict``/``model``, strips ``module.``."""
-    if path is None or not os.path.isfile(path):
+    if path is None or str(path) == "":
+        raise HelperWeightsError(f"no {what} weights given; {hint}")
+    if not os.path.isfile(path):
         raise HelperWeightsError(f"{what} weights not found at {path}; {hint}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

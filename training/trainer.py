@@ -164,6 +164,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
+        audio = cfg.stage == "audio_warper" or (cfg.stage == "calibration" and cfg.motion == "audio")
+        self.store = D.ClipStore(cfg.data, need_audio=audio)   # cheap checks first
         self._build_model()
         self._build_helpers()
         self._build_optimizer()
@@ -285,7 +287,6 @@ class Trainer:
     def _build_data(self) -> None:
         cfg = self.cfg
         audio = cfg.stage == "audio_warper" or (cfg.stage == "calibration" and cfg.motion == "audio")
-        self.store = D.ClipStore(cfg.data, need_audio=audio)
         if cfg.stage == "calibration":
             size = self.model.config.size
             r = self.store.resolution
