@@ -17,9 +17,10 @@ input_channel=512, channel_multiplier=2, narrow=1)``: 256 channels everywhere)::
 
 Only the 64x64 pair is consumed by the generator (``out * (1 + scale64) + shift64``).
 
-StyleGAN2-style layers ("equalized": weights stored at unit scale, multiplied by
-``1/sqrt(fan_in)`` at run time) are re-implemented here so this file depends on no other
-network file. State-dict keys = official ``calibrator.*`` keys without the prefix.
+The StyleGAN2-style layers ("equalized": weights stored at unit scale, multiplied by
+``1/sqrt(fan_in)`` at run time; blurred stride-2 down ResBlocks) are those of :mod:`models.ops`,
+whose key names are the official ones. State-dict keys = official ``calibrator.*`` keys without
+the prefix.
 """
 from __future__ import annotations
 
@@ -30,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.ops import SQRT2, ConvLayer, EqualConv2d, FusedLeakyReLU, ResBlock, ScaledLeakyReLU
 from models.warper import AdaIN
 
 __all__ = ["CalibrationConfig", "CalibrationNet"]
-
-_SQRT2 = math.sqrt(2.0)
 
 
 @dataclass(frozen=True)
@@ -63,97 +63,6 @@ class CalibrationConfig:
         return [2 ** (3 + k) for k in range(self.levels)]
 
 
-def _fir_kernel(taps) -> torch.Tensor:
-    k = torch.tensor(taps, dtype=torch.float32)
-    k = k[None, :] * k[:, None]
-    return k / k.sum()
-
-
-class EqualConv2d(nn.Module):
-    """Conv with run-time weight scale ``1/sqrt(in * k * k)``. Keys: ``weight`` [, ``bias``]."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0,
-                 bias: bool = True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
-        self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
-        self.scale = 1.0 / math.sqrt(in_ch * kernel * kernel)
-        self.stride, self.padding = stride, padding
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding)
-
-
-class FusedLeakyReLU(nn.Module):
-    """``leaky_relu(x + bias, 0.2) * sqrt(2)``. Key: ``bias`` (C,)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(x + self.bias.view(1, -1, 1, 1), 0.2) * _SQRT2
-
-
-class ScaledLeakyReLU(nn.Module):
-    """``leaky_relu(x, 0.2) * sqrt(2)`` (no parameters)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(x, 0.2) * _SQRT2
-
-
-class Blur(nn.Module):
-    """Depthwise FIR filter (upfirdn2d with up = down = 1): zero-pad by ``pad`` then convolve.
-
-    The kernel is a buffer (key ``kernel``, in the official state dict); it is flipped before the
-    correlation so this is a true convolution like upfirdn2d (the [1,3,3,1] kernel is symmetric).
-    """
-
-    def __init__(self, taps, pad: tuple[int, int]):
-        super().__init__()
-        self.register_buffer("kernel", _fir_kernel(taps))
-        self.pad = pad
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        p0, p1 = self.pad
-        x = F.pad(x, (p0, p1, p0, p1))
-        weight = torch.flip(self.kernel, (0, 1)).to(x.dtype).expand(c, 1, *self.kernel.shape)
-        return F.conv2d(x, weight, groups=c)
-
-
-def _conv_layer(in_ch: int, out_ch: int, kernel: int, taps, *, downsample: bool = False,
-                activate: bool = True) -> nn.Sequential:
-    """StyleGAN2 ConvLayer: [Blur] -> EqualConv2d -> [FusedLeakyReLU].
-
-    With ``activate`` the bias lives in the activation (key ``<i>.bias``), otherwise there is none
-    (the only non-activated use here is the bias-free skip of the down ResBlock).
-    """
-    layers: list[nn.Module] = []
-    if downsample:
-        p = (len(taps) - 2) + (kernel - 1)
-        layers.append(Blur(taps, ((p + 1) // 2, p // 2)))
-        layers.append(EqualConv2d(in_ch, out_ch, kernel, stride=2, padding=0, bias=False))
-    else:
-        layers.append(EqualConv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False))
-    if activate:
-        layers.append(FusedLeakyReLU(out_ch))
-    return nn.Sequential(*layers)
-
-
-class _DownResBlock(nn.Module):
-    """StyleGAN2 discriminator ResBlock: halves the resolution; ``(main + skip) / sqrt(2)``."""
-
-    def __init__(self, in_ch: int, out_ch: int, taps):
-        super().__init__()
-        self.conv1 = _conv_layer(in_ch, in_ch, 3, taps)
-        self.conv2 = _conv_layer(in_ch, out_ch, 3, taps, downsample=True)
-        self.skip = _conv_layer(in_ch, out_ch, 1, taps, downsample=True, activate=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.conv2(self.conv1(x)) + self.skip(x)) / _SQRT2
-
-
 class _UpConv(nn.Module):
     """x2 bilinear (align_corners=False) then an equalized conv; optional fused activation.
 
@@ -178,12 +87,12 @@ class _UpResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, taps):
         super().__init__()
-        self.conv1 = _conv_layer(in_ch, in_ch, 3, taps)
+        self.conv1 = ConvLayer(in_ch, in_ch, 3, taps=taps)
         self.conv2 = _UpConv(in_ch, out_ch, 3, activate=True)
         self.skip = _UpConv(in_ch, out_ch, 1, activate=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.conv2(self.conv1(x)) + self.skip(x)) / _SQRT2
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / SQRT2
 
 
 class _AdaINResBlock(nn.Module):
@@ -221,9 +130,9 @@ class CalibrationNet(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or CalibrationConfig()
         ch, taps = cfg.channels, cfg.blur_kernel
-        self.conv_body_first = _conv_layer(cfg.fx_channels, ch, 1, taps)
-        self.conv_body_down = nn.ModuleList(_DownResBlock(ch, ch, taps) for _ in range(cfg.levels))
-        self.final_conv = _conv_layer(ch, ch, 3, taps)
+        self.conv_body_first = ConvLayer(cfg.fx_channels, ch, 1, taps=taps)
+        self.conv_body_down = nn.ModuleList(ResBlock(ch, ch, taps) for _ in range(cfg.levels))
+        self.final_conv = ConvLayer(ch, ch, 3, taps=taps)
         self.conv_body_up = nn.ModuleList(_UpResBlock(ch, ch, taps) for _ in range(cfg.levels))
         self.linear_3dmm = nn.Sequential(nn.Linear(cfg.descriptor_dim, ch), nn.LeakyReLU(0.1), nn.Linear(ch, ch))
         self.inject_3dmm = nn.ModuleList(_AdaINResBlock(ch, ch, cfg.adain_hidden) for _ in range(cfg.levels))
