@@ -280,6 +280,9 @@ def test_stage2_loss_down_export_loads_into_engine(tmp_path, ds128, tiny_bundle)
         assert torch.equal(model.calibrator.state_dict()[k], v.cpu()), k
     # 2) the bundle, rendered by the engine
     eng = Engine.from_bundle(exp / "styleheat.safetensors", device="cpu")
+    live, ema = tr.parts["calibrator"].state_dict(), tr.ema["calibrator"].state_dict()
+    assert all(torch.equal(eng.model.calibrator.state_dict()[k], ema[k].cpu()) for k in ema)   # EMA exported
+    assert any(not torch.equal(live[k], ema[k]) for k in ema)                                 # live restored
     img = ((np.stack(np.meshgrid(np.arange(128), np.arange(128)), -1).sum(-1) % 255)[..., None]
            .repeat(3, -1)).astype(np.uint8)
     ident = eng.prepare_identity(img)

@@ -297,11 +297,12 @@ SYNC_FACE = 96
 
 
 def sync_faces(frames: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """frames (B, 5, 3, H, W) in [-1, 1] and face boxes (B, 5, 4) -> SyncNet input (B, 15, 48, 96) in [0, 1]:
-    96x96 crops, lower half, the 5 frames stacked on channels (Wav2Lip's order)."""
+    """frames (B, 5, 3, H, W) RGB in [-1, 1] and face boxes (B, 5, 4) -> SyncNet input (B, 15, 48, 96) in
+    [0, 1]: 96x96 crops, lower half, BGR channel order (Wav2Lip trained on cv2.imread images), the 5 frames
+    stacked on channels."""
     b, t = frames.shape[:2]
     crops = crop_boxes(frames.flatten(0, 1), boxes.flatten(0, 1), SYNC_FACE)       # (B*T, 3, 96, 96)
-    crops = ((crops + 1) / 2).clamp(0, 1)[:, :, SYNC_FACE // 2:]
+    crops = ((crops.flip(1) + 1) / 2).clamp(0, 1)[:, :, SYNC_FACE // 2:]
     return crops.reshape(b, t * 3, SYNC_FACE // 2, SYNC_FACE)
 
 

@@ -519,10 +519,17 @@ class Trainer:
         if self.model is not None:
             from server import weights
 
-            model = copy.deepcopy(self.model).cpu()
-            load_parts({n: getattr(model, n) for n in PREFIX}, net, "export")
-            bundle = d / "styleheat.safetensors"
-            weights.save_bundle(bundle, model, sources={"trained": f"styleheat train stage {self.cfg.stage}, step {self.step}"})
+            # swap the EMA weights in for the save (no copy of the frozen multi-GB parts), then restore
+            live = {n: _cpu(self.parts[n].state_dict()) for n in self.ema}
+            try:
+                for n, ema in self.ema.items():
+                    self.parts[n].load_state_dict(ema.state_dict())
+                bundle = d / "styleheat.safetensors"
+                weights.save_bundle(bundle, self.model,
+                                    sources={"trained": f"styleheat train stage {self.cfg.stage}, step {self.step}"})
+            finally:
+                for n, sd in live.items():
+                    self.parts[n].load_state_dict(sd)
             written["bundle"] = bundle
         return written
 
