@@ -420,3 +420,12 @@ def test_train_command_errors(tmp_path, capsys, ds256):
     assert main(["train", "--stage", "video_warper", "--data", str(ds256), "--vgg19", str(tmp_path / "v.pth")]) == 2
     assert "VGG-19 weights not found" in capsys.readouterr().err
     assert main(["train"]) == 2
+
+
+def test_proxy_coefficients():
+    from training.trainer import proxy_coeffs
+
+    src, drv = torch.randn(2, 73, 27), torch.randn(2, 73, 27)
+    out = proxy_coeffs(src, drv)
+    assert torch.equal(out[:, :64], src[:, :64]) and torch.equal(out[:, 64:], drv[:, 64:])
+    assert not torch.equal(drv[:, :64], out[:, :64])                 # the driving input is not modified

@@ -91,6 +91,18 @@ def load_parts(modules: Mapping[str, nn.Module | None], net: Mapping[str, torch.
     return loaded
 
 
+EXPRESSION_DIMS = 64
+
+
+def proxy_coeffs(source: torch.Tensor, driving: torch.Tensor) -> torch.Tensor:
+    """Paper Fig. 5: 3DMM windows (B, 73, T) with the source's expression (rows 0-63) and the driving
+    frame's pose, translation and crop (rows 64-72); the VideoWarper turns them into the proxy image
+    whose mouth the AudioWarper has to move."""
+    out = driving.clone()
+    out[:, :EXPRESSION_DIMS] = source[:, :EXPRESSION_DIMS]
+    return out
+
+
 # ------------------------------------------------------------------------------------------- images
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -348,9 +360,7 @@ class Trainer:
         r = self.store.resolution
         src = resize(b["source"], INPUT_SIZE).repeat_interleave(t, 0)
         gt = resize(b["targets"].flatten(0, 1), INPUT_SIZE)
-        tc = b["target_coeffs"].flatten(0, 1)
-        mixed = tc.clone()
-        mixed[:, :64] = b["source_coeffs"].repeat_interleave(t, 0)[:, :64]       # expression of the source
+        mixed = proxy_coeffs(b["source_coeffs"].repeat_interleave(t, 0), b["target_coeffs"].flatten(0, 1))
         with torch.no_grad(), self._autocast():
             proxy = self.parts["video_warper"](src, mixed)["warp_image"].float()
         with self._autocast():
@@ -383,8 +393,7 @@ class Trainer:
             inv = model.prepare_from_codes(wx, ix_e4e, res)
         with self._autocast():
             if cfg.motion == "audio":
-                mixed = coeffs.clone()
-                mixed[:, :64] = torch.cat([b["source_coeffs"], b["target_coeffs"]])[:, :64]
+                mixed = proxy_coeffs(torch.cat([b["source_coeffs"], b["target_coeffs"]]), coeffs)
                 with torch.no_grad():
                     video = model.video_warper(inv.ix, mixed, with_warp_image=False)
                     fx_warp = flow.warp(inv.fx, flow.flow_to_deformation(video["flow_field"]))
