@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops import EqualLinear
+from models.ops import EqualLinear, FromStateDict
 
 COARSE_END = 3   # styles[0:3] read c3
 MIDDLE_END = 7   # styles[3:7] read p2, styles[7:] read p1
@@ -130,7 +130,7 @@ def upsample_add(x: torch.Tensor, lateral: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False) + lateral
 
 
-class Encoder4Editing(nn.Module):
+class Encoder4Editing(FromStateDict, nn.Module):
     """e4e encoder: image (B, 3, 256, 256) in [-1, 1] -> W+ (B, n_latent, style_dim).
 
     forward(image, latent_avg=None): with ``latent_avg`` ((n_latent, style_dim) or (style_dim,)) the
@@ -157,14 +157,6 @@ class Encoder4Editing(nn.Module):
         self.latlayer1 = nn.Conv2d(c2_ch, c3_ch, 1)
         self.latlayer2 = nn.Conv2d(c1_ch, c3_ch, 1)
         self.eval()  # inference only: BatchNorm must use its running statistics
-
-    @classmethod
-    def from_state_dict(cls, state_dict, config: E4EConfig | None = None) -> "Encoder4Editing":
-        """Build in eval mode directly from an official state dict (strict; tensors are adopted, not copied)."""
-        with torch.device("meta"):
-            module = cls(config)
-        module.load_state_dict(state_dict, strict=True, assign=True)
-        return module.eval()
 
     def forward(self, image: torch.Tensor, latent_avg: torch.Tensor | None = None) -> torch.Tensor:
         size = self.config.input_size

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.e4e import BottleneckIR, Encoder4Editing
-from models.ops import EqualConv2d, ScaledLeakyReLU
+from models.ops import EqualConv2d, FromStateDict, ScaledLeakyReLU
 from models.stylegan2 import Generator
 
 IMAGE_SIZE = 256
@@ -65,7 +65,7 @@ def _units(*specs: tuple[int, int, int]) -> nn.Sequential:
     return nn.Sequential(*[BottleneckIR(i, o, s) for i, o, s in specs])
 
 
-class ResidualAligner(nn.Module):
+class ResidualAligner(FromStateDict, nn.Module):
     """HFGI ADA: cat(res, ix) (B, 6, 256, 256) -> aligned residual (B, 3, 256, 256).
 
     U-Net of IR units: encoder 256 -> 128 -> 64 -> 32; decoder upsamples bilinearly (align_corners=False)
@@ -98,16 +98,8 @@ class ResidualAligner(nn.Module):
         d = resize(self.dconv_layer2(torch.cat((d, feat2), 1)), feat1.shape[-1])
         return self.dconv_layer3(torch.cat((d, feat1), 1))
 
-    @classmethod
-    def from_state_dict(cls, state_dict, config: HFGIConfig | None = None):
-        """Build in eval mode directly from an official state dict (strict; tensors are adopted, not copied)."""
-        with torch.device("meta"):
-            module = cls(config)
-        module.load_state_dict(state_dict, strict=True, assign=True)
-        return module.eval()
 
-
-class ResidualEncoder(nn.Module):
+class ResidualEncoder(FromStateDict, nn.Module):
     """HFGI consultation encoder: aligned residual (B, 3, 256, 256) -> [scale, shift], each (B, C, 64, 64).
 
     Each head: EqualConv2d 3x3 -> ScaledLeakyReLU(0.2) -> EqualConv2d 3x3, then a bilinear resize to 64x64
@@ -136,14 +128,6 @@ class ResidualEncoder(nn.Module):
         scale = resize(self.condition_scale3(feat), CONDITION_SIZE)
         shift = resize(self.condition_shift3(feat), CONDITION_SIZE)
         return [scale, shift]
-
-    @classmethod
-    def from_state_dict(cls, state_dict, config: HFGIConfig | None = None):
-        """Build in eval mode directly from an official state dict (strict; tensors are adopted, not copied)."""
-        with torch.device("meta"):
-            module = cls(config)
-        module.load_state_dict(state_dict, strict=True, assign=True)
-        return module.eval()
 
 
 class Encoded(NamedTuple):

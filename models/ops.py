@@ -17,7 +17,8 @@ Shapes: B = batch, C = channels, H/W = spatial size; all tensors NCHW float.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,21 @@ from torch import nn
 
 SQRT2 = math.sqrt(2.0)
 DEFAULT_FIR = (1, 3, 3, 1)
+
+
+class FromStateDict:
+    """Mixin for networks built as ``cls(config)``: :meth:`from_state_dict` builds one from weights."""
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config=None) -> Self:
+        """Build in eval mode directly from an official state dict (strict; tensors are adopted, not copied).
+
+        The module is constructed on the meta device, so no memory is spent on initial weights.
+        """
+        with torch.device("meta"):
+            module = cls(config)
+        module.load_state_dict(state_dict, strict=True, assign=True)
+        return module.eval()
 
 
 def make_fir_kernel(taps: Sequence[float] = DEFAULT_FIR, gain: float = 1.0) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from models import flow
-from models.ops import ConstantInput, EqualLinear, PixelNorm, StyledConv, ToRGB
+from models.ops import ConstantInput, EqualLinear, FromStateDict, PixelNorm, StyledConv, ToRGB
 
 F_RES = 64          # resolution of the StyleHEAT feature space
 F_INDEX = 7         # latent index of the 64x64 upsampling conv (official warping/refining index)
@@ -89,7 +89,7 @@ class StyleGAN2Config:
         return self.channels(F_RES)
 
 
-class Generator(nn.Module):
+class Generator(FromStateDict, nn.Module):
     """StyleGAN2 synthesis network with StyleHEAT's F-space conditions (see module docstring).
 
     forward(wplus (B, n_latent, style_dim) or (B, style_dim), *, inversion_condition=None (scale, shift),
@@ -126,14 +126,6 @@ class Generator(nn.Module):
         for idx in range(cfg.num_noise_layers):
             res = 2 ** ((idx + 5) // 2)
             self.noises.register_buffer(f"noise_{idx}", torch.zeros(1, 1, res, res))
-
-    @classmethod
-    def from_state_dict(cls, state_dict, config: StyleGAN2Config | None = None) -> "Generator":
-        """Build in eval mode directly from an official state dict (strict; tensors are adopted, not copied)."""
-        with torch.device("meta"):
-            module = cls(config)
-        module.load_state_dict(state_dict, strict=True, assign=True)
-        return module.eval()
 
     # ------------------------------------------------------------------ helpers
     def mapping(self, z: torch.Tensor) -> torch.Tensor:

@@ -238,6 +238,23 @@ def test_early_stop_returns_the_accumulated_skip():
         g.synthesize_from_64(fx, skip32, w, out_size=96)
 
 
+def test_from_state_dict_adopts_weights_strictly_in_eval_mode():
+    src = Generator(StyleGAN2Config.tiny()).eval()
+    sd = {k: v + 0.01 if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    g = Generator.from_state_dict(sd, StyleGAN2Config.tiny())
+    assert isinstance(g, Generator) and not g.training
+    assert all(t.device.type == "cpu" for t in g.state_dict().values())  # nothing left on the meta device
+    assert g.state_dict()["input.input"].data_ptr() == sd["input.input"].data_ptr()  # adopted, not copied
+    w = torch.randn(1, g.n_latent, g.style_dim)
+    src.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(g(w)[0], src(w)[0], atol=0, rtol=0)
+    bad = dict(sd)
+    bad.pop("conv1.activate.bias")
+    with pytest.raises(RuntimeError, match="conv1.activate.bias"):
+        Generator.from_state_dict(bad, StyleGAN2Config.tiny())
+
+
 # ----------------------------------------------------------------------------- full size
 def test_full_size_state_dict_matches_official_layout(official_layout):
     with torch.device("meta"):
