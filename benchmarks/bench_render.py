@@ -1,0 +1,591 @@
+#!/usr/bin/env python
+"""Per-frame render benchmark: the official StyleHEAT per-frame procedure vs the engine's fast path.
+
+One run, one machine, interleaved rounds (so load changes hit both sides alike):
+
+(a) official: ``StyleHEAT.official_forward`` with the cached inversion (as the official ``inference.py``
+    calls ``StyleHEAT.forward(..., inv_data=..., imsize=1024)``): VideoWarper (with its warp image), a full
+    generator pass from 4x4 for the ``video_warp_img`` debug output, CalibrationNet, the final full pass
+    from 4x4; batch 1, float32.
+(b) engine: VideoWarper (no debug image) -> warp(fx) -> CalibrationNet -> refine -> ONE synthesis from the
+    cached 64x64 state with weights folded per identity (models.fastpath.FoldedSynthesis), batched;
+    float32 and bfloat16, at the native size and the 512 / 256 previews.
+
+Weights: the seeded reference weights (server.reference rule on shared/reference/official_checkpoints.json;
+only the generator, VideoWarper and CalibrationNet are built) and the official HFGI inversion of the seeded
+source image from vectors_seed0.npz, so the float32 engine frame is also checked against the official
+``fake_image_1024_f16`` vector. ``--tiny``: tiny configs with random weights (seconds; for tests).
+
+Prints a table; ``--json`` prints one JSON object instead (keys in benchmarks/README.md). Timings are the
+best (minimum) per-frame time over the rounds. Never used to assert anything about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models import flow  # noqa: E402
+from models.calibration import CalibrationConfig, CalibrationNet  # noqa: E402
+from models.fastpath import FoldedSynthesis, bf16_supported, synthesis_macs  # noqa: E402
+from models.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
+from models.warper import VideoWarper, WarperConfig  # noqa: E402
+from server import reference  # noqa: E402
+
+SHARED = Path(os.environ.get("STYLEHEAT_SHARED", REPO.parent / "shared")).resolve()
+VISUAL = "checkpoints/StyleHEAT_visual.pt"
+STYLEGAN = "checkpoints/StyleGAN_e4e.pth"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# models and inputs
+# ----------------------------------------------------------------------------------------------------------
+def _load(module_cls, cfg, state_dict):
+    with torch.device("meta"):
+        m = module_cls(cfg)
+    m.load_state_dict(state_dict, strict=True, assign=True)
+    return m.eval()
+
+
+def _seeded_prefix(layout, file, part, prefix, seed=0):
+    """Only the entries of one sub-module (prefix stripped): avoids building the 1.5 GB visual checkpoint."""
+    spec = layout["files"][file]["parts"][part]
+    fixed = spec.get("fixed", {})
+    sp = spec.get("seed_prefix", "")
+    return {key[len(prefix):]: reference.seeded_tensor(seed, sp + key, shape, dtype, std, fixed.get(key))
+            for key, shape, dtype, std in spec["entries"] if key.startswith(prefix)}
+
+
+class Setup:
+    """Networks + one identity's cached state (batch 1) + a base driving window."""
+
+    def __init__(self, tiny: bool, device: torch.device):
+        self.tiny = tiny
+        self.device = device
+        if tiny:
+            torch.manual_seed(0)
+            self.gen = Generator(StyleGAN2Config.tiny()).eval()
+            self.warper = VideoWarper(WarperConfig.tiny()).eval()
+            self.calib = CalibrationNet(CalibrationConfig.tiny()).eval()
+            g = torch.Generator().manual_seed(1)
+            c = self.gen.config.fx_channels
+            self.ix = torch.tanh(torch.randn(1, 3, 256, 256, generator=g))
+            self.wx = 0.5 * torch.randn(1, self.gen.n_latent, self.gen.style_dim, generator=g)
+            self.cond = (0.1 * torch.randn(1, c, 64, 64, generator=g), 0.1 * torch.randn(1, c, 64, 64, generator=g))
+            self.coeffs = 0.3 * torch.randn(1, 73, 27, generator=g)
+            self.vectors = None
+        else:
+            layout = reference.load_layout(SHARED / "reference" / "official_checkpoints.json")
+            self.gen = Generator.from_state_dict(reference.seeded_part(layout, STYLEGAN, "", 0))
+            self.warper = _load(VideoWarper, WarperConfig(), _seeded_prefix(layout, VISUAL, "net_G_ema", "video_warper."))
+            self.calib = _load(CalibrationNet, CalibrationConfig(), _seeded_prefix(layout, VISUAL, "net_G_ema", "calibrator."))
+            v = np.load(SHARED / "reference" / "vectors_seed0.npz")
+            self.vectors = {k: v[k] for k in ("fake_image_1024_f16",)}
+            self.ix = torch.from_numpy(v["hfgi_ix_256"])
+            self.wx = torch.from_numpy(v["hfgi_wx"])
+            self.cond = (torch.from_numpy(v["hfgi_inversion_condition_0_scale"]),
+                         torch.from_numpy(v["hfgi_inversion_condition_1_shift"]))
+            self.coeffs = torch.from_numpy(v["in_driving_3dmm"])
+        for m in (self.gen, self.warper, self.calib):
+            m.to(device)
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self.ix, self.wx, self.coeffs = self.ix.to(device), self.wx.to(device), self.coeffs.to(device)
+        self.cond = tuple(t.to(device) for t in self.cond)
+        with torch.no_grad():
+            self.fx, self.skip32 = self.gen.synthesize_to_64(self.wx, self.cond)   # per identity, cached
+        self.size = self.gen.size
+
+    def coeff_batch(self, b: int) -> torch.Tensor:
+        """b driving windows: the base one first, then small deterministic perturbations (other frames)."""
+        g = torch.Generator().manual_seed(b)
+        extra = 0.05 * torch.randn(b, 73, 27, generator=g).to(self.device)
+        extra[0] = 0
+        return self.coeffs.expand(b, -1, -1) + extra
+
+
+def official_runner(s: Setup):
+    """(a) models.styleheat's official_forward (CORE) when importable, else the same passes composed here."""
+    try:
+        from models.styleheat import StyleHEAT, StyleHEATConfig
+        if not hasattr(StyleHEAT, "official_forward"):
+            raise ImportError("no official_forward")
+        import dataclasses
+        base = StyleHEATConfig.tiny() if s.tiny else StyleHEATConfig()
+        cfg = dataclasses.replace(base, generator=s.gen.config, audio=False)
+        with torch.device("meta"):       # the inversion networks are not needed per frame: never materialised
+            sh = StyleHEAT(cfg)
+        sh.generator, sh.video_warper, sh.calibrator = s.gen, s.warper, s.calib
+        sh.eval()
+        inv = (s.ix, s.wx, s.fx, s.cond)
+
+        def run(coeffs):
+            return sh.official_forward(None, coeffs, inv_data=inv, imsize=s.size)["fake_image"]
+        return run, "models.styleheat.StyleHEAT.official_forward"
+    except ImportError as exc:
+        log(f"models.styleheat.official_forward unavailable ({exc}); composing the official passes here")
+
+    def run(coeffs):  # reference README quirk 6, pass for pass
+        video = s.warper(s.ix, coeffs)
+        d = flow.flow_to_deformation(video["flow_field"])
+        fx_warp = flow.warp(s.fx, d)
+        s.gen(s.wx, warping_condition=[d], inversion_condition=s.cond)          # video_warp_img (debug)
+        rc = s.calib(fx_warp, video["descriptor"])
+        img, _ = s.gen(s.wx, f_condition=s.fx, refining_condition=rc, warping_condition=[d],
+                       inversion_condition=s.cond)
+        return img
+    return run, "benchmarks.bench_render (composed per reference README quirk 6)"
+
+
+def engine_runner(s: Setup, folded: FoldedSynthesis):
+    """(b) warper -> warp -> calibration -> refine -> folded synthesis from the cached 64x64 state."""
+    def run(coeffs):
+        b = coeffs.shape[0]
+        video = s.warper(s.ix.expand(b, -1, -1, -1), coeffs, with_warp_image=False)
+        d = flow.flow_to_deformation(video["flow_field"])
+        fx_warp = flow.warp(s.fx.expand(b, -1, -1, -1), d)
+        rc = s.calib(fx_warp, video["descriptor"])
+        return folded(fx_warp * (1 + rc[6]) + rc[7], s.skip32)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurement helpers
+# ----------------------------------------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb(device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def timed(fn, arg, device):
+    """(wall seconds, CPU seconds of this process (all threads), output)."""
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        out = fn(arg)
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def measure_peak(device, quick: bool) -> dict:
+    """Large-matmul GFLOP/s in float32 and bfloat16 on this device (the achievable peak)."""
+    res = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        native = dt == torch.float32 or bf16_supported(device)
+        n = (4096 if device.type == "cuda" else 2048) if native else 512
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        best = float("inf")
+        for _ in range(2 if quick else 3):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        res[name] = 2 * n ** 3 / best / 1e9
+    return res
+
+
+def per_frame_flops_warper_calib(s: Setup) -> float:
+    """FLOPs per frame of warper + warp + calibration (counted by torch's FlopCounterMode, batch 1)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        video = s.warper(s.ix, s.coeffs, with_warp_image=False)
+        d = flow.flow_to_deformation(video["flow_field"])
+        s.calib(flow.warp(s.fx, d), video["descriptor"])
+    return float(fc.get_total_flops())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.double().cpu() - b.double().cpu()) ** 2).mean())
+    return 10 * math.log10(4.0 / mse) if mse > 0 else float("inf")   # [-1, 1] images: peak-to-peak 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transport: frames/s through the real server over loopback vs the engine alone (tiny-random model)
+# ----------------------------------------------------------------------------------------------------------
+def transport(frames: int, rounds: int = 3, timeout: float = 300.0) -> dict:
+    import cv2
+    import zmq
+
+    from server import protocol as P
+    from server.engine import Engine
+
+    rng = np.random.default_rng(0)
+    portrait = (rng.random((256, 256, 3)) * 255).astype(np.uint8)
+    rows = (0.2 * rng.standard_normal((frames + 26, 73))).astype(np.float32)
+    frame_ids = list(range(13, 13 + frames))
+    batch = 2
+
+    eng = Engine.tiny_random(seed=0, device="cpu")
+    ident = eng.prepare_identity(portrait).id
+    list(eng.render(ident, rows, frame_ids[:2], batch_size=batch))             # warm-up
+
+    def engine_once():
+        t0 = time.perf_counter()
+        n = sum(1 for _ in eng.render(ident, rows, frame_ids, batch_size=batch))
+        assert n == frames
+        return time.perf_counter() - t0
+
+    exe = Path(sys.executable).with_name("styleheat-server")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.app"]
+    proc = subprocess.Popen(cmd + ["--tiny-random", "--device", "cpu", "--bind", "tcp://127.0.0.1:*",
+                                   "--batch-size", str(batch)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+    err: list = []
+    threading.Thread(target=lambda: [err.append(x) for x in proc.stderr], daemon=True).start()
+    ctx = zmq.Context.instance()
+    sock = None
+    try:
+        endpoint = None
+        deadline = time.monotonic() + timeout
+        while endpoint is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if "listening on " in line:
+                endpoint = line.split("listening on ", 1)[1].split()[0]
+        if endpoint is None:
+            raise RuntimeError(f"styleheat-server did not start (rc {proc.poll()}): {''.join(err)[-800:]}")
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+
+        def recv(want_id):
+            while True:
+                if not sock.poll(int(timeout * 1000)):
+                    raise RuntimeError("no reply from the server")
+                header, parts = P.unpack(sock.recv_multipart(copy=False))
+                if header.get("id") != want_id:
+                    continue
+                if header.get("type") == P.ERROR:
+                    raise RuntimeError(f"server error: {header.get('code')}: {header.get('message')}")
+                return header, parts
+
+        sock.send_multipart(P.pack(P.request(P.HELLO, "h1", client="bench_render")))
+        recv("h1")
+        ok, png = cv2.imencode(".png", portrait[:, :, ::-1])
+        sock.send_multipart(P.pack(P.request(P.PREPARE, "p1", align=False), [png.tobytes()]))
+        sid = recv("p1")[0]["identity"]
+
+        def server_once(tag):
+            parts: list = []
+            rid = f"r{tag}"
+            fields = {"identity": sid, "rows": P.array_field(rows, parts), "first_frame": 0,
+                      "frames": frame_ids, "encoding": "raw", "credit": P.MAX_CREDIT}
+            t0 = time.perf_counter()
+            sock.send_multipart(P.pack(P.request(P.RENDER, rid, **fields), parts))
+            got = 0
+            while True:
+                header, fparts = recv(rid)
+                if header["type"] == P.FRAME:
+                    got += 1
+                    sock.send_multipart(P.pack(P.request(P.CREDIT, rid, frames=1)))
+                    P.decode_raw_frame(header, fparts[0])
+                elif header["type"] == P.DONE:
+                    break
+            if got != frames:
+                raise RuntimeError(f"server sent {got} of {frames} frames")
+            return time.perf_counter() - t0
+
+        server_once("warm")
+        t_eng, t_srv = [], []
+        for k in range(rounds):                    # interleaved
+            t_eng.append(engine_once())
+            t_srv.append(server_once(k))
+        sock.send_multipart(P.pack(P.request(P.SHUTDOWN, "bye")))
+    finally:
+        if sock is not None:
+            sock.close(0)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    te, ts = min(t_eng), min(t_srv)
+    return {"model": "tiny-random (engine alone and styleheat-server --tiny-random)", "frames": frames,
+            "size": eng.native_size, "encoding": "raw", "batch_size": batch,
+            "engine_fps": frames / te, "server_fps": frames / ts, "overhead_pct": (ts / te - 1.0) * 100.0,
+            "engine_s": t_eng, "server_s": t_srv, "timing": "minimum over interleaved rounds"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    log(f"building {'tiny' if args.tiny else 'full-size seeded'} networks on {device}")
+    s = Setup(args.tiny, device)
+    native = s.size
+    sizes = [x for x in (native, native // 2, native // 4) if x >= 64]   # 1024, 512, 256 (tiny: 128, 64)
+    rounds = args.rounds or (1 if args.tiny else 2 if args.quick else 3)
+    batches = ([int(b) for b in args.batches.split(",")] if args.batches
+               else [1, 2] if (args.quick or args.tiny) else [1, 2, 4])
+    if 1 not in batches:
+        batches.insert(0, 1)                     # batch 1 is always measured (speed-up at batch 1, parity, PSNR)
+    bf16_native = bf16_supported(device)
+    # bf16 without native support is emulated (tens of times slower): one honest sample at the native size
+    bf16_sizes = sizes if (bf16_native or args.tiny) else [native]
+    bf16_batches = batches if (bf16_native or args.tiny) else [1]
+    cl = not args.no_channels_last
+
+    official, official_name = official_runner(s)
+    log(f"official procedure: {official_name}")
+
+    folded: dict = {}
+    t0 = time.perf_counter()
+    for size in sizes:
+        folded[(size, "fp32")] = FoldedSynthesis.build(s.gen, s.wx, out_size=size, channels_last=cl,
+                                                       compile=args.compile, cuda_graphs=args.cuda_graphs)
+    for size in bf16_sizes:
+        folded[(size, "bf16")] = FoldedSynthesis.build(s.gen, s.wx, out_size=size, dtype=torch.bfloat16,
+                                                       channels_last=cl, compile=args.compile,
+                                                       cuda_graphs=args.cuda_graphs)
+    fold_s = (time.perf_counter() - t0) / len(folded)
+    configs = [(size, "fp32", b) for size in sizes for b in batches]
+    configs += [(size, "bf16", b) for size in bf16_sizes for b in bf16_batches]
+    runners = {k: engine_runner(s, f) for k, f in folded.items()}
+
+    times: dict = {"official": []}
+    times.update({c: [] for c in configs})
+    cpu_times: dict = {k: [] for k in times}
+    peaks: dict = {}
+    outputs: dict = {}
+    for r in range(rounds):
+        log(f"round {r + 1}/{rounds}: official {native}^2")
+        reset_peak(device)
+        dt, ct, img = timed(official, s.coeff_batch(1), device)
+        peaks["official"] = max(peaks.get("official") or 0, peak_mb(device) or 0)
+        times["official"].append(dt)
+        cpu_times["official"].append(ct)
+        outputs.setdefault("official", img)
+        for c in configs:
+            size, dtn, b = c
+            if dtn == "bf16" and not (bf16_native or args.tiny) and r > 0:
+                continue                                           # emulated bf16: one sample only
+            log(f"round {r + 1}/{rounds}: engine {size}^2 {dtn} batch {b}")
+            reset_peak(device)
+            dt, ct, img = timed(runners[(size, dtn)], s.coeff_batch(b), device)
+            peaks[c] = max(peaks.get(c) or 0, peak_mb(device) or 0)
+            times[c].append(dt / b)
+            cpu_times[c].append(ct / b)
+            if b == 1:
+                outputs.setdefault((size, dtn), img)
+
+    best = {k: min(v) for k, v in times.items() if v}
+    best_cpu = {k: min(v) for k, v in cpu_times.items() if v}
+    t_off = best["official"]
+
+    def best_batch(size, dtn):
+        cands = [(best[(size, dtn, b)], b) for b in batches if (size, dtn, b) in best]
+        return min(cands) if cands else (None, None)
+
+    wc_flops = per_frame_flops_warper_calib(s)
+    flops_off = 2 * 2 * synthesis_macs(s.gen, native, from_res=4)["total"] + wc_flops
+    peak = measure_peak(device, args.quick or args.tiny)
+    # emulated bfloat16 runs on the fp32 units: judge it against the fp32 peak there
+    peak_for = {"fp32": peak["fp32"], "bf16": peak["bf16"] if bf16_native else peak["fp32"]}
+
+    rows = []
+    for size in sizes:
+        for dtn in ("fp32", "bf16"):
+            for b in batches:
+                c = (size, dtn, b)
+                if c not in best:
+                    continue
+                flops = 2 * synthesis_macs(s.gen, size)["total"] + wc_flops
+                rows.append({"size": size, "dtype": dtn, "batch": b, "s_per_frame": best[c],
+                             "wall_samples_s": times[c], "cpu_s_per_frame": best_cpu[c],
+                             "speedup_vs_official_cpu_time": best_cpu["official"] / best_cpu[c],
+                             "samples": len(times[c]), "speedup_vs_official": t_off / best[c],
+                             "gflop_per_frame": flops / 1e9, "gflops": flops / best[c] / 1e9,
+                             "pct_of_peak": 100 * flops / best[c] / 1e9 / peak_for[dtn],
+                             "peak_mb": peaks.get(c)})
+
+    # correctness of what was timed
+    ref_img = outputs["official"]
+    fp32_img = outputs[(native, "fp32")]
+    cmp_off = reference.compare("engine_fp32_vs_official", fp32_img, ref_img.cpu().numpy())
+    checks = {"engine_fp32_vs_official": {"max_abs": cmp_off.max_abs, "tol": cmp_off.tolerance, "ok": cmp_off.ok}}
+    if s.vectors is not None:
+        for name, img in (("official_vs_vector", ref_img), ("engine_fp32_vs_vector", fp32_img)):
+            c = reference.compare(name, img, s.vectors["fake_image_1024_f16"])
+            checks[name] = {"max_abs": c.max_abs, "tol": c.tolerance, "ok": c.ok}
+    psnr_bf16 = psnr(outputs[(native, "bf16")], fp32_img)
+
+    t1, b1 = best_batch(native, "fp32")
+    t2, b2 = best_batch(native, "bf16")
+    t3, b3 = best_batch(sizes[-1], "fp32")
+    result = {
+        "config": "tiny (random weights)" if args.tiny else "full-size seeded reference weights",
+        "native_size": native, "sizes": sizes,
+        "official_procedure": official_name,
+        "official_s_per_frame": t_off, "official_samples": len(times["official"]),
+        "official_wall_samples_s": times["official"], "official_cpu_s_per_frame": best_cpu["official"],
+        "official_gflop_per_frame": flops_off / 1e9,
+        "official_gflops": flops_off / t_off / 1e9, "official_pct_of_peak_fp32": 100 * flops_off / t_off / 1e9 / peak["fp32"],
+        "official_peak_mb": peaks.get("official"),
+        "speedup_1024_fp32": t_off / t1, "speedup_1024_fp32_batch": b1,
+        "speedup_1024_fp32_batch1": t_off / best[(native, "fp32", 1)],
+        "speedup_1024_bf16": t_off / t2, "speedup_1024_bf16_batch": b2,
+        "speedup_256_vs_official_1024": t_off / t3, "speedup_256_batch": b3,
+        # the same ratios from process CPU time (robust to other processes sharing the cores; CPU only)
+        "cpu_time_speedups": {"1024_fp32": best_cpu["official"] / min(best_cpu[(native, "fp32", b)] for b in batches),
+                              "1024_bf16": best_cpu["official"] / min(best_cpu[(native, "bf16", b)] for b in batches
+                                                                      if (native, "bf16", b) in best_cpu),
+                              "256_vs_official_1024": best_cpu["official"] / min(best_cpu[(sizes[-1], "fp32", b)]
+                                                                                 for b in batches)},
+        "psnr_bf16_vs_fp32_1024": psnr_bf16,
+        "bf16_native": bf16_native,
+        "peak_gflops": peak,
+        "warper_calibration_gflop_per_frame": wc_flops / 1e9,
+        "fold_seconds_per_identity_and_size": fold_s,
+        "engine": rows, "checks": checks,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "channels_last": cl, "compile": args.compile, "cuda_graphs": args.cuda_graphs, "rounds": rounds,
+        "timing": "minimum over interleaved rounds, per frame (batch time / batch)",
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+        result["cpu"] = cpu_name()
+    else:
+        result["cpu"] = f"{cpu_name()} ({os.cpu_count()} logical cores, load avg {os.getloadavg()[0]:.1f})"
+    if args.tiny:
+        result["note"] = (f"--tiny: native size {native}; the *_1024 keys hold native-size numbers and "
+                          f"speedup_256_vs_official_1024 the {sizes[-1]}^2 preview")
+    if args.no_server:
+        result["transport_overhead_pct"] = None
+        result["transport"] = "skipped (--no-server)"
+    else:
+        log("transport: engine alone vs styleheat-server over loopback (tiny-random)")
+        tr = transport(args.transport_frames or (6 if args.tiny else 24), rounds=1 if args.tiny else 3)
+        result["transport"] = tr
+        result["transport_overhead_pct"] = tr["overhead_pct"]
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
+
+
+def print_table(r: dict) -> None:
+    print(f"StyleHEAT per-frame render benchmark ({r['config']}) on {r.get('gpu') or r['cpu']}")
+    print(f"torch {r['torch']}, {r['threads']} threads, device {r['device']}, bf16 native: {r['bf16_native']}; "
+          f"measured peak (matmul): fp32 {r['peak_gflops']['fp32']:.0f} GFLOP/s, "
+          f"bf16 {r['peak_gflops']['bf16']:.0f} GFLOP/s")
+    print(f"(a) official ({r['official_procedure']}): {r['official_s_per_frame']:.3f} s/frame at "
+          f"{r['native_size']}^2, {r['official_gflop_per_frame']:.0f} GFLOP/frame, {r['official_gflops']:.1f} GFLOP/s "
+          f"({r['official_pct_of_peak_fp32']:.0f}% of fp32 peak), peak mem {r['official_peak_mb'] or 0:.0f} MB")
+    print("(b) engine: size dtype batch   s/frame  speed-up  GFLOP/frame  GFLOP/s  %peak  peak MB")
+    for e in r["engine"]:
+        print(f"    {e['size']:>9d} {e['dtype']:>5s} {e['batch']:>5d} {e['s_per_frame']:9.3f} {e['speedup_vs_official']:8.2f}x"
+              f" {e['gflop_per_frame']:11.1f} {e['gflops']:8.1f} {e['pct_of_peak']:5.0f}% {e['peak_mb'] or 0:8.0f}")
+    print(f"speed-ups: {r['native_size']}^2 fp32 {r['speedup_1024_fp32']:.2f}x (batch {r['speedup_1024_fp32_batch']}), "
+          f"bf16 {r['speedup_1024_bf16']:.2f}x, {r['sizes'][-1]}^2 preview vs official {r['native_size']}^2 "
+          f"{r['speedup_256_vs_official_1024']:.2f}x")
+    cs = r["cpu_time_speedups"]
+    print(f"same ratios from process CPU time: fp32 {cs['1024_fp32']:.2f}x, bf16 {cs['1024_bf16']:.2f}x, "
+          f"preview {cs['256_vs_official_1024']:.2f}x")
+    print(f"bf16 vs fp32 PSNR at {r['native_size']}^2: {r['psnr_bf16_vs_fp32_1024']:.1f} dB")
+    for k, v in r["checks"].items():
+        print(f"check {k}: max|a-b| {v['max_abs']:.2e} (tol {v['tol']:.1e}) {'ok' if v['ok'] else 'FAIL'}")
+    if isinstance(r["transport"], dict):
+        t = r["transport"]
+        print(f"transport ({t['model']}, {t['frames']} frames {t['size']}^2 raw): engine {t['engine_fps']:.1f} fps, "
+              f"server {t['server_fps']:.1f} fps, overhead {t['overhead_pct']:.1f}%")
+    else:
+        print(f"transport: {r['transport']}")
+    print(f"wall time {r['wall_s']:.0f} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smallest honest run: 2 rounds, batches 1,2")
+    p.add_argument("--tiny", action="store_true", help="tiny configs, random weights (seconds; for tests)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3; quick 2; tiny 1)")
+    p.add_argument("--batches", default=None, help="engine batch sizes, comma separated (default 1,2,4; quick/tiny 1,2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-channels-last", action="store_true", help="engine path in NCHW instead of channels_last")
+    p.add_argument("--compile", action="store_true", help="CUDA only: torch.compile the folded synthesis")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA only: replay the folded synthesis as CUDA graphs")
+    p.add_argument("--no-server", action="store_true", help="skip the transport measurement")
+    p.add_argument("--transport-frames", type=int, default=None, help="frames per transport measurement (24; tiny 6)")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    args = p.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    result = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print_table(result)
+    return 0 if all(c["ok"] for c in result["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
