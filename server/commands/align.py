@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from server.commands._output import reject_output_file
+
 NAME = "align"
 HELP = "detect the face in a photo and write the FFHQ-aligned 1024x1024 portrait (PNG)"
 DESCRIPTION = (
@@ -31,11 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from server.align import NoFaceError, align_portrait, read_image
 
     out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        print(f"styleheat align: --out must be a .png file, got {out}", file=sys.stderr)
-        return 2
-    if not out.parent.is_dir():
-        print(f"styleheat align: output folder {out.parent} does not exist", file=sys.stderr)
+    if reject_output_file(NAME, out, ".png"):
         return 2
     try:
         image = read_image(args.image)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.commands._output import reject_output_file
+
 NAME = "audio2exp"
 HELP = "turn speech audio into a motion file (64 expression coefficients per frame, SadTalker Audio2Exp)"
 DESCRIPTION = (
@@ -95,11 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from server.paths import resolve_checkpoint_dir
 
     out = Path(args.out)
-    if out.suffix.lower() != ".json":
-        print(f"styleheat audio2exp: --out must be a .json motion file, got {out}", file=sys.stderr)
-        return 2
-    if not out.parent.is_dir():
-        print(f"styleheat audio2exp: output folder {out.parent} does not exist", file=sys.stderr)
+    if reject_output_file(NAME, out, ".json", "motion file"):
         return 2
     if args.frames is not None and args.frames < 1:
         print("styleheat audio2exp: --frames must be at least 1", file=sys.stderr)

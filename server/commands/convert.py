@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from server.commands._model_args import add_checkpoint_arguments, checkpoint_dir, read_config
+from server.commands._output import reject_output_file
 
 NAME = "convert"
 HELP = "convert the official StyleHEAT checkpoints into one safetensors bundle"
@@ -25,11 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from server import weights
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        print(f"styleheat convert: --out should end in .safetensors, got {out}", file=sys.stderr)
-        return 2
-    if not out.parent.is_dir():
-        print(f"styleheat convert: output folder {out.parent} does not exist", file=sys.stderr)
+    if reject_output_file(NAME, out, ".safetensors", "bundle file"):
         return 2
     directory, origin = checkpoint_dir(args.checkpoints)
     t0 = time.time()

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from server.commands._output import reject_output_file
+
 NAME = "extract"
 HELP = "track the face in a driving video and write its per-frame 3DMM motion file (JSON)"
 DESCRIPTION = (
@@ -40,11 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from server.tracking import VideoError, probe_video, resample_rows, track_video
 
     out = Path(args.out)
-    if out.suffix.lower() != ".json":
-        print(f"styleheat extract: --out must be a .json motion file, got {out}", file=sys.stderr)
-        return 2
-    if not out.parent.is_dir():
-        print(f"styleheat extract: output folder {out.parent} does not exist", file=sys.stderr)
+    if reject_output_file(NAME, out, ".json", "motion file"):
         return 2
     if args.max_frames is not None and args.max_frames < 1:
         print("styleheat extract: --max-frames must be at least 1", file=sys.stderr)
