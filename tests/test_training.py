@@ -289,15 +289,23 @@ def test_stage2_loss_down_export_loads_into_engine(tmp_path, ds128, tiny_bundle)
     assert frames[0][1].shape[2] == 3 and frames[0][1].std() > 0
 
 
-def test_stage1b_audio_warper_loss_down(tmp_path, ds256_audio, tiny_bundle):
+def test_stage1b_audio_warper_loss_down_then_stage2_keeps_it(tmp_path, ds256_audio, ds128, tiny_bundle):
     bundle, _, _ = tiny_bundle
     tr = Trainer(tiny_cfg("audio_warper", ds256_audio, tmp_path / "run", init=str(bundle), steps=3,
                           mask_floor=[[0, 0.1]]))
     last = tr.run()
     assert {"loss/mouth_perceptual", "loss/mouth_l1", "loss/nonmouth_reg", "loss/sync"} <= set(last)
     assert eval_loss(tr, fixed_batch(tr)) < read_scalars(tmp_path / "run")[0]["loss/total"]
-    net = torch.load(tmp_path / "run" / "export" / "StyleHEAT_visual.pt", weights_only=True)["net_G_ema"]
+    exported = tmp_path / "run" / "export" / "StyleHEAT_visual.pt"
+    net = torch.load(exported, weights_only=True)["net_G_ema"]
     assert any(k.startswith("audio_warper.warpping_net.") for k in net)
+    # chain: stage 2 (video motion) warm-started from this export carries the trained AudioWarper along
+    s2 = Trainer(tiny_cfg("calibration", ds128, tmp_path / "s2", init=str(bundle), warm_start=[str(exported)], steps=1))
+    s2.run()
+    net2 = torch.load(tmp_path / "s2" / "export" / "StyleHEAT_visual.pt", weights_only=True)["net_G_ema"]
+    aw = [k for k in net if k.startswith("audio_warper.")]
+    assert aw and all(torch.equal(net2[k], net[k]) for k in aw)
+    assert any(not torch.equal(net2[k], net[k]) for k in net if k.startswith("calibrator."))
 
 
 def test_distributed_gloo_two_processes_match_one(tmp_path, ds256):

@@ -63,7 +63,12 @@ def _dist():
 # ------------------------------------------------------------------------------------------- weights
 def read_net_g_ema(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``net_G_ema`` dict of an exported/official StyleHEAT file (or of a training checkpoint's EMA)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise TrainingError(f"warm_start file {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise TrainingError(f"{path} cannot be read as a weights-only torch file ({type(e).__name__}: {e})") from None
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return {PREFIX[p] + k: v for p, sd in obj["ema"].items() for k, v in sd.items()}
     if not isinstance(obj, Mapping) or NET not in obj:
@@ -204,6 +209,7 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         mcfg = self._model_config()
+        warm = [(path, read_net_g_ema(path)) for path in cfg.warm_start]
         self.model: StyleHEAT | None = None
         if cfg.init:
             from server import weights
@@ -213,7 +219,10 @@ class Trainer:
                 model, _ = weights.load_bundle(p, device="cpu")
             else:
                 model, _ = weights.load_official(p, config=mcfg.with_audio(False), device="cpu")
-            if mcfg.audio and model.audio_warper is None:  # add a fresh AudioWarper (stage 1b trains it)
+            warm_audio = any(k.startswith(PREFIX["audio_warper"]) for w in warm for k in w[1])
+            if (mcfg.audio or warm_audio) and model.audio_warper is None:
+                # a fresh AudioWarper (stage 1b trains it), or a slot for a warm-started one so the
+                # export carries it along
                 from models.warper import AudioWarper
 
                 torch.manual_seed(cfg.seed)
@@ -237,8 +246,8 @@ class Trainer:
             parts = {"video_warper": VideoWarper(mcfg.video_warper).to(self.device), "audio_warper": None,
                      "calibrator": None}
         self.parts: dict[str, nn.Module | None] = parts
-        for path in cfg.warm_start:
-            got = load_parts(parts, read_net_g_ema(path), str(path))
+        for path, net in warm:
+            got = load_parts(parts, net, str(path))
             self.say(f"warm start: {', '.join(got) or 'nothing'} <- {path}")
         # which parts are trained, with which learning rate
         if cfg.stage == "video_warper":
