@@ -28,6 +28,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from models.ops import state_dict_mismatch
+
 __all__ = ["Audio2ExpConfig", "ConvBNBlock", "Audio2Exp", "load_state_dict_strict"]
 
 
@@ -122,13 +124,11 @@ class Audio2Exp(nn.Module):
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
     """Load ``state_dict`` into ``module``; on any mismatch raise ONE ValueError listing every missing,
     unexpected and mis-shaped key (``what`` names the checkpoint in the message)."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items()
-                 if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or misshaped:
+    mismatch = state_dict_mismatch(module, state_dict)
+    if mismatch:
+        missing, unexpected = mismatch.missing, mismatch.unexpected
+        misshaped = [f"{k}: checkpoint {got} vs model {want}" for k, got, want in mismatch.misshaped]
+
         def listing(label: str, items: list[str]) -> str:
             if not items:
                 return ""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Self
+from typing import NamedTuple, Self
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,36 @@ class FromStateDict:
             module = cls(config)
         module.load_state_dict(state_dict, strict=True, assign=True)
         return module.eval()
+
+
+class StateDictMismatch(NamedTuple):
+    """How a state dict differs from a module's: key lists, and (key, got, want) for wrong shapes.
+
+    ``got`` is the shape tuple, or the type name when the value is not a tensor.
+    """
+
+    missing: list[str]
+    unexpected: list[str]
+    misshaped: list[tuple[str, tuple[int, ...] | str, tuple[int, ...]]]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.misshaped)
+
+
+def state_dict_mismatch(module: nn.Module, state_dict: Mapping[str, object]) -> StateDictMismatch:
+    """Compare ``state_dict`` with ``module.state_dict()`` (keys and shapes); falsy when they agree."""
+    expected = module.state_dict()
+    misshaped = []
+    for k, v in expected.items():
+        if k not in state_dict:
+            continue
+        got = state_dict[k]
+        if not isinstance(got, torch.Tensor):
+            misshaped.append((k, type(got).__name__, tuple(v.shape)))
+        elif tuple(got.shape) != tuple(v.shape):
+            misshaped.append((k, tuple(got.shape), tuple(v.shape)))
+    return StateDictMismatch(missing=[k for k in expected if k not in state_dict],
+                             unexpected=[k for k in state_dict if k not in expected], misshaped=misshaped)
 
 
 def make_fir_kernel(taps: Sequence[float] = DEFAULT_FIR, gain: float = 1.0) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from models.deep3d import Deep3DConfig, ReconNet
+from models.ops import state_dict_mismatch
 
 #: relative paths inside a StyleHEAT ``checkpoints`` folder
 DEEP3D_CHECKPOINT = Path("Deep3D") / "epoch_20.pth"
@@ -214,12 +215,10 @@ def build_regressor(state: dict[str, torch.Tensor], *, source: str = "state dict
                     config: Deep3DConfig | None = None) -> ReconNet:
     """ReconNet with ``state`` loaded strictly; a mismatch raises :class:`CheckpointError` naming the keys."""
     net = ReconNet(config)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
+    mismatch = state_dict_mismatch(net, state)
+    if mismatch:
+        missing, unexpected = mismatch.missing, mismatch.unexpected
+        wrong = [f"{k} {got} != {want}" for k, got, want in mismatch.misshaped]
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")

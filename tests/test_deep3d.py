@@ -148,6 +148,10 @@ def test_checkpoint_errors_are_clear(tmp_path, seeded_state):
     wrong["final_layers.0.weight"] = torch.zeros(81, 2048, 1, 1)
     with pytest.raises(deep3d.CheckpointError, match="wrong shape"):
         deep3d.build_regressor(wrong)
+    not_tensor = dict(seeded_state)
+    not_tensor["final_layers.0.weight"] = [0.0] * 80  # e.g. a hand-edited file: a message, not AttributeError
+    with pytest.raises(deep3d.CheckpointError, match=r"1 with the wrong shape .*final_layers.0.weight list"):
+        deep3d.build_regressor(not_tensor)
     (tmp_path / "Deep3D").mkdir()
     torch.save({"something_else": {}}, tmp_path / "Deep3D" / "epoch_20.pth")
     with pytest.raises(deep3d.CheckpointError, match="no 'net_recon' entry"):
