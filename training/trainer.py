@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -34,7 +33,7 @@ from torch import nn
 
 from models import flow
 from models.styleheat import INPUT_SIZE, StyleHEAT, StyleHEATConfig, resize
-from models.warper import VideoWarper, WarperConfig, zero_upper_flow_
+from models.warper import VideoWarper, zero_upper_flow_
 from training import data as D
 from training import losses as L
 from training.config import TrainConfig
