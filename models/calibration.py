@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops import SQRT2, ConvLayer, EqualConv2d, FusedLeakyReLU, ResBlock, ScaledLeakyReLU
+from models.ops import SQRT2, ConvLayer, FusedLeakyReLU, ResBlock, sft_head
 from models.warper import AdaIN
 
 __all__ = ["CalibrationConfig", "CalibrationNet"]
@@ -113,11 +113,6 @@ class _AdaINResBlock(nn.Module):
         return self.norm2(self.conv2(x), z) + x
 
 
-def _sft_head(channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(EqualConv2d(channels, channels, 3, padding=1), ScaledLeakyReLU(),
-                         EqualConv2d(channels, out_channels, 3, padding=1))
-
-
 class CalibrationNet(nn.Module):
     """SFT condition generator.
 
@@ -136,8 +131,8 @@ class CalibrationNet(nn.Module):
         self.conv_body_up = nn.ModuleList(_UpResBlock(ch, ch, taps) for _ in range(cfg.levels))
         self.linear_3dmm = nn.Sequential(nn.Linear(cfg.descriptor_dim, ch), nn.LeakyReLU(0.1), nn.Linear(ch, ch))
         self.inject_3dmm = nn.ModuleList(_AdaINResBlock(ch, ch, cfg.adain_hidden) for _ in range(cfg.levels))
-        self.condition_scale = nn.ModuleList(_sft_head(ch, cfg.fx_channels) for _ in range(cfg.levels))
-        self.condition_shift = nn.ModuleList(_sft_head(ch, cfg.fx_channels) for _ in range(cfg.levels))
+        self.condition_scale = nn.ModuleList(sft_head(ch, ch, cfg.fx_channels) for _ in range(cfg.levels))
+        self.condition_shift = nn.ModuleList(sft_head(ch, ch, cfg.fx_channels) for _ in range(cfg.levels))
 
     def _check(self, fx_warp: torch.Tensor, descriptor: torch.Tensor) -> None:
         cfg = self.cfg

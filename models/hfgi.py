@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.e4e import BottleneckIR, Encoder4Editing
-from models.ops import EqualConv2d, FromStateDict, ScaledLeakyReLU
+from models.ops import FromStateDict, sft_head
 from models.stylegan2 import Generator
 
 IMAGE_SIZE = 256
@@ -115,10 +115,8 @@ class ResidualEncoder(FromStateDict, nn.Module):
         self.conv_layer1 = _stem(3, e1)
         self.conv_layer2 = _units((e1, e2, 2), (e2, e2, 1), (e2, e2, 1))
         self.conv_layer3 = _units((e2, e3, 2), (e3, e3, 1), (e3, e3, 1))
-        self.condition_scale3 = nn.Sequential(EqualConv2d(e3, c, 3, padding=1), ScaledLeakyReLU(0.2),
-                                              EqualConv2d(c, c, 3, padding=1))
-        self.condition_shift3 = nn.Sequential(EqualConv2d(e3, c, 3, padding=1), ScaledLeakyReLU(0.2),
-                                              EqualConv2d(c, c, 3, padding=1))
+        self.condition_scale3 = sft_head(e3, c, c)
+        self.condition_shift3 = sft_head(e3, c, c)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -333,6 +333,12 @@ class ToRGB(nn.Module):
         return out
 
 
+def sft_head(in_channels: int, hidden: int, out_channels: int) -> nn.Sequential:
+    """SFT scale or shift head: EqualConv2d 3x3 -> ScaledLeakyReLU(0.2) -> EqualConv2d 3x3 (keys 0.*, 2.*)."""
+    return nn.Sequential(EqualConv2d(in_channels, hidden, 3, padding=1), ScaledLeakyReLU(0.2),
+                         EqualConv2d(hidden, out_channels, 3, padding=1))
+
+
 class ConvLayer(nn.Sequential):
     """[Blur if downsample] -> EqualConv2d -> [FusedLeakyReLU | ScaledLeakyReLU] (official key indices)."""
 
