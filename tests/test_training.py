@@ -155,7 +155,7 @@ def test_sync_and_adversarial_known_answers():
     f = L.sync_faces(frames, boxes)
     assert f.shape == (1, 15, 48, 96) and float(f.min()) > 0.9
     # D that outputs 0 -> softplus(0) = log 2
-    d = L.Discriminator(L.DiscriminatorConfig.tiny())
+    d = L.freeze(L.Discriminator(L.DiscriminatorConfig.tiny()))
     with torch.no_grad():
         d.final_linear[1].weight.zero_()
         d.final_linear[1].bias.zero_()
