@@ -63,9 +63,23 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    with np.load(vectors) as z:
+    try:
+        z = np.load(vectors)  # allow_pickle stays False: a pickle is refused, never run
+    except (OSError, ValueError) as e:
+        z, why = None, str(e)
+    else:
+        why = "a single .npy array"
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        print(f"styleheat verify-reference: {vectors} is not a .npz reference vector file ({why}); pass one "
+              f"of the files in shared/reference (vectors_seed0.npz, ...)", file=sys.stderr)
+        return 2
+    with z:
         keys = set(z.files)
     kind, fn = _dispatch(keys)
+    if fn is None and kind == "unknown":
+        print(f"styleheat verify-reference: cannot verify {vectors}: its arrays ({', '.join(sorted(keys)[:6])}) "
+              f"are not those of a StyleHEAT, audio or Deep3D reference vector file", file=sys.stderr)
+        return 2
     if fn is None:
         print(f"styleheat verify-reference: {vectors} holds {kind} vectors, which this installation cannot "
               f"verify yet ({_MISSING[kind]} is not available)", file=sys.stderr)
@@ -81,7 +95,11 @@ def run(args) -> int:
     t0 = time.time()
     try:
         comparisons = fn(vectors, target)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except KeyError as e:
+        print(f"styleheat verify-reference: {vectors} has no array {e.args[0]!r}; is it an unmodified "
+              f"{kind} reference vector file?", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
         print(f"styleheat verify-reference: {e}", file=sys.stderr)
         return 2
     for c in comparisons:
