@@ -97,6 +97,8 @@ def iter_frames(path: str | os.PathLike, max_frames: int | None = None) -> Itera
 
 def smooth_along_time(values: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian smoothing along axis 0 (edges: nearest). ``sigma`` <= 0 returns a copy."""
+    if not math.isfinite(sigma):
+        raise ValueError(f"smoothing sigma must be a finite number of frames, got {sigma!r}")
     arr = np.asarray(values, dtype=np.float64)
     if sigma <= 0 or len(arr) < 2:
         return arr.copy()

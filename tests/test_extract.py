@@ -208,6 +208,11 @@ def test_extract_command_errors(video, checkpoint_dir, tmp_path, capsys):
                  "--checkpoints", str(checkpoint_dir)]) == 1
     assert "cannot open" in capsys.readouterr().err
     assert main(["extract", "--video", str(video), "--out", str(tmp_path / "m.txt")]) == 2
+    for flag, value in (("--smooth", "nan"), ("--smooth", "inf"), ("--landmark-sigma", "-1")):
+        assert main(["extract", "--video", str(video), "--out", str(tmp_path / "m.json"), flag, value]) == 2
+        assert "must be finite numbers >= 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="finite number of frames"):
+        tracking.smooth_along_time(np.zeros((4, 2)), float("nan"))
 
 
 def test_video_without_a_face(tmp_path, checkpoint_dir):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if args.fps is not None and not 0 < args.fps <= 240:
         print("styleheat extract: --fps must be between 0 and 240", file=sys.stderr)
         return 2
-    if args.smooth < 0 or args.landmark_sigma < 0:
-        print("styleheat extract: smoothing sigmas must be >= 0", file=sys.stderr)
+    if not (0 <= args.smooth < math.inf and 0 <= args.landmark_sigma < math.inf):
+        print(f"styleheat extract: --smooth and --landmark-sigma must be finite numbers >= 0 (frames), got "
+              f"{args.smooth:g} and {args.landmark_sigma:g}", file=sys.stderr)
         return 2
     root, origin = resolve_checkpoint_dir(args.checkpoints)
     try:
