@@ -382,6 +382,14 @@ def test_prepare_data_voxceleb_style(tmp_path, fixtures_dir, reference_dir):
     assert img.shape == (3, 256, 256) and float(img.std()) > 0.1
     wav, sr = read_audio(clip.path / "audio.wav")
     assert sr == 16000 and len(wav) == 4000
+    # HDTF-style: 512^2 frames of the same fixed box, landmarks scaled with them
+    assert main(["prepare-data", str(vdir / "00001.avi"), "--style", "hdtf", "--max-frames", "1", "--no-audio",
+                 "--out", str(tmp_path / "hd"), "--checkpoints", str(ck)]) == 0
+    hd = D.ClipStore(tmp_path / "hd")
+    assert hd.resolution == 512 and hd.clips[0].id == "00001" and not hd.clips[0].audio
+    # (the 3-frame clip's landmarks are smoothed over time, the 1-frame one's are not: a few pixels apart)
+    assert np.abs(np.asarray(hd.clips[0].landmarks[0]) - 2 * lm[0]).mean() < 4.0
+    assert hd.clips[0].image(0, 512).shape == (3, 512, 512)
     # bad input: a folder without videos
     (tmp_path / "empty").mkdir()
     assert main(["prepare-data", str(tmp_path / "empty"), "--out", str(tmp_path / "ds2"), "--checkpoints", str(ck)]) == 2
@@ -438,3 +446,16 @@ def test_bf16_autocast_step(tmp_path, ds256):
     assert tr.amp_dtype == torch.bfloat16 and not tr.scaler.is_enabled()
     last = tr.run()
     assert np.isfinite(last["loss/total"]) and last["loss/total"] > 0
+
+
+def test_train_command_resume(tmp_path, ds256):
+    from server.cli import main
+
+    cfg = tiny_cfg("video_warper", ds256, tmp_path / "run", steps=1)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert main(["train", "--config", str(path), "--device", "cpu"]) == 0
+    assert main(["train", "--config", str(path), "--device", "cpu", "--steps", "2", "--resume"]) == 0
+    assert [r["step"] for r in read_scalars(tmp_path / "run")] == [1, 2]
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["optimizer"]["state"][0]["step"] == 2
