@@ -173,3 +173,8 @@ def test_align_command_errors(tmp_path, capsys):
     assert main(["align", "--image", str(notimg), "--out", str(tmp_path / "o.png")]) == 1
     assert "cannot read" in capsys.readouterr().err
     assert main(["align", "--image", str(noface), "--out", str(tmp_path / "o.jpg")]) == 2
+    # checked before the (slow) alignment, not a traceback after the PNG was written
+    assert main(["align", "--image", str(noface), "--out", str(tmp_path / "o2.png"),
+                 "--landmarks", str(tmp_path / "missing" / "lm.json")]) == 2
+    assert "create it first or choose another --landmarks" in capsys.readouterr().err
+    assert not (tmp_path / "o2.png").exists()

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if reject_output_file(NAME, out, ".png"):
         return 2
+    if args.landmarks and reject_output_file(NAME, args.landmarks, None, option="--landmarks"):
+        return 2
     try:
         image = read_image(args.image)
         result = align_portrait(image, size=args.size, pad=args.pad, source_name=str(args.image))
