@@ -162,10 +162,13 @@ def registry(mirror: str | None = None) -> tuple[Asset, ...]:
     """The official assets; with ``mirror``, every URL becomes ``mirror/<filename>``.
 
     A mirror is any HTTP(S) server holding the release files under their release names (a
-    company proxy, a local copy, the tests' server).
+    company proxy, a local copy, the tests' server). Raises ``ValueError`` for another kind of URL.
     """
     if not mirror:
         return OFFICIAL_ASSETS
+    if not mirror.lower().startswith(("http://", "https://")):
+        raise ValueError(f"the mirror must be an http:// or https:// URL (the folder holding the release "
+                         f"files), got {mirror!r}")
     base = mirror if mirror.endswith("/") else mirror + "/"
     return tuple(replace(a, url=base + a.filename) for a in OFFICIAL_ASSETS)
 

@@ -165,6 +165,8 @@ def test_registry_matches_official_download_script():
     assert by_name["deep3d"].paths == ("Deep3D/epoch_20.pth",)
     assert by_name["bfm"].url == "https://github.com/Winfredy/SadTalker/releases/download/v0.0.1/BFM_Fitting.zip"
     assert by_name["bfm"].zip_into == "BFM" and by_name["bfm"].zip_strip == "BFM_Fitting/"
+    with pytest.raises(ValueError, match="http:// or https://"):
+        assets_mod.registry("mirror.example/x")
     mirrored = assets_mod.registry("http://mirror.example/x")
     assert [a.url for a in mirrored][0] == "http://mirror.example/x/StyleHEAT_visual.pt"
     assert assets_mod.select(mirrored, ["Encoder_e4e.pth", "BFM"])[0].name == "e4e"
@@ -451,6 +453,10 @@ def test_console_download_from_mirror(server, tmp_path):
 
     proc = _cli("download", "--dir", str(tmp_path), "--only", "bogus")
     assert proc.returncode == 2 and "unknown asset 'bogus'" in proc.stderr
+
+    proc = _cli("download", "--dir", str(tmp_path), "--mirror", "mirror.example/files", "--only", "hfgi")
+    assert proc.returncode == 2 and "--mirror: the mirror must be an http:// or https:// URL" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_console_uses_env_dir(server, tmp_path):

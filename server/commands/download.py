@@ -40,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     from server.paths import resolve_checkpoint_dir
 
     root, origin = resolve_checkpoint_dir(args.dir)
-    registry = assets_mod.registry(args.mirror)
+    try:
+        registry = assets_mod.registry(args.mirror)
+    except ValueError as err:
+        print(f"styleheat download: --mirror: {err}", file=sys.stderr)
+        return 2
     try:
         chosen = assets_mod.select(registry, args.only)
     except KeyError as err:
