@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import flow
+from models import flow, hfgi
 from models.calibration import CalibrationConfig, CalibrationNet
 from models.e4e import E4EConfig, Encoder4Editing
 from models.hfgi import HFGIConfig, ResidualAligner, ResidualEncoder
@@ -205,20 +205,19 @@ class StyleHEAT(nn.Module):
         return self.e4e(x_256, self.latent_avg)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Official ``HFGI.encode``: x (B,3,H,W) -> (wx, ix_256 = resize(clamp(G(wx))), res = x_256 - ix_256)."""
-        x = resize(x, INPUT_SIZE)
-        wx = self.e4e_codes(x)
-        image, _ = self.generator(wx)
-        ix = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
-        return wx, ix, x - ix
+        """Official ``HFGI.encode`` (:func:`models.hfgi.encode`): x (B,3,H,W) -> (wx, ix_256 =
+        resize(clamp(G(wx))), res = x_256 - ix_256)."""
+        return tuple(hfgi.encode(self.e4e, self.generator, x, self.latent_avg))
 
     def decode(self, wx: torch.Tensor, ix: torch.Tensor, res: torch.Tensor, output_size: int = INPUT_SIZE):
-        """Official ``HFGI.decode`` -> (ix_out, wx, fx, inversion_condition)."""
-        res_align = self.hfgi_aligner(torch.cat((res, ix), 1))
-        condition = tuple(self.hfgi_encoder(res_align))
-        image, fx = self.generator(wx, inversion_condition=condition)
-        ix_out = resize(image.clamp(-1.0, 1.0), output_size)
-        return ix_out, wx, fx, condition
+        """Official ``HFGI.decode`` (:func:`models.hfgi.decode`) -> (ix_out, wx, fx, inversion_condition)."""
+        return self._official_tuple(hfgi.decode(self.hfgi_aligner, self.hfgi_encoder, self.generator,
+                                                wx, ix, res, output_size))
+
+    @staticmethod
+    def _official_tuple(inv: hfgi.Inversion):
+        """models.hfgi's named result -> the official ``(ix, wx, fx, inversion_condition)`` order."""
+        return inv.ix_256, inv.wx, inv.fx, tuple(inv.inversion_condition)
 
     def inverse(self, x: torch.Tensor):
         """Official ``HFGI.inverse`` -> (ix, wx, fx, inversion_condition)."""
@@ -280,11 +279,9 @@ class StyleHEAT(nn.Module):
 
         a = self.edit_assets()
         pca = {"mean": a["pca_mean"], "comp": a["pca_comp"], "std": a["pca_std"]} if "pca_mean" in a else None
-        wx_edit = editing.edit_latent(wx, choice, factor, age_direction=a.get("age"),
-                                      pose_direction=a.get("pose"), pca=pca)
-        image, _ = self.generator(wx_edit)
-        ix_edit = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
-        return self.decode(wx_edit, ix_edit, res)
+        return self._official_tuple(editing.hfgi_edit(self.generator, self.hfgi_aligner, self.hfgi_encoder, wx,
+                                                      res, choice, factor, age_direction=a.get("age"),
+                                                      pose_direction=a.get("pose"), pca=pca))
 
     # ------------------------------------------------------------------ official forward
     def official_forward(self, input_image: torch.Tensor, driven_3dmm: torch.Tensor,
