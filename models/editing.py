@@ -56,9 +56,6 @@ def per_sample_strength(strength: float | torch.Tensor, wplus: torch.Tensor) -> 
                      f"got shape {tuple(s.shape)}")
 
 
-_per_sample = per_sample_strength  # kept for callers written against the first version
-
-
 def _broadcast(strength: float | torch.Tensor, wplus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(strength (B,), wplus (B, L, D)); a single code is expanded to N per-frame strengths."""
     s = per_sample_strength(strength, wplus)

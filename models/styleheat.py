@@ -251,7 +251,7 @@ class StyleHEAT(nn.Module):
             asset = ATTRIBUTES[name][0]
             if asset not in assets:
                 raise ValueError(f"attribute {name!r} needs edit data that is not loaded ({_ASSET_FILES[asset]})")
-            s = editing._per_sample(strengths[name], w)
+            s = editing.per_sample_strength(strengths[name], w)
             if name in ("age", "pose"):
                 w = editing.interfacegan_edit(w, assets[name], s)
             else:
