@@ -80,17 +80,16 @@ def test_batch_frames_are_independent_and_skip_may_be_shared(tiny):
 
 
 def test_bf16_within_documented_bound(tiny, tiny256):
-    for g in (tiny, tiny256):
+    for g, cl in ((tiny, False), (tiny256, True)):      # bf16 is emulated (slow) on CPUs without AVX512-BF16
         w, feat, skip = _inputs(g, batch=2, seed=7)
         ref = _reference(g, feat, skip, w, g.size)
-        for cl in (False, True):
-            fast = FoldedSynthesis.build(g, w, dtype=torch.bfloat16, channels_last=cl)
-            assert fast.conv_weight_64.dtype == torch.bfloat16
-            got = fast(feat, skip)
-            assert got.dtype == torch.float32 and torch.isfinite(got).all()
-            psnr = _psnr(got, ref)
-            assert psnr >= BF16_MIN_PSNR_DB, psnr
-            assert psnr < 120                                  # it really ran in bfloat16
+        fast = FoldedSynthesis.build(g, w, dtype=torch.bfloat16, channels_last=cl)
+        assert fast.conv_weight_64.dtype == torch.bfloat16
+        got = fast(feat, skip)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        psnr = _psnr(got, ref)
+        assert psnr >= BF16_MIN_PSNR_DB, psnr
+        assert psnr < 120                                  # it really ran in bfloat16
     assert isinstance(bf16_supported("cpu"), bool)
 
 
@@ -158,3 +157,21 @@ def test_full_size_fp32_equals_reference_and_official_plain_image(seeded_officia
     c = compare("folded_1024_vs_stylegan_plain_1024_f16", got, vectors_seed0["stylegan_plain_1024_f16"])
     assert c.ok, c.line()
     assert np.isfinite(got.numpy()).all()
+
+
+def test_folded_cache_builds_once_per_key_and_size_and_evicts(tiny):
+    from models.fastpath import FoldedCache
+
+    w, feat, skip = _inputs(tiny, batch=1)
+    cache = FoldedCache(capacity=2)
+    a = cache.get("id-a", tiny, w, out_size=128)
+    assert cache.get("id-a", tiny, w, out_size=128) is a and cache.builds == 1
+    b = cache.get("id-a", tiny, w, out_size=64)
+    assert b is not a and b.out_size == 64 and cache.builds == 2
+    cache.get("id-b", tiny, w + 1, out_size=128)          # evicts the least recently used ("id-a", 128)
+    assert len(cache) == 2 and cache.builds == 3
+    assert cache.get("id-a", tiny, w, out_size=128) is not a and cache.builds == 4
+    cache.forget("id-a")
+    assert len(cache) == 1
+    with pytest.raises(ValueError, match="capacity"):
+        FoldedCache(0)
