@@ -277,3 +277,39 @@ def test_audio2exp_command_errors(tmp_path, capsys):
     rc = main(["audio2exp", "--audio", str(short), "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.json")])
     assert rc == 1 and "shorter than one frame" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_read_reference_formats_and_errors(tmp_path):
+    from scipy.io import savemat
+
+    from server.audio import AudioError
+    from server.commands.audio import DEFAULT_CROP, read_reference
+    from server.motion import write_motion
+
+    full = np.arange(73, dtype=np.float32) / 100
+    write_motion(tmp_path / "r.json", full[None, :], fps=25)
+    np.testing.assert_array_equal(read_reference(tmp_path / "r.json"), full)
+    for n in (64, 70, 73):
+        np.save(tmp_path / f"r{n}.npy", full[:n][None, :])  # (1, n) rows are accepted too
+        row = read_reference(tmp_path / f"r{n}.npy")
+        assert row.shape == (73,) and row.dtype == np.float32
+        np.testing.assert_array_equal(row[:n], full[:n])
+        if n < 73:
+            np.testing.assert_allclose(row[70:], DEFAULT_CROP)
+            assert np.all(row[n:70] == 0)
+    savemat(tmp_path / "first.mat", {"coeff_3dmm": np.tile(np.arange(73.0), (3, 1))})
+    row = read_reference(tmp_path / "first.mat")
+    np.testing.assert_array_equal(row[:70], np.arange(70.0))
+    np.testing.assert_allclose(row[70:], DEFAULT_CROP)
+
+    savemat(tmp_path / "other.mat", {"x": np.zeros(3)})
+    np.save(tmp_path / "words.npy", np.array(["a"] * 64))
+    np.save(tmp_path / "short.npy", np.zeros(10))
+    np.save(tmp_path / "nan.npy", np.full(64, np.nan))
+    (tmp_path / "r.txt").write_text("1 2 3")
+    for name, msg in (("missing.npy", "not found"), ("other.mat", "no 'coeff_3dmm' variable"),
+                      ("words.npy", "got values of type <U1"), ("short.npy", r"got shape \(10,\)"),
+                      ("nan.npy", "64, 70 or 73 finite"), ("r.txt", "must be a motion .json")):
+        with pytest.raises(AudioError, match=msg) as info:
+            read_reference(tmp_path / name)
+        assert name in str(info.value)

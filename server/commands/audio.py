@@ -79,7 +79,11 @@ def read_reference(path: str | Path) -> np.ndarray:
         values = np.asarray(mat["coeff_3dmm"])[:1, :70]
     else:
         raise AudioError(f"{path}: reference must be a motion .json, a .npy or a SadTalker .mat file")
-    values = np.asarray(values, dtype=np.float64)
+    try:
+        values = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise AudioError(f"{path}: expected 64, 70 or 73 numbers (exp | angle | trans | crop), got values of "
+                         f"type {np.asarray(values).dtype}") from None
     if values.ndim == 2:
         values = values[0]
     if values.ndim != 1 or values.shape[0] not in (64, 70, 73) or not np.all(np.isfinite(values)):
