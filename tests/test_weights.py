@@ -178,3 +178,27 @@ def test_full_size_expected_layout_equals_official_json(official_layout):
     assert len(json_generator) == 171 + 621 + 295 + 105 and len(json_audio) == 166
     with pytest.raises(KeyError, match="no layout"):
         weights.expected_layout("bfm")
+
+
+class _NotAllowed:
+    """Any class outside torch's and our allow-list: loading it would mean running code."""
+
+
+def test_torch_load_is_weights_only_and_agrees_with_doctor(tmp_path):
+    import argparse
+    import pickle
+
+    from server.commands import doctor
+
+    obj = {"opts": argparse.Namespace(size=1024), "w": torch.arange(3.0)}
+    torch.save(obj, tmp_path / "zip.pt")
+    torch.save(obj, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    for name in ("zip.pt", "legacy.pt"):
+        got = weights.torch_load(tmp_path / name)
+        assert got["opts"].size == 1024 and torch.equal(got["w"], obj["w"])
+        assert doctor.load_torch(tmp_path / name)["opts"].size == 1024
+    torch.save({"x": _NotAllowed()}, tmp_path / "code.pt")
+    with pytest.raises(pickle.UnpicklingError, match="_NotAllowed"):
+        weights.torch_load(tmp_path / "code.pt")
+    with pytest.raises(doctor.CheckFailed, match="would run code"):
+        doctor.load_torch(tmp_path / "code.pt")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,23 +66,14 @@ class AssetReport:
 
 # --------------------------------------------------------------------------- loading
 
-def _allowed_globals() -> list:
-    import argparse as _argparse
-
-    # Training scripts sometimes store their options as a Namespace; rebuilding one runs no code.
-    return [_argparse.Namespace]
-
-
 def load_torch(path: Path) -> Any:
-    """``torch.load(..., map_location='cpu', weights_only=True)``; raises ``CheckFailed``."""
+    """The loader's own ``server.weights.torch_load`` (weights_only=True); raises ``CheckFailed``."""
     import pickle
 
-    import torch
+    from server.weights import torch_load
 
     try:
-        use_mmap = zipfile.is_zipfile(path)  # mmap keeps multi-GB checkpoints out of RAM
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        return torch_load(path)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Weights only load failed" in text and "Unsupported operand" not in text:
