@@ -326,5 +326,8 @@ def read_image(path: str | Path) -> np.ndarray:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as exc:  # not an OSError: would otherwise be a traceback
+        raise ValueError(f"{path} is too large to open safely ({exc}); scale it down first "
+                         f"(a portrait needs no more than about 2000 pixels a side)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read {path} as an image ({exc}); use a PNG or JPEG file") from exc

@@ -178,3 +178,13 @@ def test_align_command_errors(tmp_path, capsys):
                  "--landmarks", str(tmp_path / "missing" / "lm.json")]) == 2
     assert "create it first or choose another --landmarks" in capsys.readouterr().err
     assert not (tmp_path / "o2.png").exists()
+
+
+def test_oversized_image_is_a_clear_error(tmp_path, monkeypatch):
+    from server.align import read_image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 pixels > 2 x the limit: Pillow refuses
+    with pytest.raises(ValueError, match="big.png is too large to open safely"):
+        read_image(path)
