@@ -84,3 +84,16 @@ def test_convert_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing file StyleHEAT_visual.pt" in err and "missing file hfgi.pth" in err
     assert cli.main(["convert", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "x.bin")]) == 2
+
+
+def test_render_write_failure_is_a_clear_error(tiny, tmp_path, capsys):
+    d, *_ = tiny
+    out = tmp_path / "frames"
+    (out / "frame_00001.png").mkdir(parents=True)  # a folder where a frame must go: the write fails
+    rc = cli.main(["render", "--checkpoints", str(d / "checkpoints"), "--config", str(d / "config.json"),
+                   "--source", str(d / "face.png"), "--motion", str(d / "motion.json"), "--out", str(out),
+                   "--size", "64", "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"cannot write frames to {out}" in err and "choose another --out" in err
+    assert (out / "frame_00000.png").is_file()  # frames before the failure are kept

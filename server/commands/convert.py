@@ -39,7 +39,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"read {directory} ({origin}) in {time.time() - t0:.1f} s:")
     for line in report.lines():
         print(f"  {line}")
-    weights.save_bundle(out, model, sources=report.sources)
+    try:
+        weights.save_bundle(out, model, sources=report.sources)
+    except OSError as e:  # disk full, no permission, ...
+        print(f"styleheat convert: cannot write {out} ({e.strerror or e}); free some space or choose "
+              f"another --out", file=sys.stderr)
+        return 1
     n = sum(t.numel() for t in model.state_dict().values())
     print(f"wrote {out} ({n / 1e6:.1f} M values, {out.stat().st_size / 2**20:.0f} MiB)")
     return 0

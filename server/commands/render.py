@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         for index, image in frames:
             write_png_atomic(out / f"frame_{index:05d}.png", image)
             bar.update(1)
+    except OSError as e:  # disk full, folder removed, ...
+        print(f"styleheat render: cannot write frames to {out} ({e.strerror or e}); free some space or "
+              f"choose another --out", file=sys.stderr)
+        return 1
     finally:
         bar.close()
     dt = time.time() - t1
