@@ -97,3 +97,4 @@ def test_render_write_failure_is_a_clear_error(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cannot write frames to {out}" in err and "choose another --out" in err
     assert (out / "frame_00000.png").is_file()  # frames before the failure are kept
+    assert not list(out.glob(".*.tmp"))  # and no temporary file is left behind

@@ -53,9 +53,13 @@ def write_png_atomic(path: Path, rgb) -> None:
     if not ok:
         raise OSError(f"could not encode {path.name} as PNG")
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written leftovers next to the frames
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
