@@ -66,16 +66,25 @@ def reduce_to_5(points68: np.ndarray) -> np.ndarray:
 
 def load_standard_lm5(checkpoints: str | os.PathLike | None = None) -> np.ndarray:
     """(5, 3) float32 standard landmarks from ``<checkpoints>/BFM/similarity_Lm3D_all.mat`` if present,
-    else the built-in copy (:data:`STANDARD_LM5_3D`)."""
+    else the built-in copy (:data:`STANDARD_LM5_3D`). A damaged or wrong file raises :class:`CheckpointError`."""
     if checkpoints is not None:
         path = Path(checkpoints) / BFM_LANDMARKS
         if path.is_file():
             from scipy.io import loadmat
 
-            lm = np.asarray(loadmat(str(path))["lm"])
+            try:
+                mat = loadmat(str(path))
+            except Exception as exc:  # noqa: BLE001 - MatReadError, ValueError, ... on damaged files
+                raise CheckpointError(f"{path} cannot be read as a MATLAB file ({exc}); delete it (the built-in "
+                                      f"landmarks are used then) or re-download it with 'styleheat download "
+                                      f"--only bfm --force'") from None
+            if "lm" not in mat:
+                raise CheckpointError(f"{path} has no 'lm' variable; is this Deep3DFaceRecon's "
+                                      f"similarity_Lm3D_all.mat? ('styleheat download --only bfm --force')")
+            lm = np.asarray(mat["lm"])
             if lm.shape != (68, 3):
-                raise ValueError(f"{path}: 'lm' has shape {lm.shape}, expected (68, 3); "
-                                 "is this Deep3DFaceRecon's similarity_Lm3D_all.mat?")
+                raise CheckpointError(f"{path}: 'lm' has shape {lm.shape}, expected (68, 3); "
+                                      "is this Deep3DFaceRecon's similarity_Lm3D_all.mat?")
             return reduce_to_5(lm)
     return STANDARD_LM5_3D.copy()
 

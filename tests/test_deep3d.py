@@ -111,7 +111,14 @@ def test_load_standard_lm5_reads_a_mat_with_the_5_point_rule(tmp_path):
     # no .mat -> the built-in copy
     np.testing.assert_array_equal(deep3d.load_standard_lm5(tmp_path / "nowhere"), deep3d.STANDARD_LM5_3D)
     savemat(tmp_path / "BFM" / "similarity_Lm3D_all.mat", {"lm": lm[:10]})
-    with pytest.raises(ValueError, match=r"expected \(68, 3\)"):
+    with pytest.raises(deep3d.CheckpointError, match=r"expected \(68, 3\)"):
+        deep3d.load_standard_lm5(tmp_path)
+    # the commands and the engine catch CheckpointError: a damaged or wrong file must not escape as another error
+    savemat(tmp_path / "BFM" / "similarity_Lm3D_all.mat", {"other": lm})
+    with pytest.raises(deep3d.CheckpointError, match="has no 'lm' variable"):
+        deep3d.load_standard_lm5(tmp_path)
+    (tmp_path / "BFM" / "similarity_Lm3D_all.mat").write_bytes(b"\x00junk" * 40)
+    with pytest.raises(deep3d.CheckpointError, match="cannot be read as a MATLAB file"):
         deep3d.load_standard_lm5(tmp_path)
 
 
