@@ -523,9 +523,22 @@ def run(args) -> dict:
         result["transport"] = "skipped (--no-server)"
     else:
         log("transport: engine alone vs styleheat-server over loopback (tiny-random)")
-        tr = transport(args.transport_frames or (6 if args.tiny else 24), rounds=1 if args.tiny else 3)
-        result["transport"] = tr
-        result["transport_overhead_pct"] = tr["overhead_pct"]
+        tr, errors = None, []
+        for _attempt in range(2):        # a server killed from outside must not lose the whole run
+            try:
+                tr = transport(args.transport_frames or (6 if args.tiny else 24), rounds=1 if args.tiny else 3)
+                break
+            except RuntimeError as exc:
+                errors.append(str(exc))
+                log(f"transport measurement failed: {exc}")
+        if tr is None:
+            result["transport"] = {"error": "; ".join(errors)}
+            result["transport_overhead_pct"] = None
+        else:
+            result["transport"] = tr
+            result["transport_overhead_pct"] = tr["overhead_pct"]
+            if errors:
+                tr["earlier_failures"] = errors
     result["wall_s"] = time.perf_counter() - t_start
     return result
 
@@ -551,7 +564,7 @@ def print_table(r: dict) -> None:
     print(f"bf16 vs fp32 PSNR at {r['native_size']}^2: {r['psnr_bf16_vs_fp32_1024']:.1f} dB")
     for k, v in r["checks"].items():
         print(f"check {k}: max|a-b| {v['max_abs']:.2e} (tol {v['tol']:.1e}) {'ok' if v['ok'] else 'FAIL'}")
-    if isinstance(r["transport"], dict):
+    if isinstance(r["transport"], dict) and "error" not in r["transport"]:
         t = r["transport"]
         print(f"transport ({t['model']}, {t['frames']} frames {t['size']}^2 raw): engine {t['engine_fps']:.1f} fps, "
               f"server {t['server_fps']:.1f} fps, overhead {t['overhead_pct']:.1f}%")
