@@ -217,6 +217,9 @@ def load_net_recon_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} has no 'net_recon' entry (top-level keys: {keys}); "
                               "expected Deep3DFaceRecon's epoch_20.pth")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: 'net_recon' is a {type(state).__name__}, not a state dict; "
+                              "expected Deep3DFaceRecon's epoch_20.pth")
     return dict(state)
 
 

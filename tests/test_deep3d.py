@@ -146,6 +146,9 @@ def test_checkpoint_loads_strictly_from_an_official_layout_file(checkpoint_dir, 
 def test_checkpoint_errors_are_clear(tmp_path, seeded_state):
     with pytest.raises(deep3d.CheckpointError, match="epoch_20.pth"):
         deep3d.Deep3DExtractor.from_checkpoints(tmp_path)
+    torch.save({"net_recon": torch.zeros(3)}, tmp_path / "odd.pth")
+    with pytest.raises(deep3d.CheckpointError, match="'net_recon' is a Tensor, not a state dict"):
+        deep3d.load_net_recon_state(tmp_path / "odd.pth")
     broken = dict(seeded_state)
     del broken["final_layers.3.bias"]
     broken["final_layers.9.weight"] = torch.zeros(1)
