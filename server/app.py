@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -545,6 +546,7 @@ class Worker(threading.Thread):
                                       stage=stage, message=message, **extra))
 
     def step_render(self, job: Job) -> None:
+        """One step of a render: at most one batch, and never more frames than the credit left."""
         req: P.RenderRequest = job.payload
         if job.gen is None and job.produced == 0:
             job.indices = req.indices
@@ -568,59 +570,68 @@ class Worker(threading.Thread):
             self._progress(job, "rendering", f"rendering {len(job.indices)} frames, batch size {job.batch}",
                            batch_size=job.batch)
         want = min(job.batch, self.sched.credit_left(job))
-        size = req.size
+        pulled: list[tuple[int, np.ndarray]] = []
+        failure: tuple[str, str] | None = None
+        oom = finished = False
         for _ in range(max(want, 0)):
             if job.abort is not None:
-                self.end_aborted(job)
-                return
+                break
             try:
                 idx, img = next(job.gen)
             except StopIteration:
-                if job.abort is not None:
-                    self.end_aborted(job)
-                    return
-                if job.produced < len(job.indices):
-                    raise RuntimeError(f"the engine stopped after {job.produced} of {len(job.indices)} frames")
+                finished = True
                 break
             except ValueError as exc:
-                self._fail(job, P.E_BAD_FIELD, str(exc))
-                return
+                failure = (P.E_BAD_FIELD, str(exc))
+                break
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
-                self._close_gen(job)
-                _release_device_memory()
-                if job.batch <= 1:
-                    self._fail(job, P.E_OUT_OF_MEMORY, "the device ran out of memory even at batch size 1; "
-                                                       "render a smaller size or free GPU memory")
-                    return
-                job.batch = max(1, job.batch // 2)
-                self._progress(job, "oom_retry", f"out of device memory; retrying with batch size {job.batch}",
-                               batch_size=job.batch)
-                job.gen = self._start(job, job.indices[job.produced:])
-                return
-            expected = job.indices[job.produced]
+                oom = True
+                break
+            expected = job.indices[job.produced + len(pulled)]
             if int(idx) != expected:
                 raise RuntimeError(f"engine yielded row {idx}, expected {expected}")
-            img = np.asarray(img)
+            img = np.ascontiguousarray(img)
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                 raise RuntimeError(f"engine yielded an image of shape {img.shape} dtype {img.dtype}")
-            if size is not None and img.shape[:2] != (size, size):
-                raise RuntimeError(f"engine yielded {img.shape[1]}x{img.shape[0]}, requested {size}")
-            pixels = np.ascontiguousarray(img)
-            data = encode_png(pixels) if req.encoding == "png" else memoryview(pixels).cast("B")
-            hdr = P.frame_reply(job.id, frame=req.first_frame + expected, index=job.produced,
-                                total=len(job.indices), width=int(img.shape[1]), height=int(img.shape[0]),
-                                encoding=req.encoding)
+            if req.size is not None and img.shape[:2] != (req.size, req.size):
+                raise RuntimeError(f"engine yielded {img.shape[1]}x{img.shape[0]}, requested {req.size}")
+            pulled.append((expected, img))
+        # encode (PNG in parallel threads: OpenCV releases the GIL) and send in order
+        if req.encoding == "png" and pulled:
+            datas = list(self.server.encoder_pool().map(encode_png, [img for _, img in pulled]))
+        else:
+            datas = [memoryview(img).cast("B") for _, img in pulled]
+        for (row, img), data in zip(pulled, datas):
+            hdr = P.frame_reply(job.id, frame=req.first_frame + row, index=job.produced, total=len(job.indices),
+                                width=int(img.shape[1]), height=int(img.shape[0]), encoding=req.encoding)
             self.send(job.client, hdr, (data,))
             self.sched.produced_one(job)
-            if job.produced % job.batch == 0 and job.produced < len(job.indices):
-                self._progress(job, "rendering", f"{job.produced}/{len(job.indices)} frames")
-        if job.produced >= len(job.indices):
+        if pulled and job.produced < len(job.indices) and job.produced % job.batch < len(pulled):
+            self._progress(job, "rendering", f"{job.produced}/{len(job.indices)} frames")
+        if failure is not None:
+            self._fail(job, *failure)
+        elif job.abort is not None:
+            self.end_aborted(job)
+        elif oom:
+            self._close_gen(job)
+            _release_device_memory()
+            if job.batch <= 1:
+                self._fail(job, P.E_OUT_OF_MEMORY, "the device ran out of memory even at batch size 1; "
+                                                   "render a smaller size or free GPU memory")
+                return
+            job.batch = max(1, job.batch // 2)
+            self._progress(job, "oom_retry", f"out of device memory; retrying with batch size {job.batch}",
+                           batch_size=job.batch)
+            job.gen = self._start(job, job.indices[job.produced:])
+        elif job.produced >= len(job.indices):
             self._close_gen(job)
             self.sched.finish(job)
             self.send(job.client, P.reply(P.DONE, job.id, sent=job.produced, total=len(job.indices),
                                           cancelled=False))
+        elif finished:
+            raise RuntimeError(f"the engine stopped after {job.produced} of {len(job.indices)} frames")
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         self._close_gen(job)
@@ -689,7 +700,15 @@ class Server:
         self.pair = self.ctx.socket(zmq.PAIR)
         self.pair.setsockopt(zmq.LINGER, 0)
         self.pair.bind(self.pair_endpoint)
+        self._pool: ThreadPoolExecutor | None = None
         self.worker = Worker(self)
+
+    def encoder_pool(self) -> ThreadPoolExecutor:
+        """Threads for PNG encoding (created on first use; only the worker thread calls this)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)),
+                                            thread_name_prefix="styleheat-png")
+        return self._pool
 
     # ---------------------------------------------------------------------------------------
     def decorate(self, header: dict) -> dict:
@@ -864,6 +883,8 @@ class Server:
             self.worker.join(0.05)
             self._forward_from_worker()
         self._forward_from_worker(limit=10_000)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         self._close_sockets()
 
     def _close_sockets(self) -> None:

@@ -46,11 +46,18 @@ def run(args) -> int:
             print(f"styleheat ping: cannot connect to {args.server!r}: {exc} "
                   f"(expected an endpoint like tcp://127.0.0.1:5555)", file=sys.stderr)
             return 1
-        sock.send_multipart(P.pack(P.request(P.HELLO, "ping", client="styleheat ping")))
         deadline = time.monotonic() + args.timeout
+        # a DEALER without a usable peer (e.g. refused CURVE handshake) blocks on send: bound it
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(args.timeout * 1000)))
+        try:
+            sock.send_multipart(P.pack(P.request(P.HELLO, "ping", client="styleheat ping")))
+        except zmq.Again:
+            sent = False
+        else:
+            sent = True
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            if not sent or left <= 0 or not sock.poll(int(left * 1000) + 1):
                 print(f"styleheat ping: no reply from {args.server} within {args.timeout:g} s: is styleheat-server "
                       f"running there{' (and are the CURVE keys right?)' if args.curve_dir else ''}? "
                       f"Start it with 'styleheat-server --bind {args.server}'", file=sys.stderr)
