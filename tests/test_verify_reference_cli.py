@@ -39,4 +39,4 @@ def test_vector_file_missing_an_array_names_it(tmp_path, capsys, reference_dir):
     np.savez(tmp_path / "d3.npz", coeff_257=np.zeros(3), lm68=np.zeros(3))
     rc = cli.main(["verify-reference", "--vectors", str(tmp_path / "d3.npz"), "--layout", str(reference_dir)])
     assert rc == 2
-    assert "has no array 'meta_json'; is it an unmodified deep3d reference vector file?" in capsys.readouterr().err
+    assert "lacks the entry 'meta_json'; is it an unmodified deep3d reference vector file?" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def run(args) -> int:
     try:
         comparisons = fn(vectors, target)
     except KeyError as e:
-        print(f"styleheat verify-reference: {vectors} has no array {e.args[0]!r}; is it an unmodified "
+        print(f"styleheat verify-reference: {vectors} lacks the entry {e.args[0]!r}; is it an unmodified "
               f"{kind} reference vector file?", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
