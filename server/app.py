@@ -208,6 +208,10 @@ class Scheduler:
                                  f"(send 'credit' messages as frames arrive)")
             self.cv.notify_all()
 
+    def count(self) -> int:
+        with self.cv:
+            return len(self.jobs)
+
     def clients(self) -> set[bytes]:
         with self.cv:
             return {k[0] for k in self.jobs}
@@ -725,6 +729,7 @@ class Server:
             sizes=[int(s) for s in info.get("sizes", [])], native_size=int(info.get("native_size", 0)),
             attributes={k: {kk: float(vv) for kk, vv in v.items()} for k, v in info.get("attributes", {}).items()},
             audio=self.audio_supported(), align=self.aligner is not None, encodings=list(P.ENCODINGS),
+            jobs=self.sched.count(),
             limits=dict(max_message_bytes=self.max_message_bytes, max_header_bytes=self.max_header_bytes,
                         max_part_bytes=self.max_part_bytes, max_parts=P.MAX_PARTS, max_rows=P.MAX_ROWS,
                         max_frames=P.MAX_FRAMES, max_credit=P.MAX_CREDIT, default_credit=P.DEFAULT_CREDIT,

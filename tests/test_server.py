@@ -490,8 +490,15 @@ def test_client_vanishing_mid_render_does_not_hurt(server, ctx, identity, hello)
         other.send(render_header("after", identity, n_rows=2, first=0, parts=parts, size=size), parts)
         _, got, _, end = collect_render(other, "after")
         assert end["type"] == P.DONE and len(got) == 2
-        # the vanished client's remaining ~60 granted frames were dropped, not rendered before ours
+        # the vanished client's render (still holding ~60 frames of credit) was dropped
         assert time.monotonic() - t0 < 45
+        deadline = time.monotonic() + 5
+        while True:
+            h, _ = other.call(P.request(P.HELLO, other.new_id()))
+            if h["jobs"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert h["jobs"] == 0, "the vanished client's job is still queued"
         assert server.proc.poll() is None
     finally:
         other.close()
