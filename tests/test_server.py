@@ -438,6 +438,28 @@ def test_duplicate_running_id_is_refused(client, identity, hello):
     assert end["type"] == P.DONE and end["cancelled"] is True
 
 
+def test_job_queue_is_bounded_per_client(client, identity, hello):
+    limit = hello["limits"]["max_jobs_per_client"]
+    ids = [f"q{i}" for i in range(limit)]
+    for rid in ids:
+        parts: list = []
+        h, _ = client.call(render_header(rid, identity, n_rows=2, first=0, parts=parts, credit=0), parts)
+        assert h["type"] == P.ACCEPTED, h
+    parts = []
+    h, _ = client.call(render_header("one-too-many", identity, n_rows=2, first=0, parts=parts, credit=0), parts)
+    assert h["type"] == P.ERROR and h["code"] == P.E_BUSY and str(limit) in h["message"], h
+    for rid in ids:
+        client.send(P.request(P.CANCEL, rid))
+    ended = set()
+    while len(ended) < limit:
+        h, _ = client.recv()
+        if h["type"] == P.DONE:
+            assert h["cancelled"] is True
+            ended.add(h["id"])
+    assert ended == set(ids)
+    assert_server_ok(client)
+
+
 def test_two_clients_at_once_and_a_stalled_one_blocks_nobody(server, ctx, identity, hello):
     size = hello["sizes"][0]
     a, b, c = (Client(server.endpoint, ctx) for _ in range(3))
