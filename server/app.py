@@ -15,7 +15,6 @@ a request waiting for credit lets other requests run (round robin between batche
 from __future__ import annotations
 
 import argparse
-import collections
 import ipaddress
 import logging
 import os
