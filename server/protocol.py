@@ -52,6 +52,12 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
 MAX_FPS = 240.0
 MAX_ATTRIBUTES = 64
 MAX_FRAME_NUMBER = 10_000_000      # |scene frame numbers|
+MAX_PATH_LENGTH = 4096             # extract: server-side video path
+MAX_SMOOTH = 100.0                 # extract: curve smoothing sigma, frames
+EXP_WIDTH = 64                     # expression coefficients (the first 64 of a row)
+POSE_WIDTH = 6                     # pose presets: angles 3 + trans 3 (row indices 64:70)
+EXTRACT_STAGES = ("landmarks", "3dmm")
+CAPABILITIES = ("extract", "audio2exp", "align", "audio")
 
 ROW_WIDTH = 73                     # exp 64 | angles 3 | trans 3 | crop 3
 ROW_LAYOUT = ("exp", 64, "angle", 3, "trans", 3, "crop", 3)
@@ -69,7 +75,9 @@ CANCEL = "cancel"
 FORGET = "forget"
 HEARTBEAT = "heartbeat"
 SHUTDOWN = "shutdown"
-REQUEST_TYPES = (HELLO, PREPARE, RENDER, CREDIT, CANCEL, FORGET, HEARTBEAT, SHUTDOWN)
+EXTRACT = "extract"                # driving video -> 3DMM rows (bake)
+AUDIO2EXP = "audio2exp"            # audio -> 64 expression coefficients per frame (bake)
+REQUEST_TYPES = (HELLO, PREPARE, RENDER, CREDIT, CANCEL, FORGET, HEARTBEAT, SHUTDOWN, EXTRACT, AUDIO2EXP)
 
 # server -> client (HELLO and HEARTBEAT are also replies)
 PREPARED = "prepared"
@@ -80,7 +88,10 @@ DONE = "done"
 FORGOTTEN = "forgotten"
 BYE = "bye"
 ERROR = "error"
-REPLY_TYPES = (HELLO, PREPARED, ACCEPTED, PROGRESS, FRAME, DONE, FORGOTTEN, HEARTBEAT, BYE, ERROR)
+EXTRACTED = "extracted"            # answer to extract
+EXPRESSIONS = "expressions"        # answer to audio2exp
+REPLY_TYPES = (HELLO, PREPARED, ACCEPTED, PROGRESS, FRAME, DONE, FORGOTTEN, HEARTBEAT, BYE, ERROR,
+               EXTRACTED, EXPRESSIONS)
 
 # --------------------------------------------------------------------------------------------
 # Error codes (``error`` replies carry ``code`` and a sentence in ``message``)
@@ -100,9 +111,50 @@ E_OUT_OF_MEMORY = "out_of_memory"        # device OOM even at batch size 1
 E_STALLED = "stalled"                    # no credit granted for too long; job dropped
 E_SHUTTING_DOWN = "shutting_down"        # server is stopping
 E_INTERNAL = "internal"                  # unexpected server failure (message has the reason)
+E_BAD_VIDEO = "bad_video"                # extract: video unreadable, or no face in it
 ERROR_CODES = (E_BAD_MESSAGE, E_TOO_LARGE, E_VERSION, E_UNKNOWN_TYPE, E_BAD_FIELD, E_BAD_IMAGE,
                E_UNKNOWN_IDENTITY, E_UNKNOWN_REQUEST, E_DUPLICATE, E_UNSUPPORTED, E_BUSY,
-               E_OUT_OF_MEMORY, E_STALLED, E_SHUTTING_DOWN, E_INTERNAL)
+               E_OUT_OF_MEMORY, E_STALLED, E_SHUTTING_DOWN, E_INTERNAL, E_BAD_VIDEO)
+
+# --------------------------------------------------------------------------------------------
+# Field names (docs/protocol.md documents every one; tests check both ways)
+# --------------------------------------------------------------------------------------------
+ENVELOPE_FIELDS = ("v", "type", "id")
+SERVER_ENVELOPE_FIELDS = ("tiny_random", "note")
+AUDIO_FIELDS = ("samples", "sample_rate", "fps", "frame_offset")
+ARRAY_FIELDS = ("dtype", "shape", "data", "part")
+REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
+    HELLO: ("client",),
+    PREPARE: ("align",),
+    RENDER: ("identity", "rows", "first_frame", "frames", "size", "encoding", "credit", "attributes", "audio"),
+    CREDIT: ("frames",),
+    CANCEL: (),
+    FORGET: ("identity",),
+    HEARTBEAT: (),
+    SHUTDOWN: (),
+    EXTRACT: ("video", "path", "smooth", "fps"),
+    AUDIO2EXP: ("audio", "fps", "n_frames", "offset_frames", "ref_exp"),
+}
+REPLY_FIELDS: dict[str, tuple[str, ...]] = {
+    HELLO: ("protocol", "server", "device", "model", "real_weights", "tiny_random", "sizes", "native_size",
+            "attributes", "audio", "align", "encodings", "limits", "jobs", "presets", "pose_presets",
+            "capabilities"),
+    PREPARED: ("identity", "aligned", "align_note", "coefficients", "coefficient_note", "width", "height",
+               "encoding"),
+    ACCEPTED: ("total", "size", "encoding", "credit"),
+    PROGRESS: ("done", "total", "stage", "message", "batch_size"),
+    FRAME: ("frame", "index", "total", "width", "height", "channels", "dtype", "encoding"),
+    DONE: ("sent", "total", "cancelled"),
+    FORGOTTEN: ("identity",),
+    HEARTBEAT: (),
+    BYE: (),
+    ERROR: ("code", "message"),
+    EXTRACTED: ("fps", "rows", "warnings"),
+    EXPRESSIONS: ("rows",),
+}
+LIMIT_FIELDS = ("max_message_bytes", "max_header_bytes", "max_part_bytes", "max_parts", "max_rows", "max_frames",
+                "max_credit", "default_credit", "max_image_side", "max_jobs", "max_jobs_per_client", "batch_size")
+PROGRESS_STAGES = ("queued", "rendering", "oom_retry") + EXTRACT_STAGES
 
 
 class ProtocolError(Exception):
@@ -412,14 +464,14 @@ class RenderRequest:
 
 
 def validate_hello(h: Mapping, parts: Sequence = ()) -> str | None:
-    _no_extra(h, _BASE | {"client"}, "hello")
+    _no_extra(h, _BASE | set(REQUEST_FIELDS[HELLO]), "hello")
     if "client" in h and not isinstance(h["client"], str):
         raise ProtocolError(E_BAD_FIELD, "hello: 'client' must be a string (name and version of the client)")
     return h.get("id")
 
 
 def validate_prepare(h: Mapping, parts: Sequence) -> PrepareRequest:
-    _no_extra(h, _BASE | {"align"}, "prepare")
+    _no_extra(h, _BASE | set(REQUEST_FIELDS[PREPARE]), "prepare")
     rid = check_id(_get(h, "id"))
     align = check_bool(h.get("align", True), "align")
     if len(parts) != 1:
@@ -433,8 +485,7 @@ def validate_prepare(h: Mapping, parts: Sequence) -> PrepareRequest:
 
 
 def validate_render(h: Mapping, parts: Sequence) -> RenderRequest:
-    allowed = _BASE | {"identity", "rows", "first_frame", "frames", "size", "encoding", "credit",
-                       "attributes", "audio"}
+    allowed = _BASE | set(REQUEST_FIELDS[RENDER])
     _no_extra(h, allowed, "render")
     rid = check_id(_get(h, "id"))
     identity = check_id(_get(h, "identity"), "identity")
@@ -470,26 +521,154 @@ def validate_render(h: Mapping, parts: Sequence) -> RenderRequest:
             attrs[k] = decode_array(v, f"attributes[{k!r}]", (n,), parts)
     audio = None
     if h.get("audio") is not None:
-        a = h["audio"]
-        if not isinstance(a, dict):
-            raise ProtocolError(E_BAD_FIELD, "audio must be a map with samples, sample_rate, fps, frame_offset")
-        _no_extra(a, {"samples", "sample_rate", "fps", "frame_offset"}, "audio")
-        samples = decode_array(_get(a, "samples"), "audio.samples", (None,), parts,
-                               max_elements=MAX_AUDIO_SAMPLES)
-        if samples.size == 0:
-            raise ProtocolError(E_BAD_FIELD, "audio.samples is empty")
-        audio = AudioInput(
-            samples=samples,
-            sample_rate=check_int(_get(a, "sample_rate"), "audio.sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
-            fps=check_float(_get(a, "fps"), "audio.fps", 1e-3, MAX_FPS),
-            frame_offset=check_float(a.get("frame_offset", 0.0), "audio.frame_offset",
-                                     -MAX_FRAME_NUMBER, MAX_FRAME_NUMBER))
+        audio = decode_audio(h["audio"], parts)
     return RenderRequest(id=rid, identity=identity, rows=rows, first_frame=first, frames=frames, size=size,
                          encoding=enc, credit=credit, attributes=attrs, audio=audio)
 
 
+def decode_audio(a: Any, parts: Sequence = (), fps_required: bool = True) -> AudioInput:
+    """The ``audio`` map of render and audio2exp: {samples, sample_rate, fps, frame_offset}.
+
+    ``fps_required=False`` (audio2exp, whose request has its own ``fps``): a missing ``fps`` is
+    returned as ``0.0``.
+    """
+    if not isinstance(a, dict):
+        raise ProtocolError(E_BAD_FIELD, "audio must be a map with samples, sample_rate, fps, frame_offset")
+    _no_extra(a, set(AUDIO_FIELDS), "audio")
+    samples = decode_array(_get(a, "samples"), "audio.samples", (None,), parts,
+                           max_elements=MAX_AUDIO_SAMPLES)
+    if samples.size == 0:
+        raise ProtocolError(E_BAD_FIELD, "audio.samples is empty")
+    fps = a.get("fps") if fps_required or a.get("fps") is not None else None
+    return AudioInput(
+        samples=samples,
+        sample_rate=check_int(_get(a, "sample_rate"), "audio.sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
+        fps=0.0 if fps is None and not fps_required else check_float(_get(a, "fps"), "audio.fps", 1e-3, MAX_FPS),
+        frame_offset=check_float(a.get("frame_offset", 0.0), "audio.frame_offset",
+                                 -MAX_FRAME_NUMBER, MAX_FRAME_NUMBER))
+
+
+@dataclass
+class ExtractRequest:
+    id: str
+    video: bytes | None          # the video file's bytes (from a part or inline), or None with ``path``
+    path: str | None             # a file on the server machine (loopback servers only), or None
+    smooth: float = 0.0          # Gaussian sigma of the coefficient curves, frames (0 = none)
+    fps: float | None = None     # resample the rows to this rate (None: the video's own rate)
+
+
+@dataclass
+class Audio2ExpRequest:
+    id: str
+    audio: AudioInput
+    fps: float                   # output frames per second
+    n_frames: int                # output rows
+    offset_frames: float         # output frame i shows audio time (i + offset_frames - audio.frame_offset) / fps
+    ref_exp: np.ndarray          # (64,) float32: the portrait's own expression (zeros when not sent)
+
+    @property
+    def audio_offset_frames(self) -> float:
+        """The offset in frames of ``fps`` from the first sample to output frame 0 (what
+        ``server.audio.audio_to_expression(offset_frames=...)`` takes)."""
+        return self.offset_frames - self.audio.frame_offset
+
+
+def _part_bytes(value: Any, name: str, parts: Sequence) -> bytes:
+    """``value``: msgpack bin bytes, or ``{"part": k}`` naming part k of the message."""
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, dict) and set(value) == {"part"}:
+        idx = value["part"]
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(parts):
+            raise ProtocolError(E_BAD_FIELD, f"{name}: 'part' {idx!r:.40} does not name one of the "
+                                             f"{len(parts)} parts of this message")
+        p = parts[idx]
+        data = p.bytes if hasattr(p, "bytes") else bytes(p)
+    else:
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be bin bytes or {{'part': k}} naming a part of the "
+                                         f"message, got {type(value).__name__}")
+    if not data:
+        raise ProtocolError(E_BAD_VIDEO, f"{name} is empty; send the video file's bytes")
+    return data
+
+
+def validate_extract(h: Mapping, parts: Sequence = ()) -> ExtractRequest:
+    _no_extra(h, _BASE | set(REQUEST_FIELDS[EXTRACT]), "extract")
+    rid = check_id(_get(h, "id"))
+    video = h.get("video")
+    path = h.get("path")
+    if (video is None) == (path is None):
+        raise ProtocolError(E_BAD_FIELD, "extract: send exactly one of 'video' (the file's bytes, usually "
+                                         "{'part': 0}) or 'path' (a file on the server machine)")
+    data = None
+    if video is not None:
+        data = _part_bytes(video, "video", parts)
+    else:
+        if not isinstance(path, str) or not path or len(path) > MAX_PATH_LENGTH or "\0" in path:
+            raise ProtocolError(E_BAD_FIELD, f"path must be a non-empty string of at most {MAX_PATH_LENGTH} "
+                                             f"characters naming a video file on the server machine")
+    smooth = check_float(h.get("smooth", 0.0), "smooth", 0.0, MAX_SMOOTH)
+    fps = h.get("fps")
+    if fps is not None:
+        fps = check_float(fps, "fps", 1e-3, MAX_FPS)
+    return ExtractRequest(id=rid, video=data, path=path, smooth=smooth, fps=fps)
+
+
+def validate_audio2exp(h: Mapping, parts: Sequence = ()) -> Audio2ExpRequest:
+    _no_extra(h, _BASE | set(REQUEST_FIELDS[AUDIO2EXP]), "audio2exp")
+    rid = check_id(_get(h, "id"))
+    audio = decode_audio(_get(h, "audio"), parts, fps_required=False)
+    fps = h.get("fps")
+    if fps is None:
+        if not audio.fps:
+            raise ProtocolError(E_BAD_FIELD, "audio2exp: missing field 'fps' (output frames per second)")
+        fps = audio.fps
+    fps = check_float(fps, "fps", 1e-3, MAX_FPS)
+    if audio.fps and abs(audio.fps - fps) > 1e-9 * max(1.0, fps):
+        raise ProtocolError(E_BAD_FIELD, f"audio2exp: audio.fps {audio.fps} differs from fps {fps}; "
+                                         f"send one frame rate (leave audio.fps out)")
+    audio.fps = fps
+    n_frames = check_int(_get(h, "n_frames"), "n_frames", 1, MAX_ROWS)
+    offset = check_float(h.get("offset_frames", 0.0), "offset_frames", -MAX_FRAME_NUMBER, MAX_FRAME_NUMBER)
+    ref = h.get("ref_exp")
+    if ref is None:
+        ref_exp = np.zeros(EXP_WIDTH, np.float32)
+    else:
+        ref_exp = decode_array(ref, "ref_exp", (EXP_WIDTH,), parts)
+    return Audio2ExpRequest(id=rid, audio=audio, fps=fps, n_frames=n_frames, offset_frames=offset,
+                            ref_exp=ref_exp)
+
+
+def extract_request(id_: str, video: bytes | None = None, path: str | None = None, *, smooth: float = 0.0,
+                    fps: float | None = None) -> tuple[dict, list]:
+    """Client side: (header, parts) of an ``extract`` request (video bytes go in part 0)."""
+    parts: list = []
+    fields: dict[str, Any] = {"smooth": float(smooth)}
+    if video is not None:
+        fields["video"] = {"part": 0}
+        parts.append(bytes(video))
+    if path is not None:
+        fields["path"] = str(path)
+    if fps is not None:
+        fields["fps"] = float(fps)
+    return request(EXTRACT, id_, **fields), parts
+
+
+def audio2exp_request(id_: str, samples: np.ndarray, sample_rate: int, fps: float, n_frames: int, *,
+                      offset_frames: float = 0.0, ref_exp: np.ndarray | None = None) -> tuple[dict, list]:
+    """Client side: (header, parts) of an ``audio2exp`` request (PCM samples go in part 0)."""
+    parts: list = []
+    audio = {"samples": array_field(np.asarray(samples, dtype=np.float32).reshape(-1), parts),
+             "sample_rate": int(sample_rate)}
+    fields: dict[str, Any] = {"audio": audio, "fps": float(fps), "n_frames": int(n_frames),
+                              "offset_frames": float(offset_frames)}
+    if ref_exp is not None:
+        fields["ref_exp"] = array_field(np.asarray(ref_exp, dtype=np.float32).reshape(-1))
+    return request(AUDIO2EXP, id_, **fields), parts
+
+
 def validate_credit(h: Mapping, parts: Sequence = ()) -> tuple[str, int]:
-    _no_extra(h, _BASE | {"frames"}, "credit")
+    _no_extra(h, _BASE | set(REQUEST_FIELDS[CREDIT]), "credit")
     return check_id(_get(h, "id")), check_int(_get(h, "frames"), "frames", 1, MAX_CREDIT)
 
 
@@ -499,7 +678,7 @@ def validate_cancel(h: Mapping, parts: Sequence = ()) -> str:
 
 
 def validate_forget(h: Mapping, parts: Sequence = ()) -> tuple[str | None, str]:
-    _no_extra(h, _BASE | {"identity"}, "forget")
+    _no_extra(h, _BASE | set(REQUEST_FIELDS[FORGET]), "forget")
     rid = h.get("id")
     return rid, check_id(_get(h, "identity"), "identity")
 
@@ -539,3 +718,54 @@ def decode_raw_frame(header: Mapping, part: Any) -> np.ndarray:
     if len(buf) != w * hgt * 3:
         raise ValueError(f"frame part has {len(buf)} bytes, expected {w * hgt * 3} for {w}x{hgt} RGB8")
     return np.frombuffer(buf, dtype=np.uint8).reshape(hgt, w, 3)
+
+
+def extracted_reply(id_: str, fps: float, rows: np.ndarray, warnings: Sequence[str] = ()) -> tuple[dict, list]:
+    """(header, parts) of an ``extracted`` reply: the (N, 73) rows travel in part 0."""
+    parts: list = []
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != ROW_WIDTH:
+        raise ValueError(f"extracted rows must be (N, {ROW_WIDTH}), got {rows.shape}")
+    h = reply(EXTRACTED, id_, fps=float(fps), rows=array_field(rows, parts), warnings=[str(w) for w in warnings])
+    return h, parts
+
+
+def expressions_reply(id_: str, rows: np.ndarray) -> tuple[dict, list]:
+    """(header, parts) of an ``expressions`` reply: the (n_frames, 64) rows travel in part 0."""
+    parts: list = []
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != EXP_WIDTH:
+        raise ValueError(f"expression rows must be (n_frames, {EXP_WIDTH}), got {rows.shape}")
+    return reply(EXPRESSIONS, id_, rows=array_field(rows, parts)), parts
+
+
+def decode_extracted(header: Mapping, parts: Sequence = ()) -> tuple[float, np.ndarray, list[str]]:
+    """Client side: (fps, rows (N, 73) float32, warnings) of an ``extracted`` reply."""
+    rows = decode_array(header.get("rows"), "rows", (None, ROW_WIDTH), parts, max_elements=None)
+    fps = check_float(header.get("fps"), "fps", 1e-3, MAX_FPS)
+    warnings = header.get("warnings") or []
+    if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):
+        raise ProtocolError(E_BAD_FIELD, "warnings must be a list of strings")
+    return fps, rows, list(warnings)
+
+
+def decode_expressions(header: Mapping, parts: Sequence = ()) -> np.ndarray:
+    """Client side: the (n_frames, 64) float32 rows of an ``expressions`` reply."""
+    return decode_array(header.get("rows"), "rows", (None, EXP_WIDTH), parts)
+
+
+def decode_presets(value: Any, width: int = EXP_WIDTH, name: str = "presets") -> dict[str, np.ndarray]:
+    """``{name: [width floats]}`` (hello's ``presets`` / ``pose_presets``) -> {name: (width,) float32}.
+
+    None or missing gives {} (an older server). Raises ProtocolError(bad_field) on a malformed map.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(E_BAD_FIELD, f"{name} must be a map name -> {width} numbers")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            raise ProtocolError(E_BAD_FIELD, f"{name}: names must be non-empty strings")
+        out[k] = decode_array(v, f"{name}[{k!r}]", (width,))
+    return out

@@ -40,6 +40,56 @@ def test_docs_name_every_message_type_and_error_code():
         assert f"`{name}`" in doc, name
 
 
+def _doc_tables(doc: str) -> dict[str, list[str]]:
+    """{section heading: backticked names in the first column of its tables}."""
+    import re
+
+    out: dict[str, list[str]] = {}
+    heading = ""
+    for line in doc.splitlines():
+        if line.startswith("#"):
+            heading = line.strip("# ").strip()
+            continue
+        m = re.match(r"^\|\s*((?:`[^`]+`(?:,\s*)?)+)\s*\|", line)
+        if m:
+            out.setdefault(heading, []).extend(re.findall(r"`([^`]+)`", m.group(1)))
+    return out
+
+
+def test_docs_match_the_schema_both_ways():
+    """Every type, field, stage, capability, limit key and error code of protocol.py is in the doc,
+    and every name the doc's tables list exists in protocol.py."""
+    doc = (REPO / "docs" / "protocol.md").read_text()
+    names = set(P.ENVELOPE_FIELDS) | set(P.SERVER_ENVELOPE_FIELDS) | set(P.AUDIO_FIELDS) | set(P.ARRAY_FIELDS)
+    names |= set(P.LIMIT_FIELDS) | set(P.PROGRESS_STAGES) | set(P.CAPABILITIES) | set(P.ENCODINGS)
+    for fields in (*P.REQUEST_FIELDS.values(), *P.REPLY_FIELDS.values()):
+        names |= set(fields)
+    names |= set(P.REQUEST_TYPES) | set(P.REPLY_TYPES) | set(P.ERROR_CODES)
+    missing = sorted(n for n in names if f"`{n}`" not in doc)
+    assert not missing, f"protocol.py names missing from docs/protocol.md: {missing}"
+    # each request section documents exactly its fields (plus the envelope's id)
+    import re
+
+    tables = _doc_tables(doc)
+    for t in (P.RENDER, P.EXTRACT, P.AUDIO2EXP):  # sections with a request-field table
+        section = next(k for k in tables if re.match(rf"`{t}`(\s|$)", k))
+        listed = set(tables[section]) - {"id"}
+        assert listed == set(P.REQUEST_FIELDS[t]), (t, sorted(listed ^ set(P.REQUEST_FIELDS[t])))
+    assert set(tables["Errors"]) == set(P.ERROR_CODES), sorted(set(tables["Errors"]) ^ set(P.ERROR_CODES))
+    hello = set(P.REPLY_FIELDS[P.HELLO])
+    assert {n for n in tables["`hello`"]} == hello, sorted(set(tables["`hello`"]) ^ hello)
+    prepared = set(P.REPLY_FIELDS[P.PREPARED])
+    listed = set(tables["`prepare` (identity from a portrait)"])
+    assert listed == prepared, sorted(listed ^ prepared)
+    limits = {n for n in tables["Limits"] if n.isupper() or "," in n}
+    for n in limits:
+        assert hasattr(P, n), n
+    # prose "Fields:" lists name only known fields
+    for m in re.finditer(r"Fields: ([^.]*)\.", doc):
+        for n in re.findall(r"`([^`]+)`", m.group(1)):
+            assert n in names, n
+
+
 def test_pack_unpack_round_trip():
     parts: list = []
     arr = np.arange(2 * 73, dtype=np.float32).reshape(2, 73)
@@ -237,3 +287,138 @@ def test_decode_raw_frame():
         P.decode_raw_frame(h, img.tobytes()[:-1])
     with pytest.raises(ValueError):
         P.decode_raw_frame({**h, "encoding": "png"}, b"")
+
+
+# --------------------------------------------------------------------------------------------
+# bake additions: extract, audio2exp, presets, capabilities (bake_spec.md)
+# --------------------------------------------------------------------------------------------
+def test_bake_types_and_codes_are_registered():
+    assert P.EXTRACT in P.REQUEST_TYPES and P.AUDIO2EXP in P.REQUEST_TYPES
+    assert P.EXTRACTED in P.REPLY_TYPES and P.EXPRESSIONS in P.REPLY_TYPES
+    assert P.E_BAD_VIDEO == "bad_video" and P.E_BAD_VIDEO in P.ERROR_CODES
+    assert set(P.REQUEST_FIELDS) == set(P.REQUEST_TYPES) and set(P.REPLY_FIELDS) == set(P.REPLY_TYPES)
+    for t in ("presets", "pose_presets", "capabilities"):
+        assert t in P.REPLY_FIELDS[P.HELLO]
+    assert "coefficient_note" in P.REPLY_FIELDS[P.PREPARED]
+    assert set(P.CAPABILITIES) == {"extract", "audio2exp", "align", "audio"}
+    # the envelope check accepts the new request types
+    assert P.check_envelope(P.request(P.EXTRACT, "x")) == ("extract", "x")
+
+
+def test_extract_round_trip_video_part_inline_and_path():
+    h, parts = P.extract_request("e1", b"\x00\x01video", smooth=2.0, fps=25.0)
+    assert h["video"] == {"part": 0} and parts == [b"\x00\x01video"]
+    req = P.validate_extract(*P.unpack(P.pack(h, parts)))
+    assert (req.id, req.video, req.path, req.smooth, req.fps) == ("e1", b"\x00\x01video", None, 2.0, 25.0)
+    inline = P.validate_extract(P.request(P.EXTRACT, "e2", video=b"abc"))
+    assert inline.video == b"abc" and inline.smooth == 0.0 and inline.fps is None
+    by_path = P.validate_extract(P.request(P.EXTRACT, "e3", path="/tmp/v.mp4", smooth=0, fps=None))
+    assert by_path.path == "/tmp/v.mp4" and by_path.video is None and by_path.fps is None
+
+
+@pytest.mark.parametrize("fields, parts, code, words", [
+    ({}, [], P.E_BAD_FIELD, "exactly one of 'video'"),
+    ({"video": b"x", "path": "/a"}, [], P.E_BAD_FIELD, "exactly one of 'video'"),
+    ({"video": {"part": 1}}, [b"x"], P.E_BAD_FIELD, "does not name one of the 1 parts"),
+    ({"video": {"part": True}}, [b"x"], P.E_BAD_FIELD, "does not name"),
+    ({"video": {"part": 0, "x": 1}}, [b"x"], P.E_BAD_FIELD, "must be bin bytes"),
+    ({"video": "text"}, [], P.E_BAD_FIELD, "must be bin bytes"),
+    ({"video": 5}, [], P.E_BAD_FIELD, "must be bin bytes"),
+    ({"video": {"part": 0}}, [b""], P.E_BAD_VIDEO, "empty"),
+    ({"video": b""}, [], P.E_BAD_VIDEO, "empty"),
+    ({"path": ""}, [], P.E_BAD_FIELD, "path must be a non-empty string"),
+    ({"path": 7}, [], P.E_BAD_FIELD, "path must be a non-empty string"),
+    ({"path": "a\0b"}, [], P.E_BAD_FIELD, "path must be"),
+    ({"path": "x" * (P.MAX_PATH_LENGTH + 1)}, [], P.E_BAD_FIELD, "path must be"),
+    ({"path": "/a", "smooth": -1.0}, [], P.E_BAD_FIELD, "smooth must be in"),
+    ({"path": "/a", "smooth": float("inf")}, [], P.E_BAD_FIELD, "smooth must be finite"),
+    ({"path": "/a", "smooth": "1"}, [], P.E_BAD_FIELD, "smooth must be a number"),
+    ({"path": "/a", "fps": 0}, [], P.E_BAD_FIELD, "fps must be in"),
+    ({"path": "/a", "fps": True}, [], P.E_BAD_FIELD, "fps must be a number"),
+    ({"path": "/a", "landmarks": 1}, [], P.E_BAD_FIELD, "unknown field"),
+])
+def test_validate_extract_rejects(fields, parts, code, words):
+    with pytest.raises(P.ProtocolError) as e:
+        P.validate_extract(P.request(P.EXTRACT, "e", **fields), parts)
+    assert e.value.code == code and words in e.value.message, e.value.message
+    with pytest.raises(P.ProtocolError) as e:
+        P.validate_extract({"v": 1, "type": "extract", "path": "/a"})
+    assert "missing field 'id'" in e.value.message
+
+
+def test_audio2exp_round_trip_and_offset_convention():
+    samples = np.random.default_rng(0).uniform(-1, 1, 8000).astype(np.float32)
+    ref = np.linspace(-1, 1, 64).astype(np.float32)
+    h, parts = P.audio2exp_request("a1", samples, 16000, 30.0, 12, offset_frames=5.0, ref_exp=ref)
+    req = P.validate_audio2exp(*P.unpack(P.pack(h, parts)))
+    assert (req.id, req.fps, req.n_frames, req.offset_frames) == ("a1", 30.0, 12, 5.0)
+    np.testing.assert_array_equal(req.audio.samples, samples)
+    np.testing.assert_array_equal(req.ref_exp, ref)
+    assert req.audio.sample_rate == 16000 and req.audio.fps == 30.0 and req.audio_offset_frames == 5.0
+    # render's audio map as is: its frame_offset (the strip's start frame) shifts the audio time
+    h = P.request(P.AUDIO2EXP, "a2", audio={"samples": samples.tolist(), "sample_rate": 16000, "fps": 25.0,
+                                            "frame_offset": 3.0}, n_frames=4, offset_frames=10)
+    req = P.validate_audio2exp(h)
+    assert req.fps == 25.0 and req.audio_offset_frames == 7.0
+    assert req.ref_exp.shape == (64,) and not req.ref_exp.any()
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(fps=None), "missing field 'fps'"),
+    (dict(fps=0.0), "fps must be in"),
+    (dict(fps=float("nan")), "fps must be finite"),
+    (dict(n_frames=0), "n_frames must be in"),
+    (dict(n_frames=2.0), "n_frames must be an integer"),
+    (dict(n_frames=None), "missing field 'n_frames'"),
+    (dict(n_frames=P.MAX_ROWS + 1), "n_frames must be in"),
+    (dict(offset_frames="1"), "offset_frames must be a number"),
+    (dict(ref_exp=[0.0] * 63), "ref_exp: expected shape (64)"),
+    (dict(ref_exp=[float("nan")] * 64), "NaN"),
+    (dict(audio=None), "audio must be a map"),
+    (dict(audio={"samples": [0.0] * 10, "sample_rate": 16000, "fps": 24.0}), "differs from fps"),
+    (dict(audio={"samples": [], "sample_rate": 16000}), "empty"),
+    (dict(audio={"samples": [0.0], "sample_rate": 100}), "sample_rate must be in"),
+    (dict(audio={"samples": [0.0], "sample_rate": 16000, "gain": 1}), "unknown field"),
+    (dict(blink=True), "unknown field"),
+])
+def test_validate_audio2exp_rejects(changes, words):
+    h = P.request(P.AUDIO2EXP, "a", audio={"samples": [0.0] * 10, "sample_rate": 16000}, fps=25.0, n_frames=3)
+    for k, v in changes.items():
+        if v is None:
+            h.pop(k, None)
+        else:
+            h[k] = v
+    if "audio" in changes and changes["audio"] is None:
+        h["audio"] = None
+    with pytest.raises(P.ProtocolError) as e:
+        P.validate_audio2exp(h)
+    assert e.value.code == P.E_BAD_FIELD and words in e.value.message, e.value.message
+
+
+def test_bake_reply_builders_and_decoders():
+    rows = np.random.default_rng(2).normal(size=(5, 73)).astype(np.float32)
+    h, parts = P.extracted_reply("e", 25.0, rows, ["w1"])
+    assert h["type"] == P.EXTRACTED and h["rows"]["part"] == 0 and len(parts) == 1
+    frames = P.pack(h, parts)
+    assert len(frames[0]) < 200  # the rows are not inside the header
+    fps, got, warnings = P.decode_extracted(*P.unpack(frames))
+    assert fps == 25.0 and warnings == ["w1"]
+    np.testing.assert_array_equal(got, rows)
+    exp = rows[:, :64].copy()
+    h, parts = P.expressions_reply("a", exp)
+    assert h["type"] == P.EXPRESSIONS
+    np.testing.assert_array_equal(P.decode_expressions(*P.unpack(P.pack(h, parts))), exp)
+    with pytest.raises(ValueError):
+        P.extracted_reply("e", 25.0, rows[:, :70])
+    with pytest.raises(ValueError):
+        P.expressions_reply("a", rows)
+
+
+def test_decode_presets():
+    got = P.decode_presets({"mouth": [0.5] * 64, "eyes": list(range(64))})
+    assert set(got) == {"mouth", "eyes"} and got["eyes"].dtype == np.float32 and got["eyes"][63] == 63
+    assert P.decode_presets(None) == {} and P.decode_presets({}) == {}
+    assert P.decode_presets({"x_plus": [0.0] * 6}, P.POSE_WIDTH, "pose_presets")["x_plus"].shape == (6,)
+    for bad in ([1, 2], {"m": [0.0] * 63}, {"": [0.0] * 64}, {"m": "x"}):
+        with pytest.raises(P.ProtocolError):
+            P.decode_presets(bad)
