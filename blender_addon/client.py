@@ -93,7 +93,10 @@ class Client:
         self._stop = threading.Event()
         self.last_seen = 0.0          # time.monotonic() of the last message from the server
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.LINGER, 0)          # close() never waits for unsent messages
+        # a blocking send can never hang (e.g. a server that refuses our CURVE handshake); sends here
+        # are NOBLOCK anyway, this bounds any other path
+        self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
         self._sock.setsockopt(zmq.IMMEDIATE, 1)      # no queueing towards a server that is not there
         self._sock.setsockopt(zmq.RCVHWM, 0)         # credit flow bounds what the server sends
         self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -259,13 +262,49 @@ class Client:
         if attributes:
             fields["attributes"] = {k: P.array_field(np.asarray(v, dtype=np.float32)) for k, v in attributes.items()}
         if audio is not None:
-            fields["audio"] = {"samples": P.array_field(np.asarray(audio["samples"], dtype=np.float32), parts),
-                               "sample_rate": int(audio["sample_rate"]), "fps": float(audio["fps"]),
-                               "frame_offset": float(audio["frame_offset"])}
+            fields["audio"] = _audio_field(audio, parts)
         q = self._open_route(rid)
         stream = RenderStream(self, rid, q, len(fields["frames"]), frame_timeout)
         self._send(P.request(P.RENDER, rid, **fields), parts, errq=q)
         return stream
+
+    def extract(self, *, path: str | None = None, video: bytes | None = None, smooth: float = 0.0,
+                fps: float | None = None, timeout: float = 300.0) -> "ExtractJob":
+        """Start extracting 73-value rows from a driving video: ``path`` (a file the server can read;
+        servers accept it only on loopback) or ``video`` (the file's bytes). ``fps``: resample the
+        rows to this rate (None: the video's own). Returns a job to poll; Esc = ``job.cancel()``."""
+        if (path is None) == (video is None):
+            raise ClientError("extract needs exactly one of a video path or the video's bytes")
+        rid = _new_id("extract")
+        parts: list = []
+        fields: dict[str, Any] = {"smooth": float(smooth), "fps": None if fps is None else float(fps)}
+        if path is not None:
+            fields["path"] = str(path)
+        else:
+            fields["video"] = {"part": 0}
+            parts.append(bytes(video))
+        q = self._open_route(rid)
+        job = ExtractJob(self, rid, q, timeout)
+        try:
+            self._send(P.request(P.EXTRACT, rid, **fields), parts, errq=q)
+        except ClientError:
+            self._close_route(rid)
+            raise
+        return job
+
+    def audio2exp(self, audio: Mapping[str, Any], fps: float, n_frames: int, ref_exp: np.ndarray,
+                  offset_frames: float = 0.0, timeout: float = 300.0) -> np.ndarray:
+        """Expression rows from audio (SadTalker Audio2Exp on the server): (n_frames, 64) float32.
+
+        ``audio`` is like render's: {"samples", "sample_rate", "fps", "frame_offset"}; output frame
+        ``i`` shows audio time ``(i + offset_frames) / fps`` from the first sample (docs/protocol.md)."""
+        parts: list = []
+        fields = {"audio": _audio_field(audio, parts), "fps": float(fps), "n_frames": int(n_frames),
+                  "offset_frames": float(offset_frames),
+                  "ref_exp": P.array_field(np.asarray(ref_exp, dtype=np.float32).reshape(64))}
+        header, rparts = self.call(P.AUDIO2EXP, fields, parts, timeout=max(self.timeout, float(timeout)),
+                                   expect=(P.EXPRESSIONS,))
+        return P.decode_array(header.get("rows"), "rows", (int(n_frames), 64), rparts)
 
     def close(self) -> None:
         self._stop.set()
@@ -276,6 +315,112 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _audio_field(audio: Mapping[str, Any], parts: list) -> dict:
+    return {"samples": P.array_field(np.asarray(audio["samples"], dtype=np.float32), parts),
+            "sample_rate": int(audio["sample_rate"]), "fps": float(audio["fps"]),
+            "frame_offset": float(audio["frame_offset"])}
+
+
+class ExtractJob:
+    """One ``extract`` request: :meth:`poll` handles what arrived (progress, then ``extracted``).
+
+    ``progress`` is (stage, done, total) of the latest ``progress`` reply; ``result`` is
+    {"fps": float, "rows": (N, 73) float32, "warnings": [str]} once finished."""
+
+    def __init__(self, client: Client, rid: str, q: queue.Queue, silence_timeout: float):
+        self.client, self.id, self._q = client, rid, q
+        self.silence_timeout = float(silence_timeout)
+        self.progress: tuple[str, int, int] | None = None
+        self.result: dict | None = None
+        self.cancelled = False
+        self.closed = False
+        self._last = time.monotonic()
+        self._pinged = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.closed
+
+    def status(self) -> str:
+        if self.result is not None:
+            return f"Extracted {self.result['rows'].shape[0]} frames"
+        if self.progress is None:
+            return "Waiting for the server"
+        stage, done, total = self.progress
+        what = "Landmarks" if stage == "landmarks" else "3DMM" if stage == "3dmm" else stage
+        return f"{what} {done}/{total}" if total else f"{what} {done}"
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Handle the replies that arrive within ``timeout`` s; True while the job still runs.
+        Raises ServerError (e.g. ``unsupported``, ``bad_video``) and ServerUnavailable (silence)."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self.finished:
+            wait = max(0.0, min(0.25, deadline - time.monotonic()))
+            try:
+                kind, header, parts = self._q.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                silent = now - max(self._last, self.client.last_seen)
+                if silent > self.silence_timeout:
+                    self._close()
+                    raise self.client._unavailable(f"extraction went silent for {silent:.0f} s")
+                if silent > 2.0 and now - self._pinged > 2.0:   # liveness: any reply counts
+                    self._pinged = now
+                    try:
+                        self.client._send(P.request(P.HEARTBEAT, None))
+                    except ClientError:
+                        pass
+                if now >= deadline:
+                    return True
+                continue
+            self._last = time.monotonic()
+            if kind == "unreachable":
+                self._close()
+                raise self.client._unavailable("could not connect")
+            t = header.get("type")
+            if t == P.ERROR:
+                self._close()
+                raise ServerError(str(header.get("code", P.E_INTERNAL)), str(header.get("message", "server error")),
+                                  header)
+            if t == P.PROGRESS:
+                self.progress = (str(header.get("stage", "")), int(header.get("done", 0)),
+                                 int(header.get("total", 0) or 0))
+            elif t == P.EXTRACTED:
+                rows = P.decode_array(header.get("rows"), "rows", (None, P.ROW_WIDTH), parts)
+                self.result = {"fps": float(header.get("fps") or 0.0), "rows": rows,
+                               "warnings": [str(w) for w in header.get("warnings") or []]}
+                self._close()
+            elif t == P.DONE:      # a cancelled job ends with done (or nothing)
+                self._close()
+        return False
+
+    def wait(self, timeout: float | None = None, should_stop=None) -> dict | None:
+        """Block until the rows arrive (None when cancelled or ``timeout`` passed)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll(0.2):
+            if should_stop is not None and should_stop(self):
+                self.cancel()
+                return None
+            if end is not None and time.monotonic() > end:
+                return None
+        return self.result
+
+    def cancel(self) -> None:
+        """Ask the server to stop; no rows are written."""
+        if self.finished:
+            return
+        self.cancelled = True
+        try:
+            self.client._send(P.request(P.CANCEL, self.id))
+        except ClientError:
+            pass
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        self.client._close_route(self.id)
 
 
 class RenderStream:

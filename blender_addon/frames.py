@@ -67,6 +67,44 @@ def rows_from_samples(samples: Sequence[RigSample], base: np.ndarray,
     return rows.astype(np.float32)
 
 
+EXPRESSION_PATH = "styleheat.expression"
+
+
+def rig_channels_from_rows(rows: np.ndarray, base: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+    """The inverse of :func:`rows_from_samples` with the preset weights at 0: the rig values
+    (F-curve data path, array index) -> (N,) values that reproduce ``rows`` (N, 73) on a rig whose
+    portrait coefficients are ``base``. The crop (70:73) is not animatable and is dropped.
+
+    expression[k] = row[k] - e0[k]; rotation (x, y, z) = (d64, d66, d65); location (x, y, z) =
+    (d67, -d69, d68) with d = row - base."""
+    rows = np.asarray(rows, dtype=np.float64)
+    base = np.asarray(base, dtype=np.float64).reshape(-1)
+    if rows.ndim != 2 or rows.shape[1] != ROW_SIZE:
+        raise ValueError(f"rows must be (N, {ROW_SIZE}), got {rows.shape}")
+    if base.shape != (ROW_SIZE,):
+        raise ValueError(f"the portrait coefficients must have {ROW_SIZE} values, got {base.shape[0]}")
+    d = rows - base[None, :]
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for k in range(64):
+        out[(EXPRESSION_PATH, k)] = d[:, k]
+    out[("rotation_euler", 0)] = d[:, 64]
+    out[("rotation_euler", 1)] = d[:, 66]
+    out[("rotation_euler", 2)] = d[:, 65]
+    out[("location", 0)] = d[:, 67]
+    out[("location", 1)] = -d[:, 69]
+    out[("location", 2)] = d[:, 68]
+    return out
+
+
+def expression_offsets(expressions: np.ndarray, e0: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Audio2Exp's absolute (N, 64) expressions -> raw rig offsets ``scale * (exp - e0)``."""
+    exp = np.asarray(expressions, dtype=np.float64)
+    e0 = np.asarray(e0, dtype=np.float64).reshape(64)
+    if exp.ndim != 2 or exp.shape[1] != 64:
+        raise ValueError(f"expressions must be (N, 64), got {exp.shape}")
+    return float(scale) * (exp - e0[None, :])
+
+
 def window_indices(i: int, n: int, radius: int = WINDOW_RADIUS) -> np.ndarray:
     """Row indices of the window around row i of an n-row clip, clamped to [0, n-1] (official)."""
     return np.clip(np.arange(i - radius, i + radius + 1), 0, n - 1)

@@ -3,8 +3,9 @@ headless runs and tests execute the same code without an event loop."""
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty, StringProperty
+from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
+from . import bake as B
 from . import localserver, preferences, render as R, rig as rig_mod
 from .client import ClientError
 
@@ -35,6 +36,7 @@ class STYLEHEAT_OT_connect(bpy.types.Operator):
         except ClientError as exc:
             return _fail(self, exc)
         preferences.set_status("ok", f"Connected to {s.address}", info)
+        R.sync_presets(context.scene, info)
         rig = rig_mod.find_rig(context)
         if rig is not None:
             rig_mod.ensure_attributes(rig.styleheat, R.info_field(info, "attributes", {}))
@@ -258,9 +260,169 @@ def finish_session(context, session: R.RenderSession):
     return session.error
 
 
+# --- bake ----------------------------------------------------------------------------------
+
+def _status_bar(context, text: str | None) -> None:
+    try:
+        if context.workspace is not None:
+            context.workspace.status_text_set(text)
+        if context.area is not None:
+            context.area.header_text_set(text)
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+
+
+class STYLEHEAT_OT_bake_video(bpy.types.Operator):
+    bl_idname = "styleheat.bake_video"
+    bl_label = "Bake from Video"
+    bl_description = ("Extract head pose and expression from a movie (a file or a movie strip) on the server and "
+                      "key them on the face rig from the start frame; keys outside the baked range stay. Esc cancels")
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: StringProperty(name="Movie", subtype="FILE_PATH", default="")
+    filter_movie: BoolProperty(default=True, options={"HIDDEN", "SKIP_SAVE"})
+    filter_folder: BoolProperty(default=True, options={"HIDDEN", "SKIP_SAVE"})
+    strip: StringProperty(name="Movie Strip", default="",
+                          description="Bake from this movie strip (keys from its start, over its visible frames)")
+    use_start_frame: BoolProperty(name="Custom Start", default=False,
+                                  description="Key from Start Frame (off: the strip's start, or the current frame)")
+    start_frame: IntProperty(name="Start Frame", default=1, description="Scene frame of the movie's first frame")
+    smooth: FloatProperty(name="Smooth", default=0.0, min=0.0, max=100.0,
+                          description="Gaussian smoothing of the curves, in frames (0 = none)")
+
+    @classmethod
+    def poll(cls, context):
+        return _active_rig(context) is not None and not progress["running"]
+
+    def _start(self, context):
+        s = preferences.settings(context)
+        return start_video_bake(context, _active_rig(context), s, filepath=self.filepath, strip=self.strip,
+                                start_frame=self.start_frame if self.use_start_frame else None, smooth=self.smooth)
+
+    def execute(self, context):
+        if context.window is not None and not bpy.app.background:   # after the file browser: modal
+            return self._begin_modal(context)
+        try:                                                        # scripts, --background: blocking
+            bake = self._start(context)
+            bake.run()
+        except (ClientError, R.UserError) as exc:
+            return _fail(self, exc)
+        return self._report(bake)
+
+    def invoke(self, context, event):
+        if not self.strip and not self.filepath:
+            active = getattr(context.scene.sequence_editor, "active_strip", None) if context.scene.sequence_editor \
+                else None
+            if active is not None and active.type == "MOVIE":
+                self.strip = active.name
+            else:
+                context.window_manager.fileselect_add(self)
+                return {"RUNNING_MODAL"}
+        return self._begin_modal(context)
+
+    def _begin_modal(self, context):
+        try:
+            self.bake = self._start(context)
+        except (ClientError, R.UserError) as exc:
+            return _fail(self, exc)
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.1, window=context.window)
+        wm.modal_handler_add(self)
+        progress["running"] = True
+        _status_bar(context, f"StyleHEAT bake: {self.bake.status()} (Esc cancels)")
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context, event):
+        if event.type == "ESC":
+            self.bake.cancel()
+            return self._end(context)
+        if event.type == "TIMER":
+            if not step_video_bake(context, self.bake, 0.05):
+                return self._end(context)
+        return {"PASS_THROUGH"}
+
+    def _end(self, context):
+        context.window_manager.event_timer_remove(self._timer)
+        progress["running"] = False
+        err = finish_video_bake(context, self.bake)
+        if err is not None:
+            return _fail(self, err)
+        if self.bake.cancelled:
+            self.report({"INFO"}, "StyleHEAT: bake cancelled; no keys were changed")
+            return {"CANCELLED"}
+        return self._report(self.bake)
+
+    def _report(self, bake):
+        for w in bake.warnings:
+            self.report({"WARNING"}, f"StyleHEAT: {w}")
+        if bake.keyed:
+            self.report({"INFO"}, f"StyleHEAT: baked {bake.source} to frames {bake.keyed[0]}..{bake.keyed[1]}")
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_bake_audio(bpy.types.Operator):
+    bl_idname = "styleheat.bake_audio"
+    bl_label = "Bake Audio to Expression"
+    bl_description = ("Turn what the sound strips play into expression keys (the server's Audio2Exp) over exactly "
+                      "the strip's frames")
+    bl_options = {"REGISTER", "UNDO"}
+
+    strip: StringProperty(name="Sound Strip", default="",
+                          description="Bake over this sound strip's frames (empty: every unmuted sound strip)")
+    scale: FloatProperty(name="Scale", default=1.0, soft_min=0.0, soft_max=2.0,
+                         description="Mouth motion strength: 1 = as predicted, < 1 softer, > 1 louder")
+    blend: BoolProperty(name="Blend With Existing", default=False,
+                        description="Add to the expression keys already there (off: replace them in the range)")
+
+    @classmethod
+    def poll(cls, context):
+        return _active_rig(context) is not None and not progress["running"]
+
+    def execute(self, context):
+        s = preferences.settings(context)
+        try:
+            result = B.bake_audio(context.scene, _active_rig(context), s.address, s.timeout, strip=self.strip,
+                                  scale=self.scale, blend=self.blend, frame_timeout=s.frame_timeout)
+        except (ClientError, R.UserError) as exc:
+            return _fail(self, exc)
+        self.report({"INFO"}, f"StyleHEAT: expression keys baked over frames {result.first}..{result.last}")
+        return {"FINISHED"}
+
+
+def start_video_bake(context, obj, s: preferences.Settings, **kw) -> B.VideoBake:
+    bake = B.start_video_bake(context.scene, obj, s.address, s.timeout, frame_timeout=s.frame_timeout, **kw)
+    progress["text"] = bake.status()
+    return bake
+
+
+def step_video_bake(context, bake: B.VideoBake, timeout: float = 0.0) -> bool:
+    running = bake.step(timeout)
+    progress["text"] = bake.status()
+    _status_bar(context, f"StyleHEAT bake: {bake.status()} (Esc cancels)")
+    return running
+
+
+def finish_video_bake(context, bake: B.VideoBake):
+    """Write the keys (unless cancelled or failed); returns the error to report, or None."""
+    _status_bar(context, None)
+    if bake.error is not None:
+        progress["text"] = "Bake failed"
+        return bake.error
+    if bake.cancelled:
+        progress["text"] = "Bake cancelled"
+        return None
+    try:
+        bake.finish()
+    except R.UserError as exc:
+        return exc
+    progress["text"] = f"Baked frames {bake.keyed[0]}..{bake.keyed[1]}" if bake.keyed else ""
+    return None
+
+
 def menu_add(self, context):
     self.layout.operator(STYLEHEAT_OT_add_rig.bl_idname, icon="USER")
 
 
 CLASSES = (STYLEHEAT_OT_connect, STYLEHEAT_OT_server_start, STYLEHEAT_OT_server_stop, STYLEHEAT_OT_add_rig,
-           STYLEHEAT_OT_prepare, STYLEHEAT_OT_preview, STYLEHEAT_OT_render)
+           STYLEHEAT_OT_prepare, STYLEHEAT_OT_preview, STYLEHEAT_OT_render, STYLEHEAT_OT_bake_video,
+           STYLEHEAT_OT_bake_audio)

@@ -52,10 +52,9 @@ class STYLEHEAT_PT_expression(_Base, bpy.types.Panel):
             col.prop(rig, name, slider=True)
         if not rig.has_base:
             self.layout.label(text="Prepare the portrait to use its own expression", icon="INFO")
-        from . import render
-        info = render.server_info.get(preferences.settings(context).address)
-        if info is not None and not render.presets_from_info(info):
-            self.layout.label(text="This server sends no presets: sliders have no effect", icon="INFO")
+        if not rig_mod.stored_presets(context.scene):
+            self.layout.label(text="No presets yet (connect to a server that has them): sliders have no effect",
+                              icon="INFO")
 
 
 class STYLEHEAT_PT_attributes(_Base, bpy.types.Panel):
@@ -94,6 +93,23 @@ class STYLEHEAT_PT_advanced(_Base, bpy.types.Panel):
                 grid.prop(rig, "expression", index=r * 32 + c, text=f"{r * 32 + c}")
 
 
+class STYLEHEAT_PT_bake(_Base, bpy.types.Panel):
+    bl_idname = "STYLEHEAT_PT_bake"
+    bl_label = "Bake"
+    bl_parent_id = "STYLEHEAT_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None
+
+    def draw(self, context):
+        col = self.layout.column(align=True)
+        col.operator("styleheat.bake_video", icon="FILE_MOVIE")
+        col.operator("styleheat.bake_audio", icon="SPEAKER")
+        if operators.progress["text"] and operators.progress["running"]:
+            self.layout.label(text=operators.progress["text"])
+
+
 class STYLEHEAT_PT_output(_Base, bpy.types.Panel):
     bl_idname = "STYLEHEAT_PT_output"
     bl_label = "Render"
@@ -119,4 +135,4 @@ class STYLEHEAT_PT_output(_Base, bpy.types.Panel):
 
 
 CLASSES = (STYLEHEAT_PT_main, STYLEHEAT_PT_expression, STYLEHEAT_PT_attributes, STYLEHEAT_PT_advanced,
-           STYLEHEAT_PT_output)
+           STYLEHEAT_PT_bake, STYLEHEAT_PT_output)

@@ -76,11 +76,29 @@ def presets_from_info(info: dict) -> dict:
     if isinstance(presets, dict) and "presets" in presets and isinstance(presets["presets"], dict):
         presets = presets["presets"]
     out = {}
+    if not isinstance(presets, dict):
+        return out
     for name, vec in presets.items():
-        arr = np.asarray(vec, dtype=np.float32).reshape(-1)
-        if arr.shape == (64,):
-            out[name] = arr
+        try:
+            if isinstance(vec, dict):      # an array map, like every other array of the protocol
+                from . import protocol as P
+                arr = P.decode_array(vec, f"presets[{name}]", (64,))
+            else:
+                arr = np.asarray(vec, dtype=np.float32).reshape(-1)
+        except Exception:  # noqa: BLE001 - a malformed preset is skipped, the others still work
+            continue
+        if arr.shape == (64,) and np.isfinite(arr).all():
+            out[str(name)] = arr.astype(np.float32)
     return out
+
+
+def sync_presets(scene, info: dict | None) -> dict:
+    """Store the server's presets in the scene (when it sends any) and return the scene's presets:
+    the rows use what the .blend holds, so they do not change when a server without presets (or
+    no server) is used later."""
+    if info:
+        rig_mod.store_presets(scene, presets_from_info(info), str(info_field(info, "model", "")))
+    return rig_mod.stored_presets(scene)
 
 
 def pick_size(info: dict, want: int | None) -> int | None:
@@ -186,7 +204,7 @@ class RenderPlan:
 def plan_render(scene, obj, identity: str, info: dict, start: int, end: int, directory: str | None,
                 size: int | None = None, force: bool = False) -> RenderPlan:
     rig = obj.styleheat
-    presets = presets_from_info(info)
+    presets = sync_presets(scene, info)
     clip = rig_mod.sample_clip(scene, obj, start, end, presets)
     pcm = None
     warnings = []

@@ -73,16 +73,32 @@ class StyleHEATRig(bpy.types.PropertyGroup):
                                description="Sequencer channel of the rendered image strip (0 = first free)")
 
 
-CLASSES = (StyleHEATAttribute, StyleHEATRig)
+class StyleHEATPreset(bpy.types.PropertyGroup):
+    # ``name`` (inherited): mouth, eyebrow, eyes, center
+    values: FloatVectorProperty(name="Expression", size=(2, 32), default=[[0.0] * 32] * 2,
+                                description="Absolute 64-d expression of this preset (from the server)")
+
+
+class StyleHEATSceneData(bpy.types.PropertyGroup):
+    """Scene-level data saved in the .blend: the intuitive-edit presets as last fetched from a
+    server, so the rows of a rig (and their hashes) are reproducible without that server."""
+    presets: CollectionProperty(type=StyleHEATPreset, name="Expression Presets")
+    presets_source: StringProperty(name="Presets From", default="", options={"HIDDEN"})
+
+
+CLASSES = (StyleHEATAttribute, StyleHEATRig, StyleHEATPreset, StyleHEATSceneData)
 
 
 def register() -> None:
     for c in CLASSES:
         bpy.utils.register_class(c)
     bpy.types.Object.styleheat = PointerProperty(type=StyleHEATRig, name="StyleHEAT Face Rig")
+    bpy.types.Scene.styleheat = PointerProperty(type=StyleHEATSceneData, name="StyleHEAT")
 
 
 def unregister() -> None:
+    if hasattr(bpy.types.Scene, "styleheat"):
+        del bpy.types.Scene.styleheat
     if hasattr(bpy.types.Object, "styleheat"):
         del bpy.types.Object.styleheat
     for c in reversed(CLASSES):
@@ -149,6 +165,33 @@ def ensure_attributes(rig, spec: dict) -> None:
         if isinstance(info, dict):
             item.min = float(info.get("min", item.min))
             item.max = float(info.get("max", item.max))
+
+
+# --- presets (stored in the .blend) -----------------------------------------------------------
+
+def store_presets(scene, presets: dict, source: str = "") -> None:
+    """Replace the scene's stored presets by ``presets`` ({name: (64,)}); empty dicts are ignored
+    (a server without presets never erases what an earlier server gave)."""
+    if not presets:
+        return
+    data = scene.styleheat
+    data.presets.clear()
+    for name in sorted(presets):
+        item = data.presets.add()
+        item.name = name
+        item.values.foreach_set([float(v) for v in np.asarray(presets[name], dtype=np.float64).reshape(64)])
+    data.presets_source = source
+
+
+def stored_presets(scene) -> dict[str, np.ndarray]:
+    """{name: (64,) float32} as saved in the scene (empty when none were ever fetched)."""
+    data = getattr(scene, "styleheat", None)
+    out = {}
+    for item in (data.presets if data is not None else ()):
+        buf = [0.0] * 64
+        item.values.foreach_get(buf)
+        out[item.name] = np.asarray(buf, dtype=np.float32)
+    return out
 
 
 # --- sampling ------------------------------------------------------------------------------

@@ -58,9 +58,10 @@ def test_install_enable_register_unregister(tmp_path, addon_zip):
         bpy.ops.preferences.addon_disable(module="styleheat")
         OUT["legacy_disabled"] = hasattr(bpy.types.Object, "styleheat")
     """, addon_zip)
-    expected_ops = ["add_rig", "connect", "prepare_portrait", "preview", "render", "server_start", "server_stop"]
-    expected_panels = ["STYLEHEAT_PT_advanced", "STYLEHEAT_PT_attributes", "STYLEHEAT_PT_expression",
-                       "STYLEHEAT_PT_main", "STYLEHEAT_PT_output"]
+    expected_ops = ["add_rig", "bake_audio", "bake_video", "connect", "prepare_portrait", "preview", "render",
+                    "server_start", "server_stop"]
+    expected_panels = ["STYLEHEAT_PT_advanced", "STYLEHEAT_PT_attributes", "STYLEHEAT_PT_bake",
+                       "STYLEHEAT_PT_expression", "STYLEHEAT_PT_main", "STYLEHEAT_PT_output"]
     for state in ("enabled", "reenabled"):
         assert out[state]["ops"] == expected_ops
         assert out[state]["panels"] == expected_panels
@@ -314,5 +315,6 @@ def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path,
     assert out["problems"] == []
     for expected in ("styleheat.render", "styleheat.preview", "styleheat.prepare_portrait", "styleheat.add_rig",
                      "mouth", "expression", "portrait", "value", "rotation_euler", "location",
-                     "server_address", "curve_dir", "styleheat.server_start", "styleheat.connect"):
+                     "server_address", "curve_dir", "styleheat.server_start", "styleheat.connect",
+                     "styleheat.bake_video", "styleheat.bake_audio"):
         assert expected in out["seen"]

@@ -167,3 +167,29 @@ def test_curve_keys_for_remote_servers(addon, tmp_path):
             Client(srv.address, curve_dir=str(tmp_path))
     finally:
         srv.stop()
+
+
+def test_rig_channels_invert_the_row_mapping(addon):
+    """Baked keys reproduce the extracted rows: rig channels from rows, then rows from those rig
+    values (the documented mapping, presets at 0), equal the input except the crop (the portrait's)."""
+    from styleheat import frames as F
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(0, 0.3, 73)
+    rows = rng.normal(0, 0.5, (6, 73)).astype(np.float32)
+    ch = F.rig_channels_from_rows(rows, base)
+    assert sorted({p for p, _ in ch}) == ["location", "rotation_euler", "styleheat.expression"]
+    assert len(ch) == 70 and all(v.shape == (6,) for v in ch.values())
+    samples = [F.RigSample(rotation=[ch[("rotation_euler", k)][i] for k in range(3)],
+                           location=[ch[("location", k)][i] for k in range(3)],
+                           expression=[ch[("styleheat.expression", k)][i] for k in range(64)]) for i in range(6)]
+    back = F.rows_from_samples(samples, base)
+    np.testing.assert_allclose(back[:, :70], rows[:, :70], atol=1e-5)
+    np.testing.assert_allclose(back[:, 70:], np.broadcast_to(base[70:], (6, 3)), atol=1e-6)
+    # a yaw (Deep3D angle y, row 65) is a turn about Blender Z; depth (row 69) moves along -Y
+    d = np.zeros((1, 73)); d[0, 65] = 0.2; d[0, 69] = 0.1
+    ch = F.rig_channels_from_rows(d, np.zeros(73))
+    assert ch[("rotation_euler", 2)][0] == pytest.approx(0.2) and ch[("rotation_euler", 1)][0] == 0
+    assert ch[("location", 1)][0] == pytest.approx(-0.1)
+    off = F.expression_offsets(np.ones((2, 64)), np.full(64, 0.25), scale=2.0)
+    np.testing.assert_allclose(off, 1.5)
