@@ -31,7 +31,9 @@ Options (all per built module):
 * ``cuda_graphs=True`` (CUDA only, opt-in): captures one CUDA graph per batch size on first use and
   replays it (inputs copied into static buffers; the returned image is a fresh tensor).
 
-CPU and CUDA run the same Python code; only ``device`` differs. Shapes: B = batch, C = fx channels.
+CPU and CUDA run the same Python code; only ``device`` differs, so the CPU tests cover the CUDA code path
+except ``compile`` / ``cuda_graphs``, which were written without a GPU and are untested so far.
+Shapes: B = batch, C = fx channels.
 """
 from __future__ import annotations
 
