@@ -98,3 +98,11 @@ def test_render_write_failure_is_a_clear_error(tiny, tmp_path, capsys):
     assert f"cannot write frames to {out}" in err and "choose another --out" in err
     assert (out / "frame_00000.png").is_file()  # frames before the failure are kept
     assert not list(out.glob(".*.tmp"))  # and no temporary file is left behind
+
+
+def test_config_that_is_a_folder_is_a_clear_error(tmp_path, capsys):
+    rc = cli.main(["convert", "--checkpoints", str(tmp_path), "--config", str(tmp_path),
+                   "--out", str(tmp_path / "x.safetensors")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"--config {tmp_path}: cannot be read" in err and "pass a JSON file" in err

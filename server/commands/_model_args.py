@@ -29,6 +29,8 @@ def read_config(path: str | None):
         return StyleHEATConfig.from_dict(data)
     except FileNotFoundError:
         raise ValueError(f"--config {path}: file not found") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ValueError(f"--config {path}: cannot be read ({e.strerror or e}); pass a JSON file") from None
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"--config {path}: not a valid StyleHEAT config ({e})") from None
 
