@@ -124,7 +124,7 @@ class Job:
     def __init__(self, client: bytes, rid: str, kind: str, payload: Any, credit: int = 0):
         self.client = client
         self.id = rid
-        self.kind = kind              # "prepare" | "render" | "forget"
+        self.kind = kind              # "prepare" | "render" | "forget" | "extract" | "audio2exp"
         self.payload = payload
         self.abort: tuple | None = None   # ("cancelled",) | ("error", code, msg) | ("gone",)
         self.granted = credit
@@ -341,6 +341,204 @@ def _find_audio_converter() -> Callable | None:
     return convert
 
 
+# --------------------------------------------------------------------------------------------
+# Bake models: expression presets, Deep3D extractor (extract), Audio2Exp (audio2exp)
+# --------------------------------------------------------------------------------------------
+DEEP3D_FILE = "Deep3D/epoch_20.pth"
+PRESET_FILES = ("expression.pth", "expression_presets.json")
+AUDIO2EXP_PATTERNS = ("audio2exp*.safetensors", "audio2exp*.pth", "auido2exp*.pth", "SadTalker_V0.0.2_*.safetensors")
+
+
+class BakeModels:
+    """What the bake requests need; ``None`` models come with a note saying why (sent as ``unsupported``)."""
+
+    def __init__(self, *, presets: dict | None = None, pose_presets: dict | None = None,
+                 presets_source: str | None = None, extractor=None,
+                 extract_note: str = "this server was started without a Deep3D extractor",
+                 audio2exp=None, audio2exp_note: str = "this server was started without an Audio2Exp model",
+                 tiny: bool = False):
+        self.presets = presets or {}
+        self.pose_presets = pose_presets or {}
+        self.presets_source = presets_source
+        self.extractor = extractor
+        self.extract_note = extract_note
+        self.audio2exp = audio2exp
+        self.audio2exp_note = audio2exp_note
+        self.tiny = tiny
+
+
+def _preset_vector(value, name: str, width: int, source: str) -> list[float]:
+    try:
+        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: preset {name!r} is not a list of numbers") from None
+    arr = arr.reshape(-1)
+    if arr.shape != (width,) or not np.isfinite(arr).all():
+        raise ValueError(f"{source}: preset {name!r} must be {width} finite numbers, got {arr.size} values")
+    return [float(x) for x in arr.astype(np.float32)]
+
+
+def load_presets(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(expression presets {name: [64]}, pose presets {name: [6]}) from a preset file.
+
+    * JSON ``{"presets": {name: [64 floats]}, "pose_presets": {name: [6 floats]}}`` (pose optional),
+      the shape of ``shared/fixtures/expression_presets.json``;
+    * the official ``docs/demo/intuitive_edit/expression.pth`` (a dict of tensors keyed
+      ``expression_center`` ...), read with ``torch.load(weights_only=True)``; the ``expression_``
+      prefix is dropped, 6-value entries are pose presets.
+
+    ValueError names the file and what is wrong.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ValueError(f"preset file {source} not found")
+    if path.suffix.lower() == ".json":
+        import json
+
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{source} is not readable JSON ({exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("presets"), dict):
+            raise ValueError(f"{source} must be a JSON object with a 'presets' map name -> 64 numbers "
+                             f"(and optionally 'pose_presets' name -> 6 numbers)")
+        pose = obj.get("pose_presets", {})
+        if not isinstance(pose, dict):
+            raise ValueError(f"{source}: 'pose_presets' must be a map name -> 6 numbers")
+        exp = {str(k): _preset_vector(v, k, P.EXP_WIDTH, source) for k, v in obj["presets"].items()}
+        return exp, {str(k): _preset_vector(v, k, P.POSE_WIDTH, source) for k, v in pose.items()}
+    from server.weights import torch_load
+
+    try:
+        obj = torch_load(path)
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is a clear startup error
+        raise ValueError(f"{source} cannot be read as a weights-only torch file ({type(exc).__name__}: {exc})") \
+            from None
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{source} must hold a dict of preset tensors (expression_center, expression_mouth, ...)")
+    exp, pose = {}, {}
+    for k, v in obj.items():
+        name = str(k)
+        n = int(np.prod(getattr(v, "shape", np.shape(v)))) if not isinstance(v, (str, bytes)) else -1
+        if n == P.POSE_WIDTH:
+            pose[name] = _preset_vector(v, name, P.POSE_WIDTH, source)
+        else:
+            exp[name[len("expression_"):] if name.startswith("expression_") else name] = \
+                _preset_vector(v, name, P.EXP_WIDTH, source)
+    return exp, pose
+
+
+def tiny_deep3d(seed: int = 0, device: str = "cpu"):
+    """The --tiny-random Deep3D extractor: ``torch.manual_seed(seed); ReconNet(Deep3DConfig.tiny())``."""
+    import torch
+
+    from models.deep3d import Deep3DConfig, ReconNet
+    from server.deep3d import Deep3DExtractor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ReconNet(Deep3DConfig.tiny())
+    return Deep3DExtractor(net.eval(), None, device)
+
+
+def tiny_audio2exp(seed: int = 0, device: str = "cpu"):
+    """The --tiny-random Audio2Exp: ``torch.manual_seed(seed); Audio2Exp(Audio2ExpConfig.tiny()).eval()``."""
+    import torch
+
+    from models.audio2exp import Audio2Exp, Audio2ExpConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Audio2Exp(Audio2ExpConfig.tiny())
+    return model.to(device).eval()
+
+
+def find_audio2exp(directory: Path) -> Path | None:
+    for pattern in AUDIO2EXP_PATTERNS:
+        for root in (directory, directory / "checkpoints"):
+            hits = sorted(root.glob(pattern)) if root.is_dir() else []
+            if hits:
+                return hits[0]
+    return None
+
+
+def load_bake_models(args, engine) -> BakeModels:
+    """Presets (fatal if --presets is bad), Deep3D and Audio2Exp (a failure only disables the request)."""
+    presets, pose, source = {}, {}, None
+    checkpoints: Path | None = None
+    if not args.tiny_random:
+        from server.paths import resolve_checkpoint_dir
+
+        path, _ = resolve_checkpoint_dir(args.checkpoints)
+        checkpoints = path.parent if path.is_file() else path
+    if args.presets:
+        presets, pose = load_presets(args.presets)
+        source = str(args.presets)
+    elif checkpoints is not None:
+        for name in PRESET_FILES:
+            if (checkpoints / name).is_file():
+                presets, pose = load_presets(checkpoints / name)
+                source = str(checkpoints / name)
+                break
+    device = str(getattr(engine, "device", "cpu"))
+    bake = BakeModels(presets=presets, pose_presets=pose, presets_source=source, tiny=args.tiny_random)
+    if args.no_bake_models:
+        bake.extract_note = "this server was started with --no-bake-models (no Deep3D extractor)"
+        bake.audio2exp_note = ("this server was started with --no-bake-models (no Audio2Exp model); restart "
+                               "it without that option, with --audio2exp PATH")
+        return bake
+    if args.tiny_random:
+        bake.extractor = tiny_deep3d(args.seed, device)
+        bake.extract_note = "tiny random Deep3D (seeded, not real weights): its coefficients are noise"
+        bake.audio2exp = tiny_audio2exp(args.seed, device)
+        bake.audio2exp_note = "tiny random Audio2Exp (seeded, not real weights): its expressions are noise"
+        if args.audio2exp is None:
+            return bake
+    if not args.tiny_random:
+        from server.deep3d import Deep3DExtractor
+
+        deep3d = checkpoints / DEEP3D_FILE
+        if not deep3d.is_file():
+            bake.extract_note = (f"no Deep3D weights: {deep3d} is missing; run 'styleheat download' (it fetches "
+                                 f"Deep3D/epoch_20.pth) or pass --checkpoints DIR holding it")
+        else:
+            try:
+                bake.extractor = Deep3DExtractor.from_checkpoints(checkpoints, device=device)
+                bake.extract_note = f"Deep3D from {deep3d}"
+            except Exception as exc:  # noqa: BLE001 -- the server still renders without it
+                bake.extract_note = f"the Deep3D weights {deep3d} could not be loaded ({exc}); check them with 'styleheat doctor'"
+                log.warning("%s", bake.extract_note)
+    a2e_path = Path(args.audio2exp) if args.audio2exp else (find_audio2exp(checkpoints) if checkpoints else None)
+    if a2e_path is None:
+        bake.audio2exp_note = (f"no Audio2Exp checkpoint: none of {', '.join(AUDIO2EXP_PATTERNS)} in "
+                               f"{checkpoints}; pass --audio2exp PATH (SadTalker's auido2exp_00300-model.pth "
+                               f"or SadTalker_V0.0.2_256.safetensors)")
+    else:
+        from server.audio import load_audio2exp
+
+        try:
+            bake.audio2exp = load_audio2exp(a2e_path, device=device)
+            bake.audio2exp_note = f"Audio2Exp from {a2e_path}"
+        except (ValueError, OSError) as exc:
+            if args.audio2exp:
+                raise ValueError(f"--audio2exp {args.audio2exp}: {exc}") from None
+            bake.audio2exp_note = (f"the Audio2Exp checkpoint {a2e_path} could not be loaded ({exc}); pass a "
+                                   f"working one with --audio2exp PATH")
+            log.warning("%s", bake.audio2exp_note)
+    return bake
+
+
+def _video_suffix(data: bytes) -> str:
+    if data[:4] == b"RIFF":
+        return ".avi"
+    if data[4:8] == b"ftyp":
+        return ".mp4"
+    if data[:4] == b"\x1aE\xdf\xa3":
+        return ".mkv"
+    return ".video"
+
+
 def encode_png(rgb: np.ndarray) -> bytes:
     import cv2
 
@@ -468,6 +666,10 @@ class Worker(threading.Thread):
             self.do_prepare(job)
         elif job.kind == "forget":
             self.do_forget(job)
+        elif job.kind == "extract":
+            self.do_extract(job)
+        elif job.kind == "audio2exp":
+            self.do_audio2exp(job)
         else:
             self.step_render(job)
 
@@ -495,7 +697,16 @@ class Worker(threading.Thread):
                         "used as given: this server has no face aligner (server/align.py), so the image must "
                         "already be an FFHQ-aligned portrait")
             try:
+                known = set(self.server.coefficient_notes)
                 info = self.engine.prepare_identity(aligned)
+                if info.id not in known:
+                    note_c = getattr(info, "coefficient_note", None)
+                    if note_c is None and info.coefficients is None:
+                        note_c = getattr(self.engine, "coefficient_note", None) or \
+                            "no 3DMM regressor produced coefficients for this portrait"
+                    self.server.coefficient_notes[info.id] = note_c
+                    while len(self.server.coefficient_notes) > 256:
+                        self.server.coefficient_notes.pop(next(iter(self.server.coefficient_notes)))
                 self._sync_identities()
             except ValueError as exc:
                 raise P.ProtocolError(P.E_BAD_IMAGE, str(exc)) from None
@@ -520,8 +731,101 @@ class Worker(threading.Thread):
                 self.send(job.client, P.error_reply(job.id, job.abort[1], job.abort[2]))
             return
         self.send(job.client, P.reply(P.PREPARED, job.id, identity=info.id, aligned=did_align, align_note=note,
-                                      coefficients=coeffs, width=int(aligned.shape[1]),
+                                      coefficients=coeffs,
+                                      coefficient_note=self.server.coefficient_notes.get(info.id),
+                                      width=int(aligned.shape[1]),
                                       height=int(aligned.shape[0]), encoding="png"), (png,))
+
+    # extract / audio2exp ----------------------------------------------------------------------
+    def _finish_or_abort(self, job: Job) -> bool:
+        """Finish the job; True when it was cancelled/aborted meanwhile (and that was reported)."""
+        self.sched.finish(job)
+        if job.abort is None:
+            return False
+        if job.abort[0] == "cancelled":
+            self.send(job.client, P.reply(P.DONE, job.id, sent=0, total=1, cancelled=True))
+        elif job.abort[0] == "error":
+            self.send(job.client, P.error_reply(job.id, job.abort[1], job.abort[2]))
+        return True
+
+    def do_extract(self, job: Job) -> None:
+        import tempfile
+
+        from server import tracking
+
+        req: P.ExtractRequest = job.payload
+        tmp = None
+        last = [0.0]
+
+        def progress(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done <= 1 or done >= total or now - last[0] >= 0.25:
+                last[0] = now
+                self.send(job.client, P.reply(P.PROGRESS, job.id, stage=stage, done=int(done), total=int(total),
+                                              message=f"{'landmarks' if stage == 'landmarks' else '3DMM'}: "
+                                                      f"{done}/{total or '?'} frames"))
+
+        try:
+            if req.video is not None:
+                fd, tmp = tempfile.mkstemp(prefix="styleheat-extract-", suffix=_video_suffix(req.video))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(req.video)
+                path = tmp
+            else:
+                path = req.path
+            result = tracking.track_video(path, self.server.bake.extractor, curve_sigma=req.smooth,
+                                          progress=progress, should_stop=lambda: job.abort is not None)
+            rows, fps = result.rows, float(result.fps)
+            if req.fps is not None and abs(req.fps - fps) > 1e-6:
+                rows, fps = tracking.resample_rows(rows, fps, req.fps), float(req.fps)
+            if not np.isfinite(rows).all():
+                raise RuntimeError("the 3DMM regressor produced non-finite coefficients")
+        except tracking.Cancelled:
+            self._finish_or_abort(job)
+            return
+        except tracking.VideoError as exc:
+            if not self._finish_or_abort(job):
+                self.send(job.client, P.error_reply(job.id, P.E_BAD_VIDEO, str(exc)))
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _release_device_memory()
+            if not self._finish_or_abort(job):
+                self.send(job.client, P.error_reply(job.id, P.E_OUT_OF_MEMORY,
+                                                    "the device ran out of memory running the 3DMM regressor; "
+                                                    "free GPU memory and retry"))
+            return
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    log.warning("could not delete the temporary video %s", tmp)
+        if self._finish_or_abort(job):
+            return
+        warnings = list(result.warnings)
+        if self.server.tiny_random:
+            warnings.append("tiny random Deep3D weights: these coefficients are noise, not a real 3DMM fit")
+        header, parts = P.extracted_reply(job.id, fps, rows, warnings)
+        self.send(job.client, header, tuple(parts))
+
+    def do_audio2exp(self, job: Job) -> None:
+        from server.audio import audio_to_expression
+
+        req: P.Audio2ExpRequest = job.payload
+        try:
+            rows = audio_to_expression(req.audio.samples, req.audio.sample_rate, req.fps, req.ref_exp,
+                                       model=self.server.bake.audio2exp, n_frames=req.n_frames,
+                                       offset_frames=req.audio_offset_frames)
+        except ValueError as exc:
+            if not self._finish_or_abort(job):
+                self.send(job.client, P.error_reply(job.id, P.E_BAD_FIELD, f"audio2exp: {exc}"))
+            return
+        if self._finish_or_abort(job):
+            return
+        header, parts = P.expressions_reply(job.id, rows)
+        self.send(job.client, header, tuple(parts))
 
     def do_forget(self, job: Job) -> None:
         identity = job.payload
@@ -650,7 +954,7 @@ class Server:
                  curve_dir: str | os.PathLike | None = None, batch_size: int | None = None, max_jobs: int = 16,
                  max_jobs_per_client: int = 8, stall_timeout: float = 600.0,
                  max_part_bytes: int = P.MAX_PART_BYTES,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, bake: BakeModels | None = None):
         if not is_loopback_endpoint(bind) and curve_dir is None:
             raise ValueError(
                 f"refusing to bind {bind}: it is not a loopback address, and without encryption anyone on the "
@@ -659,6 +963,10 @@ class Server:
                 f"server.key), or bind tcp://127.0.0.1:PORT")
         self.engine = engine
         self.tiny_random = tiny_random
+        self.bake = bake or BakeModels(tiny=tiny_random)
+        # extract's 'path' names a file on this machine: only for clients on this machine
+        self.allow_path = is_loopback_endpoint(bind)
+        self.coefficient_notes: dict[str, str | None] = {}
         if batch_size is None:
             batch_size = 8 if getattr(getattr(engine, "device", None), "type", "cpu") == "cuda" else 2
         self.batch_size = max(1, int(batch_size))
@@ -729,11 +1037,19 @@ class Server:
             attributes={k: {kk: float(vv) for kk, vv in v.items()} for k, v in info.get("attributes", {}).items()},
             audio=self.audio_supported(), align=self.aligner is not None, encodings=list(P.ENCODINGS),
             jobs=self.sched.count(),
+            presets={k: list(v) for k, v in self.bake.presets.items()},
+            pose_presets={k: list(v) for k, v in self.bake.pose_presets.items()},
+            capabilities=self.capabilities(),
             limits=dict(max_message_bytes=self.max_message_bytes, max_header_bytes=self.max_header_bytes,
                         max_part_bytes=self.max_part_bytes, max_parts=P.MAX_PARTS, max_rows=P.MAX_ROWS,
                         max_frames=P.MAX_FRAMES, max_credit=P.MAX_CREDIT, default_credit=P.DEFAULT_CREDIT,
                         max_image_side=P.MAX_IMAGE_SIDE, max_jobs=self.sched.max_jobs,
                         max_jobs_per_client=self.sched.max_per_client, batch_size=self.batch_size))
+
+    def capabilities(self) -> dict[str, bool]:
+        return {"extract": self.bake.extractor is not None and self.aligner is not None,
+                "audio2exp": self.bake.audio2exp is not None,
+                "align": self.aligner is not None, "audio": self.audio_supported()}
 
     def audio_supported(self) -> bool:
         return bool(self.info.get("audio_warper")) and self.audio_converter is not None
@@ -814,6 +1130,28 @@ class Server:
         self.reply_to(client, P.reply(P.ACCEPTED, req.id, total=len(req.frames), size=req.size or
                                       int(self.info.get("native_size", 0)), encoding=req.encoding,
                                       credit=req.credit))
+
+    def on_extract(self, client, header, parts):
+        req = P.validate_extract(header, parts)
+        if self.bake.extractor is None:
+            raise P.ProtocolError(P.E_UNSUPPORTED, f"extract is not available: {self.bake.extract_note}")
+        if self.aligner is None:
+            raise P.ProtocolError(P.E_UNSUPPORTED, "extract is not available: it needs the dlib face landmark "
+                                                   "detector (pip install dlib==20.0.1 face_recognition_models==0.3.0)")
+        if req.path is not None:
+            if not self.allow_path:
+                raise P.ProtocolError(P.E_UNSUPPORTED, "extract by 'path' is only allowed when the server is bound "
+                                                       "to a loopback address; send the video bytes in 'video'")
+            if not os.path.isfile(req.path):
+                raise P.ProtocolError(P.E_BAD_VIDEO, f"video not found on the server machine: {req.path!r:.300}; "
+                                                     f"give an existing file's path or send its bytes in 'video'")
+        self.sched.submit(Job(client, req.id, "extract", req))
+
+    def on_audio2exp(self, client, header, parts):
+        req = P.validate_audio2exp(header, parts)
+        if self.bake.audio2exp is None:
+            raise P.ProtocolError(P.E_UNSUPPORTED, f"audio2exp is not available: {self.bake.audio2exp_note}")
+        self.sched.submit(Job(client, req.id, "audio2exp", req))
 
     def on_credit(self, client, header, parts):
         rid, n = P.validate_credit(header, parts)
@@ -961,6 +1299,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-part-bytes", type=int, default=P.MAX_PART_BYTES,
                    help=f"largest bulk part (image, audio) a client may send (default and maximum "
                         f"{P.MAX_PART_BYTES}); frames over 4/3 of this drop the connection")
+    p.add_argument("--presets", metavar="FILE",
+                   help="expression presets for the add-on's hello: a JSON {\"presets\": {name: [64]}, "
+                        "\"pose_presets\": {...}} or the official docs/demo/intuitive_edit/expression.pth "
+                        "(default: CHECKPOINTS/expression.pth or CHECKPOINTS/expression_presets.json)")
+    p.add_argument("--audio2exp", metavar="PATH",
+                   help="SadTalker Audio2Exp checkpoint for the audio2exp request (default: "
+                        "CHECKPOINTS/audio2exp*.safetensors|.pth)")
+    p.add_argument("--no-bake-models", action="store_true",
+                   help="load no Deep3D extractor and no Audio2Exp model (extract and audio2exp answer "
+                        "'unsupported'); with --tiny-random the seeded tiny ones are skipped")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -1001,10 +1349,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"styleheat-server: cannot load the model: {exc}{hint}", file=sys.stderr)
         return 2
     try:
+        bake = load_bake_models(args, engine)
+    except ValueError as exc:
+        print(f"styleheat-server: {exc}", file=sys.stderr)
+        return 2
+    try:
         server = Server(engine, args.bind, tiny_random=args.tiny_random, curve_dir=args.curve_dir,
                         batch_size=args.batch_size, max_jobs=args.max_jobs,
                         max_jobs_per_client=args.max_jobs_per_client, stall_timeout=args.stall_timeout,
-                        max_part_bytes=args.max_part_bytes)
+                        max_part_bytes=args.max_part_bytes, bake=bake)
     except (OSError, ValueError) as exc:
         print(f"styleheat-server: {exc}", file=sys.stderr)
         return 2
@@ -1019,8 +1372,10 @@ def main(argv: list[str] | None = None) -> int:
         info = server.info
         what = "TINY RANDOM weights (not a real model)" if args.tiny_random else \
             f"model {info.get('model')}, real weights: {info.get('real_weights')}"
+        caps = [k for k, v in server.capabilities().items() if v]
         print(f"styleheat-server: listening on {endpoint} (device {info.get('device')}, {what}"
-              f"{', CURVE' if args.curve_dir else ''})", flush=True)
+              f"{', CURVE' if args.curve_dir else ''}; {len(bake.presets)} expression presets; "
+              f"capabilities: {', '.join(caps) or 'none'})", flush=True)
 
     return server.serve(ready)
 
