@@ -98,6 +98,14 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         b3.cancel()
         OUT["cancel_error"] = repr(ops.finish_video_bake(bpy.context, b3))
         OUT["keys3"] = keys()
+        # from a movie strip at frame 50 whose first frame is trimmed: keys 51..55 only
+        ms = compat.top_strips(scene).new_movie("drive", {str(long)!r}, channel=2, frame_start=50)
+        ms.frame_offset_start = 1
+        OUT["movie_strip"] = [ms.frame_final_start, ms.frame_final_end]
+        b4 = bake.bake_video(scene, obj, ADDRESS, 10.0, strip="drive")
+        OUT["keyed4"] = list(b4.keyed)
+        OUT["rows4"] = b4.job.result["rows"].tolist()
+        OUT["keys4"] = keys()
         try:
             bake.bake_video(scene, obj, ADDRESS, 10.0, filepath={str(tmp_path / 'missing.avi')!r})
         except render.UserError as exc:
@@ -159,6 +167,14 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
     # cancelled: no keys changed, no error
     assert out["cancel_error"] == "None" and out["keys3"] == keys2
     assert "does not exist" in out["missing"]
+    # movie strip: row i at 50 + i, only over the frames the trimmed strip shows
+    assert out["movie_strip"] == [51, 56] and out["keyed4"] == [51, 55]
+    rows4 = np.asarray(out["rows4"])
+    assert rows4.shape == (6, 73)
+    for name, col, sign in (("location[0]", 67, 1), ("location[1]", 69, -1), ("styleheat.expression[5]", 5, 1)):
+        got = {x: y for x, y in out["keys4"][name] if x >= 45}
+        assert sorted(got) == [51, 52, 53, 54, 55], name
+        np.testing.assert_allclose([got[f] for f in range(51, 56)], sign * (rows4[1:, col] - base[col]), atol=1e-5)
 
 
 def _speech_like(seconds: float, rate: int = 16000) -> np.ndarray:

@@ -193,3 +193,42 @@ def test_rig_channels_invert_the_row_mapping(addon):
     assert ch[("location", 1)][0] == pytest.approx(-0.1)
     off = F.expression_offsets(np.ones((2, 64)), np.full(64, 0.25), scale=2.0)
     np.testing.assert_allclose(off, 1.5)
+
+
+def test_extract_and_audio2exp_calls(client, tmp_path, fixtures_dir):
+    """extract with the video's bytes (what a remote server gets): progress n/N then (N, 73) rows at
+    the requested rate; cancel stops it; a file that is not a video is a bad_video error.
+    audio2exp returns (n_frames, 64); the socket never blocks a send for longer than the timeout."""
+    import zmq
+    from styleheat.client import ServerError
+
+    base = cv2.resize(cv2.imread(str(fixtures_dir / "portrait_100.jpg")), (256, 256))
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (256, 256))
+    for dx in (0, 4, 8, 12):
+        writer.write(cv2.warpAffine(base, np.float32([[1, 0, dx], [0, 1, 0]]), (256, 256),
+                                    borderMode=cv2.BORDER_REFLECT101))
+    writer.release()
+    job = client.extract(video=path.read_bytes(), fps=25.0)
+    seen = []
+    while job.poll(0.1):
+        if job.progress and (not seen or seen[-1] != job.progress):
+            seen.append(job.progress)
+    assert job.result is not None and job.result["rows"].shape == (4, 73)
+    assert job.result["fps"] == pytest.approx(25.0)
+    assert seen and seen[-1] == ("3dmm", 4, 4) and job.status() == "Extracted 4 frames"
+    assert all(stage in ("landmarks", "3dmm") and 0 < done <= total for stage, done, total in seen)
+    # resampled to 50 fps: twice the rows minus one, same duration
+    assert client.extract(video=path.read_bytes(), fps=50.0).wait(60)["rows"].shape == (7, 73)
+    job = client.extract(video=path.read_bytes())
+    job.cancel()
+    assert job.finished and job.cancelled and job.result is None
+    with pytest.raises(ServerError) as e:
+        client.extract(video=b"not a video at all").wait(60)
+    assert e.value.code == "bad_video"
+    samples = np.sin(np.arange(16000) / 16000 * 2 * np.pi * 200).astype(np.float32)
+    rows = client.audio2exp({"samples": samples, "sample_rate": 16000, "fps": 25.0, "frame_offset": 0.0},
+                            25.0, 10, np.zeros(64, np.float32))
+    assert rows.shape == (10, 64) and rows.dtype == np.float32 and np.isfinite(rows).all()
+    assert client._sock.getsockopt(zmq.SNDTIMEO) == int(client.timeout * 1000)
+    assert client._sock.getsockopt(zmq.LINGER) == 0
