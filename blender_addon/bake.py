@@ -193,8 +193,9 @@ def start_video_bake(scene, obj, address: str, timeout: float = 5.0, *, filepath
                      start_frame: int | None = None, smooth: float = 0.0,
                      frame_timeout: float = 300.0) -> VideoBake:
     """Send the movie to the server's ``extract``. ``strip``: a movie strip's name (its file; rows
-    keyed from the strip's start, only over its visible frames) or ``filepath``: a movie file
-    (rows keyed from ``start_frame``, default the current frame). Rows come at the scene's frame rate."""
+    keyed from the strip's start, one row per movie frame as the strip shows them, only over its
+    visible frames) or ``filepath``: a movie file (rows resampled to the scene's frame rate, keyed
+    from ``start_frame``, default the current frame)."""
     _check_rig(obj)
     limit = None
     if strip:
@@ -220,7 +221,10 @@ def start_video_bake(scene, obj, address: str, timeout: float = 5.0, *, filepath
         raise R.UserError("This StyleHEAT server cannot extract motion from video (it has no Deep3D weights: "
                           "run 'styleheat download' and restart it with --checkpoints).")
     base = _portrait_base(client, obj)
-    fps = compat.scene_fps(scene)
+    # a file: rows at the scene's rate (real time). A strip: Blender shows one movie frame per scene
+    # frame (bpy 5.0 new_movie: a 50 fps movie of 20 frames lasts 20 scene frames), so one row per
+    # movie frame keeps the keys on the frames that show them.
+    fps = None if strip else compat.scene_fps(scene)
     if is_loopback(address):
         job = client.extract(path=os.path.abspath(path), fps=fps, smooth=smooth, timeout=frame_timeout)
     else:

@@ -31,10 +31,10 @@ def addon_zip(tmp_path_factory) -> Path:
     return build_zip(tmp_path_factory.mktemp("dist"))
 
 
-def make_video(path: Path, portrait: Path, shifts: list[int]) -> Path:
-    """An MJPG AVI at 25 fps: the fixture portrait shifted right by ``shifts[i]`` pixels in frame i."""
+def make_video(path: Path, portrait: Path, shifts: list[int], fps: float = 25.0) -> Path:
+    """An MJPG AVI: the fixture portrait shifted right by ``shifts[i]`` pixels in frame i."""
     base = cv2.resize(cv2.imread(str(portrait)), (VIDEO_SIDE, VIDEO_SIDE), interpolation=cv2.INTER_AREA)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (VIDEO_SIDE, VIDEO_SIDE))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (VIDEO_SIDE, VIDEO_SIDE))
     assert writer.isOpened()
     for dx in shifts:
         m = np.float32([[1, 0, dx], [0, 1, 0]])
@@ -66,6 +66,7 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
     portrait = fixtures_dir / "portrait_100.jpg"
     long = make_video(tmp_path / "long.avi", portrait, [0, 3, 6, 9, 12, 15])
     short = make_video(tmp_path / "short.avi", portrait, [15, 10, 5])
+    fast = make_video(tmp_path / "fast.avi", portrait, [0, 2, 4, 6, 8, 10], fps=50.0)
     out = run_bpy(tmp_path, RIG_SETUP.format(portrait=str(portrait), base=BASE) + f"""
         obj.rotation_euler[2] = 0.5
         obj.keyframe_insert("rotation_euler", index=2, frame=1)
@@ -98,8 +99,9 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         b3.cancel()
         OUT["cancel_error"] = repr(ops.finish_video_bake(bpy.context, b3))
         OUT["keys3"] = keys()
-        # from a movie strip at frame 50 whose first frame is trimmed: keys 51..55 only
-        ms = compat.top_strips(scene).new_movie("drive", {str(long)!r}, channel=2, frame_start=50)
+        # from a 50 fps movie strip at frame 50 whose first frame is trimmed: Blender shows one movie
+        # frame per scene frame, so rows at the movie's rate, keys 51..55 only
+        ms = compat.top_strips(scene).new_movie("drive", {str(fast)!r}, channel=2, frame_start=50)
         ms.frame_offset_start = 1
         OUT["movie_strip"] = [ms.frame_final_start, ms.frame_final_end]
         b4 = bake.bake_video(scene, obj, ADDRESS, 10.0, strip="drive")
@@ -170,7 +172,7 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
     # movie strip: row i at 50 + i, only over the frames the trimmed strip shows
     assert out["movie_strip"] == [51, 56] and out["keyed4"] == [51, 55]
     rows4 = np.asarray(out["rows4"])
-    assert rows4.shape == (6, 73)
+    assert rows4.shape == (6, 73)                       # not resampled to 25 fps (that would be 3)
     for name, col, sign in (("location[0]", 67, 1), ("location[1]", 69, -1), ("styleheat.expression[5]", 5, 1)):
         got = {x: y for x, y in out["keys4"][name] if x >= 45}
         assert sorted(got) == [51, 52, 53, 54, 55], name
