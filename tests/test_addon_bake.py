@@ -108,6 +108,10 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         OUT["keyed4"] = list(b4.keyed)
         OUT["rows4"] = b4.job.result["rows"].tolist()
         OUT["keys4"] = keys()
+        # the operator (blocking in the background) from a file at a custom start frame
+        OUT["op_video"] = sorted(bpy.ops.styleheat.bake_video(filepath={str(short)!r}, use_start_frame=True,
+                                                               start_frame=200))
+        OUT["op_keys"] = [x for x, _ in keys()["location[0]"] if x >= 200]
         try:
             bake.bake_video(scene, obj, ADDRESS, 10.0, filepath={str(tmp_path / 'missing.avi')!r})
         except render.UserError as exc:
@@ -169,6 +173,7 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
     # cancelled: no keys changed, no error
     assert out["cancel_error"] == "None" and out["keys3"] == keys2
     assert "does not exist" in out["missing"]
+    assert out["op_video"] == ["FINISHED"] and out["op_keys"] == [200, 201, 202]
     # movie strip: row i at 50 + i, only over the frames the trimmed strip shows
     assert out["movie_strip"] == [51, 56] and out["keyed4"] == [51, 55]
     rows4 = np.asarray(out["rows4"])
@@ -216,6 +221,8 @@ def test_bake_audio_over_exactly_the_strip_frames(tmp_path, addon_zip, server, f
         OUT["keys2"] = keys()
         c = rig_mod.sample_clip(scene, obj, 20, 39, {{}})
         OUT["rows"] = c.rows[c.index(20):c.index(39) + 1].tolist()
+        OUT["op_audio"] = sorted(bpy.ops.styleheat.bake_audio(strip="line", scale=0.0))   # the operator
+        OUT["op_keys"] = [y for x, y in keys()["styleheat.expression[9]"] if 20 <= x <= 39]
         strip.mute = True
         try:
             bake.bake_audio(scene, obj, ADDRESS, 10.0)
@@ -257,6 +264,7 @@ def test_bake_audio_over_exactly_the_strip_frames(tmp_path, addon_zip, server, f
                       for k in range(64)], 1)
     np.testing.assert_allclose(rows[:, :64], e0 + keyed, atol=1e-4)
     assert "no unmuted sound strip" in out["no_sound"]
+    assert out["op_audio"] == ["FINISHED"] and out["op_keys"] == [0.0] * 20      # scale 0, replace: flat
 
 
 def test_presets_from_the_server_move_rows_and_stay_in_the_blend(tmp_path, addon_zip, server, fixtures_dir):
