@@ -50,6 +50,7 @@ MIN_IMAGE_SIDE = 64
 MAX_AUDIO_SAMPLES = MAX_PART_BYTES // 4
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
 MAX_FPS = 240.0
+MIN_AUDIO2EXP_FPS = 1.0
 MAX_ATTRIBUTES = 64
 MAX_FRAME_NUMBER = 10_000_000      # |scene frame numbers|
 MAX_PATH_LENGTH = 4096             # extract: server-side video path
@@ -280,7 +281,7 @@ def decode_array(value: Any, name: str, shape: Sequence[int | None], parts: Sequ
             raise ProtocolError(E_BAD_FIELD, f"{name}: an array map needs 'dtype', 'shape' and exactly one of "
                                              f"'data' or 'part' (got keys {sorted(keys)})")
         dt = value["dtype"]
-        if dt not in _DTYPES:
+        if not isinstance(dt, str) or dt not in _DTYPES:
             raise ProtocolError(E_BAD_FIELD, f"{name}: dtype {dt!r} is not one of {sorted(_DTYPES)}")
         shp = value["shape"]
         if (not isinstance(shp, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
@@ -327,8 +328,10 @@ def decode_array(value: Any, name: str, shape: Sequence[int | None], parts: Sequ
             raise ProtocolError(E_TOO_LARGE, f"{name}: {arr.size} values, at most {max_elements} allowed")
         if arr.ndim != len(shape):
             raise ProtocolError(E_BAD_FIELD, f"{name}: expected shape {_shape_text(shape)}, got {arr.shape}")
-        if want.kind == "f" and np.isfinite(arr).all() and np.abs(arr).max(initial=0.0) > 3.0e38:
+        if want.kind == "f" and np.abs(arr[np.isfinite(arr)]).max(initial=0.0) > 3.0e38:
             raise ProtocolError(E_BAD_FIELD, f"{name}: values overflow float32")
+        if want.kind != "f" and arr.size and (arr.min() < np.iinfo(want).min or arr.max() > np.iinfo(want).max):
+            raise ProtocolError(E_BAD_FIELD, f"{name}: values do not fit {dtype}")
         arr = np.ascontiguousarray(arr.astype(want))
     else:
         raise ProtocolError(E_BAD_FIELD, f"{name}: must be an array map or a list of numbers, "
@@ -623,7 +626,8 @@ def validate_audio2exp(h: Mapping, parts: Sequence = ()) -> Audio2ExpRequest:
         if not audio.fps:
             raise ProtocolError(E_BAD_FIELD, "audio2exp: missing field 'fps' (output frames per second)")
         fps = audio.fps
-    fps = check_float(fps, "fps", 1e-3, MAX_FPS)
+    # at least 1 fps: the output then spans at most MAX_ROWS seconds of audio (bounded work)
+    fps = check_float(fps, "fps", MIN_AUDIO2EXP_FPS, MAX_FPS)
     if audio.fps and abs(audio.fps - fps) > 1e-9 * max(1.0, fps):
         raise ProtocolError(E_BAD_FIELD, f"audio2exp: audio.fps {audio.fps} differs from fps {fps}; "
                                          f"send one frame rate (leave audio.fps out)")

@@ -366,6 +366,7 @@ def test_audio2exp_round_trip_and_offset_convention():
 @pytest.mark.parametrize("changes, words", [
     (dict(fps=None), "missing field 'fps'"),
     (dict(fps=0.0), "fps must be in"),
+    (dict(fps=0.5), "fps must be in [1.0, 240.0]"),
     (dict(fps=float("nan")), "fps must be finite"),
     (dict(n_frames=0), "n_frames must be in"),
     (dict(n_frames=2.0), "n_frames must be an integer"),
@@ -422,3 +423,21 @@ def test_decode_presets():
     for bad in ([1, 2], {"m": [0.0] * 63}, {"": [0.0] * 64}, {"m": "x"}):
         with pytest.raises(P.ProtocolError):
             P.decode_presets(bad)
+
+
+@pytest.mark.parametrize("dtype", [{"a": 1}, ["float32"], None, 5])
+def test_decode_array_non_string_dtype_is_a_field_error(dtype):
+    """Found by tests/test_server_fuzz.py: an unhashable dtype raised TypeError (an 'internal' reply)."""
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_array({"dtype": dtype, "shape": [1, 73], "data": b"\0" * 292}, "rows", (None, 73))
+    assert e.value.code == P.E_BAD_FIELD and "dtype" in e.value.message
+
+
+def test_decode_array_integer_lists_must_fit():
+    assert P.decode_array([1, 2, 3], "f", (None,), dtype="int32").dtype == np.int32
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_array([2**40], "f", (None,), dtype="int32")
+    assert "do not fit int32" in e.value.message
+    with pytest.raises(P.ProtocolError) as e:  # a huge finite value beside a NaN is still named an overflow
+        P.decode_array([1e308, float("nan")], "f", (None,))
+    assert "overflow" in e.value.message

@@ -87,6 +87,12 @@ def run(args) -> int:
         print(f"attributes:   {', '.join(sorted(attrs)) if attrs else 'none'}")
         print(f"audio:        {'yes' if header.get('audio') else 'no'}; "
               f"face alignment: {'yes' if header.get('align') else 'no'}")
+        caps = header.get("capabilities")
+        if isinstance(caps, dict):  # servers before the bake additions do not send these
+            on = [k for k, v in caps.items() if v]
+            print(f"capabilities: {', '.join(on) if on else 'none'}")
+            presets = header.get("presets") or {}
+            print(f"presets:      {', '.join(sorted(presets)) if presets else 'none'}")
         return 0
     finally:
         sock.close(linger=0)
