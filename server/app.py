@@ -759,22 +759,29 @@ class Worker(threading.Thread):
 
         def progress(stage: str, done: int, total: int) -> None:
             now = time.monotonic()
-            if done <= 1 or done >= total or now - last[0] >= 0.25:
+            if done <= 1 or (total > 0 and done >= total) or now - last[0] >= 0.25:  # at most ~4/s
                 last[0] = now
                 self.send(job.client, P.reply(P.PROGRESS, job.id, stage=stage, done=int(done), total=int(total),
                                               message=f"{'landmarks' if stage == 'landmarks' else '3DMM'}: "
                                                       f"{done}/{total or '?'} frames"))
 
         try:
-            if req.video is not None:
-                fd, tmp = tempfile.mkstemp(prefix="styleheat-extract-", suffix=_video_suffix(req.video))
-                with os.fdopen(fd, "wb") as f:
-                    f.write(req.video)
-                path = tmp
-            else:
-                path = req.path
-            result = tracking.track_video(path, self.server.bake.extractor, curve_sigma=req.smooth,
-                                          progress=progress, should_stop=lambda: job.abort is not None)
+            try:
+                if req.video is not None:
+                    fd, tmp = tempfile.mkstemp(prefix="styleheat-extract-", suffix=_video_suffix(req.video))
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(req.video)
+                    path = tmp
+                else:
+                    path = req.path
+                result = tracking.track_video(path, self.server.bake.extractor, curve_sigma=req.smooth,
+                                              progress=progress, should_stop=lambda: job.abort is not None)
+            finally:  # the copy is gone before any reply leaves
+                if tmp is not None:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        log.warning("could not delete the temporary video %s", tmp)
             rows, fps = result.rows, float(result.fps)
             if req.fps is not None and abs(req.fps - fps) > 1e-6:
                 rows, fps = tracking.resample_rows(rows, fps, req.fps), float(req.fps)
@@ -796,12 +803,6 @@ class Worker(threading.Thread):
                                                     "the device ran out of memory running the 3DMM regressor; "
                                                     "free GPU memory and retry"))
             return
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    log.warning("could not delete the temporary video %s", tmp)
         if self._finish_or_abort(job):
             return
         warnings = list(result.warnings)
