@@ -151,7 +151,13 @@ class CalibrationNet(nn.Module):
             raise ValueError(f"CalibrationNet: descriptor batch ({descriptor.shape[0]}) differs from "
                              f"fx_warp batch ({fx_warp.shape[0]})")
 
-    def forward(self, fx_warp: torch.Tensor, descriptor: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, fx_warp: torch.Tensor, descriptor: torch.Tensor, *,
+                last_only: bool = False) -> list[torch.Tensor | None]:
+        """The 8 SFT maps; ``last_only=True`` skips the 8/16/32 heads (returned as None).
+
+        The generator consumes only the 64x64 pair (reference quirk 3e), so the inference path asks for
+        ``last_only`` and saves those heads' work; the 64x64 pair is computed exactly as before.
+        """
         self._check(fx_warp, descriptor)
         feat = self.conv_body_first(fx_warp)
         skips = []
@@ -164,6 +170,9 @@ class CalibrationNet(nn.Module):
         for k in range(self.cfg.levels):
             feat = self.conv_body_up[k](feat + skips[k])
             feat = self.inject_3dmm[k](feat, z)
+            if last_only and k < self.cfg.levels - 1:
+                conditions.extend((None, None))
+                continue
             conditions.append(self.condition_scale[k](feat))
             conditions.append(self.condition_shift[k](feat))
         return conditions

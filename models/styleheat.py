@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -352,13 +352,18 @@ class StyleHEAT(nn.Module):
         return self.prepare_from_codes(wx_edit, ix_edit, base.res)
 
     def render(self, inv: Inversion | Sequence[Inversion], coeffs: torch.Tensor, mel: torch.Tensor | None = None,
-               out_size: int | None = None) -> torch.Tensor:
+               out_size: int | None = None, synthesize: Callable | None = None) -> torch.Tensor:
         """Frames for a batch of driving windows: coeffs (B,73,27), mel (B,80,32) or None.
 
         ``inv``: one Inversion for all frames, or a sequence of B (per-frame edited identities).
         Returns (B, 3, out_size, out_size), not clamped. One generator pass per frame without audio
         (two with audio: the AudioWarper's input image is a full pass, as in the official code).
+        ``synthesize(feat64, skip32, wx, out_size) -> image``: the 64 -> image synthesis to use (default
+        :meth:`Generator.synthesize_from_64`; the engine passes the per-identity folded fast path, which
+        is only valid when every frame of the batch shares one W+ code).
         """
+        if synthesize is None:
+            synthesize = self._synthesize_reference
         b = coeffs.shape[0]
         ix, wx, fx, skip32 = self._batched(inv, b)
         video = self.video_warper(ix, coeffs, with_warp_image=False)
@@ -367,13 +372,16 @@ class StyleHEAT(nn.Module):
         if mel is not None:
             if self.audio_warper is None:
                 raise ValueError("render: audio given but this model has no AudioWarper weights")
-            preview = self.generator.synthesize_from_64(fx_warp, skip32, wx)
+            preview = synthesize(fx_warp, skip32, wx, self.config.size)
             audio_flow = self.audio_warper(resize(preview, INPUT_SIZE), mel, with_warp_image=False)["flow_field"]
             zero_upper_flow_(audio_flow)
             fx_warp = flow.warp(fx_warp, flow.flow_to_deformation(audio_flow))
-        refining = self.calibrator(fx_warp, video["descriptor"])
+        refining = self.calibrator(fx_warp, video["descriptor"], last_only=True)
         feat = fx_warp * (1 + refining[6]) + refining[7]
-        return self.generator.synthesize_from_64(feat, skip32, wx, out_size=out_size or self.config.size)
+        return synthesize(feat, skip32, wx, out_size or self.config.size)
+
+    def _synthesize_reference(self, feat, skip32, wx, out_size):
+        return self.generator.synthesize_from_64(feat, skip32, wx, out_size=out_size)
 
     @staticmethod
     def _batched(inv: Inversion | Sequence[Inversion], b: int):

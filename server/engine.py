@@ -20,11 +20,13 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from models.fastpath import FoldedCache
 from models.styleheat import INPUT_SIZE, Inversion, StyleHEAT, StyleHEATConfig
 
 #: how many identities stay cached, and how many edited variants per identity
 IDENTITY_CACHE_SIZE = 8
 EDIT_CACHE_SIZE = 32
+FOLDED_CACHE_SIZE = 16   # folded synthesis modules (identity x edit x output size)
 #: attribute strengths are quantized to this fraction of their (max - min) range before caching
 ATTRIBUTE_QUANTUM = 1.0 / 200.0
 
@@ -43,6 +45,7 @@ class _Identity:
     inv: Inversion
     info: IdentityInfo
     edits: "OrderedDict[tuple, Inversion]" = field(default_factory=OrderedDict)
+    folded_keys: set = field(default_factory=set)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -72,6 +75,17 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
 
 
+def _runs(keys: Sequence) -> list[list[int]]:
+    """Indices of ``keys`` grouped into maximal runs of equal consecutive keys (order kept)."""
+    runs: list[list[int]] = []
+    for j, k in enumerate(keys):
+        if runs and keys[runs[-1][0]] == k:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return runs
+
+
 def window_indices(frame: int, num_rows: int, length: int = 27) -> np.ndarray:
     """Rows of frame ``frame``'s driving window [i - r, i + r] (r = length // 2), clamped to the clip."""
     r = length // 2
@@ -84,7 +98,14 @@ class Engine:
     def __init__(self, model: StyleHEAT, *, device: torch.device, real_weights: bool, model_name: str,
                  checkpoints: str | Path | None = None,
                  coefficient_fn: Callable[[np.ndarray], np.ndarray | None] | None = None,
-                 identity_cache_size: int = IDENTITY_CACHE_SIZE, edit_cache_size: int = EDIT_CACHE_SIZE):
+                 identity_cache_size: int = IDENTITY_CACHE_SIZE, edit_cache_size: int = EDIT_CACHE_SIZE,
+                 fast: bool = True, precision: str = "float32", channels_last: bool = True):
+        """``fast``: render through the per-identity folded synthesis (models.fastpath; float32 equals the
+        reference path within the parity tolerance); ``fast=False`` runs Generator.synthesize_from_64.
+        ``precision``: "float32" or "bfloat16" (the folded synthesis in bf16: fast on CUDA and AVX512-BF16
+        CPUs, emulated and slow elsewhere; accuracy bound in models.fastpath.BF16_MIN_PSNR_DB)."""
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -102,6 +123,10 @@ class Engine:
         self.load_notes: list[str] = []
         #: why the last prepare_identity returned no coefficients (None when it did)
         self.coefficient_note: str | None = None
+        self.fast = bool(fast)
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        self._folded = FoldedCache(capacity=FOLDED_CACHE_SIZE)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -193,7 +218,9 @@ class Engine:
             info = IdentityInfo(id=ident, image_256=to_uint8(inv.ix)[0], coefficients=coeffs)
             self._identities[ident] = _Identity(inv=inv, info=info)
             while len(self._identities) > self._identity_cache_size:
-                self._identities.popitem(last=False)
+                _, evicted = self._identities.popitem(last=False)
+                for key in evicted.folded_keys:
+                    self._folded.forget(key)
             return info
 
     def _coefficients(self, image: np.ndarray) -> np.ndarray | None:
@@ -214,7 +241,10 @@ class Engine:
 
     def forget_identity(self, identity_id: str) -> None:
         with self._lock:
-            self._identities.pop(identity_id, None)
+            ident = self._identities.pop(identity_id, None)
+            if ident is not None:
+                for key in ident.folded_keys:
+                    self._folded.forget(key)
 
     def identity_ids(self) -> list[str]:
         with self._lock:
@@ -248,17 +278,37 @@ class Engine:
                 return
             chunk = frames[start:start + batch_size]
             with self._lock, torch.inference_mode():
-                windows = np.stack([rows[window_indices(i, len(rows), self.window)].T for i in chunk])
-                coeffs = torch.from_numpy(windows).to(self.device)
-                mel_t = torch.from_numpy(mel[chunk]).to(self.device) if mel is not None else None
-                invs = [self._inversion_for(ident, {k: float(v[i]) for k, v in attrs.items()}) for i in chunk]
-                images = self.model.render(invs, coeffs, mel_t, out_size=size)
-                out = to_uint8(images)
+                keys = [self._quantize({k: float(v[i]) for k, v in attrs.items()}) for i in chunk]
+                out = []
+                # frames that share one W+ code (same quantized edit) run together through one folded synthesis
+                for run in _runs(keys):
+                    sub = [chunk[j] for j in run]
+                    key = keys[run[0]]
+                    inv = self._inversion_for(ident, key)
+                    windows = np.stack([rows[window_indices(i, len(rows), self.window)].T for i in sub])
+                    coeffs = torch.from_numpy(windows).to(self.device)
+                    mel_t = torch.from_numpy(mel[sub]).to(self.device) if mel is not None else None
+                    synth = self._synthesizer(ident, key, inv) if self.fast else None
+                    images = self.model.render(inv, coeffs, mel_t, out_size=size, synthesize=synth)
+                    out.extend(to_uint8(images))
             for i, img in zip(chunk, out):
                 yield int(i), img
 
-    def _inversion_for(self, ident: _Identity, strengths: Mapping[str, float]) -> Inversion:
-        key = self._quantize(strengths)
+    def _synthesizer(self, ident: _Identity, key: tuple, inv: Inversion) -> Callable:
+        """The folded 64 -> image synthesis for one (identity, edit) W+ code, built once per output size."""
+        cache_key = (ident.info.id, key)
+        ident.folded_keys.add(cache_key)
+        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
+
+        def synthesize(feat, skip32, wx, out_size):
+            module = self._folded.get(cache_key, self.model.generator, inv.wx, out_size=out_size, dtype=dtype,
+                                      channels_last=self.channels_last, device=self.device)
+            return module(feat, skip32)
+
+        return synthesize
+
+    def _inversion_for(self, ident: _Identity, key: tuple) -> Inversion:
+        """The (edited) inversion for a quantized edit key (see :meth:`_quantize`); cached per identity."""
         if not key:
             return ident.inv
         hit = ident.edits.get(key)
