@@ -376,3 +376,25 @@ def test_real_mode_names_missing_weights(tmp_path):
     args.audio2exp = str(tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="--audio2exp"):
         server_app.load_bake_models(args, engine=None)
+
+
+def test_real_mode_finds_checkpoints_and_survives_bad_deep3d(tmp_path, presets_file):
+    """CHECKPOINTS/audio2exp*.pth is found and loaded (values as saved); a Deep3D file that is not the
+    ResNet-50 regressor only switches extract off, with the reason; presets fall back to the JSON name."""
+    import argparse
+    import shutil
+
+    a2e = tiny_audio2exp_by_recipe(3)
+    torch.save({"model": a2e.state_dict()}, tmp_path / "audio2exp_tiny.pth")
+    (tmp_path / "Deep3D").mkdir()
+    torch.save({"net_recon": tiny_deep3d_by_recipe(0).net.state_dict()}, tmp_path / "Deep3D" / "epoch_20.pth")
+    shutil.copy(presets_file, tmp_path / "expression_presets.json")  # a user's checkpoint folder, in tmp
+    args = argparse.Namespace(tiny_random=False, checkpoints=str(tmp_path), presets=None, audio2exp=None,
+                              no_bake_models=False, seed=0)
+    bake = server_app.load_bake_models(args, engine=None)
+    assert bake.audio2exp is not None and "audio2exp_tiny.pth" in bake.audio2exp_note
+    for k, v in a2e.state_dict().items():
+        torch.testing.assert_close(bake.audio2exp.state_dict()[k], v)
+    assert bake.extractor is None and "could not be loaded" in bake.extract_note
+    assert "ResNet-50" in bake.extract_note
+    assert set(bake.presets) == {"center", "mouth", "eyebrow", "eyes"} and len(bake.pose_presets) == 7
