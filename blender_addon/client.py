@@ -323,21 +323,66 @@ def _audio_field(audio: Mapping[str, Any], parts: list) -> dict:
             "frame_offset": float(audio["frame_offset"])}
 
 
-class ExtractJob:
+class _ReplyStream:
+    """Shared reply pump of one streamed request (an extract job or a render stream).
+
+    :meth:`_next_reply` returns the next (header, parts) for this request, or None when ``deadline``
+    passes; while nothing arrives it pings the server (any reply counts as liveness) and gives up after
+    ``silence_timeout`` s of silence. Errors, an unreachable server and silence end the request
+    (:meth:`_end`) and raise ServerError / ServerUnavailable."""
+
+    def _start_stream(self, client: "Client", rid: str, q: queue.Queue) -> None:
+        self.client, self.id, self._q = client, rid, q
+        self._last = time.monotonic()
+        self._pinged = 0.0
+
+    def _end(self) -> None:
+        raise NotImplementedError
+
+    def _next_reply(self, deadline: float | None, silence_timeout: float, what: str):
+        while True:
+            wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
+            try:
+                kind, header, parts = self._q.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                silent = now - max(self._last, self.client.last_seen)
+                if silent > silence_timeout:
+                    self._end()
+                    raise self.client._unavailable(f"{what} went silent for {silent:.0f} s")
+                if silent > 2.0 and now - self._pinged > 2.0:   # liveness: any reply counts
+                    self._pinged = now
+                    try:
+                        self.client._send(P.request(P.HEARTBEAT, None))
+                    except ClientError:
+                        pass
+                if deadline is not None and now >= deadline:
+                    return None
+                continue
+            self._last = time.monotonic()
+            if kind == "unreachable":
+                self._end()
+                raise self.client._unavailable("could not connect")
+            if header.get("type") == P.ERROR:
+                self._end()
+                raise ServerError(str(header.get("code", P.E_INTERNAL)), str(header.get("message", "server error")),
+                                  header)
+            return header, parts
+
+
+class ExtractJob(_ReplyStream):
     """One ``extract`` request: :meth:`poll` handles what arrived (progress, then ``extracted``).
 
     ``progress`` is (stage, done, total) of the latest ``progress`` reply; ``result`` is
     {"fps": float, "rows": (N, 73) float32, "warnings": [str]} once finished."""
 
     def __init__(self, client: Client, rid: str, q: queue.Queue, silence_timeout: float):
-        self.client, self.id, self._q = client, rid, q
+        self._start_stream(client, rid, q)
         self.silence_timeout = float(silence_timeout)
         self.progress: tuple[str, int, int] | None = None
         self.result: dict | None = None
         self.cancelled = False
         self.closed = False
-        self._last = time.monotonic()
-        self._pinged = 0.0
 
     @property
     def finished(self) -> bool:
@@ -357,33 +402,11 @@ class ExtractJob:
         Raises ServerError (e.g. ``unsupported``, ``bad_video``) and ServerUnavailable (silence)."""
         deadline = time.monotonic() + max(0.0, timeout)
         while not self.finished:
-            wait = max(0.0, min(0.25, deadline - time.monotonic()))
-            try:
-                kind, header, parts = self._q.get(timeout=wait)
-            except queue.Empty:
-                now = time.monotonic()
-                silent = now - max(self._last, self.client.last_seen)
-                if silent > self.silence_timeout:
-                    self._close()
-                    raise self.client._unavailable(f"extraction went silent for {silent:.0f} s")
-                if silent > 2.0 and now - self._pinged > 2.0:   # liveness: any reply counts
-                    self._pinged = now
-                    try:
-                        self.client._send(P.request(P.HEARTBEAT, None))
-                    except ClientError:
-                        pass
-                if now >= deadline:
-                    return True
-                continue
-            self._last = time.monotonic()
-            if kind == "unreachable":
-                self._close()
-                raise self.client._unavailable("could not connect")
+            got = self._next_reply(deadline, self.silence_timeout, "extraction")
+            if got is None:
+                return True
+            header, parts = got
             t = header.get("type")
-            if t == P.ERROR:
-                self._close()
-                raise ServerError(str(header.get("code", P.E_INTERNAL)), str(header.get("message", "server error")),
-                                  header)
             if t == P.PROGRESS:
                 self.progress = (str(header.get("stage", "")), int(header.get("done", 0)),
                                  int(header.get("total", 0) or 0))
@@ -422,20 +445,21 @@ class ExtractJob:
         self.closed = True
         self.client._close_route(self.id)
 
+    _end = _close
 
-class RenderStream:
+
+class RenderStream(_ReplyStream):
     """Frames of one render request, in order. Iterate, or call :meth:`next` with a timeout."""
 
     def __init__(self, client: Client, rid: str, q: queue.Queue, total: int, frame_timeout: float):
-        self.client, self.id, self._q, self.total = client, rid, q, total
+        self._start_stream(client, rid, q)
+        self.total = total
         self.frame_timeout = frame_timeout
         self.accepted: dict | None = None
         self.done: dict | None = None
         self.received = 0
         self.cancelled = False
         self.progress: dict | None = None
-        self._last = time.monotonic()
-        self._pinged = 0.0
 
     @property
     def finished(self) -> bool:
@@ -446,33 +470,11 @@ class RenderStream:
         :attr:`finished`). Raises ServerError/ServerUnavailable."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
-            wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
-            try:
-                kind, header, parts = self._q.get(timeout=wait)
-            except queue.Empty:
-                now = time.monotonic()
-                silent = now - max(self._last, self.client.last_seen)
-                if silent > self.frame_timeout:
-                    self._finish()
-                    raise self.client._unavailable(f"render went silent for {silent:.0f} s")
-                if silent > 2.0 and now - self._pinged > 2.0:   # liveness: any reply counts
-                    self._pinged = now
-                    try:
-                        self.client._send(P.request(P.HEARTBEAT, None))
-                    except ClientError:
-                        pass
-                if deadline is not None and now >= deadline:
-                    return None
-                continue
-            self._last = time.monotonic()
-            if kind == "unreachable":
-                self._finish()
-                raise self.client._unavailable("could not connect")
+            got = self._next_reply(deadline, self.frame_timeout, "render")
+            if got is None:
+                return None
+            header, parts = got
             t = header.get("type")
-            if t == P.ERROR:
-                self._finish()
-                raise ServerError(str(header.get("code", P.E_INTERNAL)), str(header.get("message", "server error")),
-                                  header)
             if t == P.ACCEPTED:
                 self.accepted = header
             elif t == P.PROGRESS:
@@ -523,3 +525,5 @@ class RenderStream:
         self.client._close_route(self.id)
         if self.done is None:
             self.done = {"type": P.DONE, "id": self.id, "incomplete": True}
+
+    _end = _finish
