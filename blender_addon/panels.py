@@ -13,6 +13,15 @@ class _Base:
     bl_category = "StyleHEAT"
 
 
+class _RigChild(_Base):
+    """A sub-panel of the main one, shown only while there is a face rig to edit."""
+    bl_parent_id = "STYLEHEAT_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None
+
+
 class STYLEHEAT_PT_main(_Base, bpy.types.Panel):
     bl_idname = "STYLEHEAT_PT_main"
     bl_label = "StyleHEAT"
@@ -36,14 +45,9 @@ class STYLEHEAT_PT_main(_Base, bpy.types.Panel):
         col.prop(obj, "location", text="Offset")
 
 
-class STYLEHEAT_PT_expression(_Base, bpy.types.Panel):
+class STYLEHEAT_PT_expression(_RigChild, bpy.types.Panel):
     bl_idname = "STYLEHEAT_PT_expression"
     bl_label = "Expression"
-    bl_parent_id = "STYLEHEAT_PT_main"
-
-    @classmethod
-    def poll(cls, context):
-        return rig_mod.find_rig(context) is not None
 
     def draw(self, context):
         rig = rig_mod.find_rig(context).styleheat
@@ -57,14 +61,9 @@ class STYLEHEAT_PT_expression(_Base, bpy.types.Panel):
                               icon="INFO")
 
 
-class STYLEHEAT_PT_attributes(_Base, bpy.types.Panel):
+class STYLEHEAT_PT_attributes(_RigChild, bpy.types.Panel):
     bl_idname = "STYLEHEAT_PT_attributes"
     bl_label = "Attribute Edits"
-    bl_parent_id = "STYLEHEAT_PT_main"
-
-    @classmethod
-    def poll(cls, context):
-        return rig_mod.find_rig(context) is not None
 
     def draw(self, context):
         rig = rig_mod.find_rig(context).styleheat
@@ -75,15 +74,10 @@ class STYLEHEAT_PT_attributes(_Base, bpy.types.Panel):
             col.prop(item, "value", text=item.name.capitalize(), slider=False)
 
 
-class STYLEHEAT_PT_advanced(_Base, bpy.types.Panel):
+class STYLEHEAT_PT_advanced(_RigChild, bpy.types.Panel):
     bl_idname = "STYLEHEAT_PT_advanced"
     bl_label = "Expression Coefficients"
-    bl_parent_id = "STYLEHEAT_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
-
-    @classmethod
-    def poll(cls, context):
-        return rig_mod.find_rig(context) is not None
 
     def draw(self, context):
         rig = rig_mod.find_rig(context).styleheat
@@ -93,14 +87,9 @@ class STYLEHEAT_PT_advanced(_Base, bpy.types.Panel):
                 grid.prop(rig, "expression", index=r * 32 + c, text=f"{r * 32 + c}")
 
 
-class STYLEHEAT_PT_bake(_Base, bpy.types.Panel):
+class STYLEHEAT_PT_bake(_RigChild, bpy.types.Panel):
     bl_idname = "STYLEHEAT_PT_bake"
     bl_label = "Bake"
-    bl_parent_id = "STYLEHEAT_PT_main"
-
-    @classmethod
-    def poll(cls, context):
-        return rig_mod.find_rig(context) is not None
 
     def draw(self, context):
         col = self.layout.column(align=True)
@@ -110,14 +99,9 @@ class STYLEHEAT_PT_bake(_Base, bpy.types.Panel):
             self.layout.label(text=operators.progress["text"])
 
 
-class STYLEHEAT_PT_output(_Base, bpy.types.Panel):
+class STYLEHEAT_PT_output(_RigChild, bpy.types.Panel):
     bl_idname = "STYLEHEAT_PT_output"
     bl_label = "Render"
-    bl_parent_id = "STYLEHEAT_PT_main"
-
-    @classmethod
-    def poll(cls, context):
-        return rig_mod.find_rig(context) is not None
 
     def draw(self, context):
         rig = rig_mod.find_rig(context).styleheat

@@ -299,8 +299,10 @@ def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path,
                 sub("rig").ensure_attributes(rig, {"age": {"min": -10, "max": 10}})
             for name in sorted(n for n in dir(bpy.types) if n.startswith("STYLEHEAT_PT_")):
                 cls = getattr(bpy.types, name)
+                OUT.setdefault("parents", {})[name] = getattr(cls, "bl_parent_id", "")
                 if hasattr(cls, "poll") and not cls.poll(ctx):
                     continue
+                OUT.setdefault("drawn", {}).setdefault(str(with_rig), []).append(name)
                 fake = Panel(); fake.layout = Layout()
                 cls.draw(fake, ctx)
         p = bpy.context.preferences.addons[MOD].preferences
@@ -313,6 +315,10 @@ def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path,
         OUT["seen"] = sorted(set(seen))
     """, addon_zip)
     assert out["problems"] == []
+    children = ["STYLEHEAT_PT_advanced", "STYLEHEAT_PT_attributes", "STYLEHEAT_PT_bake",
+                "STYLEHEAT_PT_expression", "STYLEHEAT_PT_output"]
+    assert out["parents"] == {"STYLEHEAT_PT_main": "", **{c: "STYLEHEAT_PT_main" for c in children}}
+    assert out["drawn"] == {"False": ["STYLEHEAT_PT_main"], "True": sorted(children + ["STYLEHEAT_PT_main"])}
     for expected in ("styleheat.render", "styleheat.preview", "styleheat.prepare_portrait", "styleheat.add_rig",
                      "mouth", "expression", "portrait", "value", "rotation_euler", "location",
                      "server_address", "curve_dir", "styleheat.server_start", "styleheat.connect",
