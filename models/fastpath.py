@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.stylegan2 import F_INDEX, F_RES, Generator
+from models.ops import make_fir_kernel, modulate_weight
+from models.stylegan2 import F_RES, Generator
 
 __all__ = ["FoldedSynthesis", "FoldedCache", "bf16_supported", "BF16_MIN_PSNR_DB", "synthesis_macs"]
 
@@ -178,8 +179,7 @@ class FoldedSynthesis(nn.Module):
         if not torch.isfinite(wplus).all():
             raise ValueError("wplus contains NaN or inf")
         size = int(out_size) if out_size is not None else generator.size
-        if size < F_RES or size > generator.size or size & (size - 1):
-            raise ValueError(f"out_size must be a power of two in [{F_RES}, {generator.size}], got {out_size}")
+        generator._check_out_size(size)
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         dev = torch.device(device) if device is not None else wplus.device
@@ -190,12 +190,9 @@ class FoldedSynthesis(nn.Module):
         latent = wplus.to(device=next(generator.parameters()).device, dtype=torch.float32)
 
         def folded(conv, idx: int, demodulate: bool) -> torch.Tensor:
-            s = conv.modulation(latent[:, idx])                                  # (1, Cin)
-            w = conv.weight[0] * conv.scale                                     # (Cout, Cin, k, k)
-            w = w.unsqueeze(0) * s.view(1, 1, -1, 1, 1)                         # reference op order
-            if demodulate:
-                w = w * torch.rsqrt(w.pow(2).sum(dim=(2, 3, 4)) + conv.eps).view(1, -1, 1, 1, 1)
-            return w[0]
+            # the very weights ModulatedConv2d builds for a batch-1 style (same op order)
+            return modulate_weight(conv.weight[0] * conv.scale, conv.modulation(latent[:, idx]),
+                                   demodulate=demodulate, eps=conv.eps)[0]
 
         def to_dev(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
             t = t.detach().to(device=dev, dtype=dt, copy=True).contiguous()   # never alias the generator
@@ -233,8 +230,7 @@ class FoldedSynthesis(nn.Module):
         ref_kernel = generator.to_rgbs[k - 1].upsample.kernel if size > F_RES else None
         if ref_kernel is not None and tuple(ref_kernel.shape) != (4, 4):
             raise ValueError("FoldedSynthesis supports the [1, 3, 3, 1] upsampling kernel only")
-        kern = torch.outer(torch.tensor(_BLUR_TAPS), torch.tensor(_BLUR_TAPS))
-        kern = kern / kern.sum() * 4.0
+        kern = make_fir_kernel(_BLUR_TAPS, gain=4.0)
         module.skip_kernel = torch.flip(kern, (0, 1)).view(1, 1, 4, 4).expand(3, 1, 4, 4).contiguous().to(dev)
         taps = torch.tensor(_BLUR_TAPS)
         module.blur_kernel = torch.outer(taps, taps).view(1, 1, 4, 4).to(device=dev, dtype=dtype)

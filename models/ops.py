@@ -211,6 +211,20 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.scale, bias=bias)
 
 
+def modulate_weight(weight: torch.Tensor, styles: torch.Tensor, *, demodulate: bool = True,
+                    eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample modulated (and optionally demodulated) weights.
+
+    weight (Cout, Cin, k, k) already multiplied by its equalized-lr scale; styles (Bs, Cin).
+    Returns (Bs, Cout, Cin, k, k): ``w * s``, times ``rsqrt(sum((w * s)^2) + eps)`` per output channel.
+    """
+    bs, cin = styles.shape
+    wts = weight.unsqueeze(0) * styles.view(bs, 1, cin, 1, 1)
+    if demodulate:
+        wts = wts * torch.rsqrt(wts.pow(2).sum(dim=(2, 3, 4)) + eps).view(bs, weight.shape[0], 1, 1, 1)
+    return wts
+
+
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, *, demodulate: bool = True,
                      upsample: bool = False, padding: int = 0, eps: float = 1e-8) -> torch.Tensor:
     """Per-sample modulated convolution.
@@ -225,9 +239,7 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     if bs not in (1, b):
         raise ValueError(f"styles batch {bs} does not match input batch {b}")
     cout, _, kh, kw = weight.shape
-    wts = weight.unsqueeze(0) * styles.view(bs, 1, cin, 1, 1)          # (Bs, Cout, Cin, k, k)
-    if demodulate:
-        wts = wts * torch.rsqrt(wts.pow(2).sum(dim=(2, 3, 4)) + eps).view(bs, cout, 1, 1, 1)
+    wts = modulate_weight(weight, styles, demodulate=demodulate, eps=eps)   # (Bs, Cout, Cin, k, k)
     if bs == 1:
         if upsample:
             return F.conv_transpose2d(x, wts[0].transpose(0, 1), stride=2, padding=0)
