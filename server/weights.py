@@ -366,7 +366,7 @@ def map_official(get: Callable[[str], Any], exists: Callable[[str], bool], confi
         if t is not None:
             if not isinstance(t, torch.Tensor):
                 problems.add(f"{E4E}['latent_avg'] is a {type(t).__name__}, expected a tensor")
-            elif t.shape[-1] != d or t.numel() not in (d, n * d):
+            elif t.dim() == 0 or t.shape[-1] != d or t.numel() not in (d, n * d):
                 problems.add(f"{E4E}['latent_avg'] has shape {list(t.shape)}, expected [{n}, {d}] or [{d}]")
             else:
                 latent_avg = t
@@ -389,7 +389,8 @@ def _read_edits(get, exists, cfg, problems: _Problems, report: LoadReport) -> di
         if not exists(file):
             continue
         t = get(file)
-        if not isinstance(t, torch.Tensor) or t.shape[-1] != d or t.numel() not in (d, cfg.n_latent * d):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[-1] != d \
+                or t.numel() not in (d, cfg.n_latent * d):
             shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             problems.add(f"{file}: expected a tensor of shape [{d}], [1, {d}] or [{cfg.n_latent}, {d}], got {shape}")
             continue
@@ -402,8 +403,8 @@ def _read_edits(get, exists, cfg, problems: _Problems, report: LoadReport) -> di
             problems.add(f"{GANSPACE}: expected a dict of tensors with keys 'mean', 'comp', 'std'")
         else:
             mean, comp, std = pca["mean"], pca["comp"], pca["std"]
-            if mean.shape[-1] != d or comp.shape[-1] != d or comp.reshape(comp.shape[0], -1).shape[1] != d \
-                    or std.reshape(-1).shape[0] != comp.shape[0]:
+            if mean.dim() == 0 or comp.dim() == 0 or mean.shape[-1] != d or comp.shape[-1] != d \
+                    or comp.numel() != comp.shape[0] * d or std.numel() != comp.shape[0]:
                 problems.add(f"{GANSPACE}: shapes mean {list(mean.shape)}, comp {list(comp.shape)}, "
                              f"std {list(std.shape)} do not fit (expected [..., {d}], [K, 1, {d}] or [K, {d}], [K])")
             else:

@@ -107,6 +107,20 @@ def test_one_error_lists_every_problem_with_its_file(tmp_path, tiny_model):
     assert "(6 problems)" in msg
 
 
+def test_scalar_tensors_are_reported_not_a_traceback(tmp_path, tiny_model):
+    files = weights.official_files(tiny_model)
+    files[weights.E4E]["latent_avg"] = torch.tensor(1.0)
+    files[weights.AGE] = torch.tensor(1.0)
+    files[weights.GANSPACE] = {"mean": torch.tensor(1.0), "comp": torch.tensor(1.0), "std": torch.tensor(1.0)}
+    with pytest.raises(weights.WeightsError) as e:
+        weights.load_official(_write(tmp_path, files), CFG)
+    msg = str(e.value)
+    assert "Encoder_e4e.pth['latent_avg'] has shape []" in msg
+    assert "interfacegan_directions/age.pt: expected a tensor of shape" in msg
+    assert "ffhq_pca.pt: shapes mean [], comp [], std [] do not fit" in msg
+    assert "(3 problems)" in msg
+
+
 def test_missing_files_and_wrong_structure(tmp_path, tiny_model):
     files = weights.official_files(tiny_model)
     del files[weights.HFGI]
