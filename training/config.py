@@ -100,6 +100,11 @@ class TrainConfig:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         return self
 
+    @property
+    def uses_audio(self) -> bool:
+        """Whether the AudioWarper is in the run (stage 1b, or stage 2 with motion 'audio')."""
+        return self.stage == "audio_warper" or (self.stage == "calibration" and self.motion == "audio")
+
     def floor_at(self, step: int) -> float:
         value = float(self.mask_floor[0][1])
         for s, v in self.mask_floor:

@@ -180,8 +180,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        audio = cfg.stage == "audio_warper" or (cfg.stage == "calibration" and cfg.motion == "audio")
-        self.store = D.ClipStore(cfg.data, need_audio=audio)   # cheap checks first
+        self.store = D.ClipStore(cfg.data, need_audio=cfg.uses_audio)   # cheap checks first
         self._build_model()
         self._build_helpers()
         self._build_optimizer()
@@ -201,9 +200,8 @@ class Trainer:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
 
     def _model_config(self) -> StyleHEATConfig:
-        audio = self.cfg.stage == "audio_warper" or (self.cfg.stage == "calibration" and self.cfg.motion == "audio")
         base = StyleHEATConfig.tiny() if self.cfg.model == "tiny" else StyleHEATConfig()
-        return base.with_audio(audio)
+        return base.with_audio(self.cfg.uses_audio)
 
     def _build_model(self) -> None:
         cfg = self.cfg
@@ -306,7 +304,6 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        audio = cfg.stage == "audio_warper" or (cfg.stage == "calibration" and cfg.motion == "audio")
         if cfg.stage == "calibration":
             size = self.model.config.size
             r = self.store.resolution
@@ -318,7 +315,7 @@ class Trainer:
                                 f"({cfg.batch_size})")
         dataset_cls = D.SyncDataset if cfg.stage == "audio_warper" else D.PairDataset
         self.dataset = dataset_cls(self.store, cfg.samples_per_epoch, seed=cfg.seed)
-        if audio and dataset_cls is D.PairDataset:
+        if cfg.uses_audio and dataset_cls is D.PairDataset:
             self.dataset.with_audio = True
         self.sampler = D.ShardSampler(len(self.dataset), rank=self.rank, world=self.world, seed=cfg.seed)
         self.steps_per_epoch = D.steps_per_epoch(len(self.dataset), self.world, self.per_rank_batch)
