@@ -266,8 +266,7 @@ class OfficialState:
     report: LoadReport
 
 
-def split_net_g_ema(net: Mapping[str, Any], where: str, layouts: Mapping[str, Mapping[str, tuple]],
-                    problems: _Problems) -> dict[str, dict[str, Any]]:
+def split_net_g_ema(net: Mapping[str, Any], where: str, problems: _Problems) -> dict[str, dict[str, Any]]:
     """Split ``net_G_ema`` by prefix into {our part: stripped dict}; unknown keys become problems."""
     prefixes = {part: PRIMARY[part][2] for part in ("video_warper", "calibrator", "audio_warper")}
     prefixes.update(GENERATOR_OVERRIDES)
@@ -288,8 +287,9 @@ def map_official(get: Callable[[str], Any], exists: Callable[[str], bool], confi
                  directory: str = "", want_edits: bool = True) -> OfficialState:
     """Map official files to our parts and validate everything, collecting all problems.
 
-    ``get(file)`` returns the loaded object of a file (relative name as in this module), ``exists(file)``
-    says whether it is there. Raises WeightsError listing every problem.
+    ``get(file)`` returns the loaded object of a file (relative name as in this module; it is called
+    once per part, so it should cache), ``exists(file)`` says whether it is there. Raises WeightsError
+    listing every problem.
     """
     cfg = _config(config)
     layouts = module_layouts(cfg, audio=True)
@@ -306,7 +306,7 @@ def map_official(get: Callable[[str], Any], exists: Callable[[str], bool], confi
         where = f"{VISUAL}['{NET}']"
         net = _as_state_dict(_part_of(get(VISUAL), VISUAL, NET, problems), where, problems)
         if net is not None:
-            groups = split_net_g_ema(net, where, layouts, problems)
+            groups = split_net_g_ema(net, where, problems)
             for part in ("video_warper", "calibrator"):
                 problems.check(_prefixed(layouts[part], PRIMARY[part][2]),
                                _prefixed(groups[part], PRIMARY[part][2]), where)
@@ -327,16 +327,13 @@ def map_official(get: Callable[[str], Any], exists: Callable[[str], bool], confi
         missing_file(VISUAL, "the StyleHEAT video warper and calibration network")
 
     # the HFGI files, overridden by net_G_ema generator.* keys when present (official load order)
-    loaded: dict[str, Any] = {}
     for part, prefix in GENERATOR_OVERRIDES.items():
         file, top, _ = PRIMARY[part]
         override = groups.get(part, {})
         expected = layouts[part]
         if exists(file):
-            if file not in loaded:
-                loaded[file] = get(file)
             where = f"{file}" + (f"['{top}']" if top else "")
-            sd = _as_state_dict(_part_of(loaded[file], file, top, problems), where, problems)
+            sd = _as_state_dict(_part_of(get(file), file, top, problems), where, problems)
             if sd is None:
                 continue
             problems.check(expected, sd, where)
@@ -359,9 +356,7 @@ def map_official(get: Callable[[str], Any], exists: Callable[[str], bool], confi
     # latent_avg (always from Encoder_e4e.pth: it is in no state dict)
     latent_avg = None
     if exists(E4E):
-        if E4E not in loaded:
-            loaded[E4E] = get(E4E)
-        t = _part_of(loaded[E4E], E4E, "latent_avg", problems)
+        t = _part_of(get(E4E), E4E, "latent_avg", problems)
         n, d = cfg.n_latent, cfg.style_dim
         if t is not None:
             if not isinstance(t, torch.Tensor):

@@ -213,7 +213,7 @@ def _compute(v: dict[str, np.ndarray], layout_path: Path) -> dict[str, np.ndarra
     if has_audio:
         net.update(seeded(VISUAL, "net_G_ema[enable_audio]"))
     problems = weights._Problems()
-    groups = weights.split_net_g_ema(net, "seeded net_G_ema", {}, problems)
+    groups = weights.split_net_g_ema(net, "seeded net_G_ema", problems)
     problems.raise_if_any(layout_path)
     del net
     for part in ("video_warper", "calibrator") + (("audio_warper",) if has_audio else ()):
