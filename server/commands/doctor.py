@@ -318,11 +318,13 @@ def check_file(asset, spec, root: Path, layouts: LayoutSource | None,
         return FileReport(spec.path, err.status, str(err))
 
 
-def check_dir(root: Path, assets=None, layouts: Any = AUTO) -> list[AssetReport]:
+def check_dir(root: Path, assets=None, layouts: Any = AUTO,
+              manifest: Mapping[str, Any] | None = None) -> list[AssetReport]:
     """Check every file of ``assets`` (default: the official registry) under ``root``.
 
     ``layouts``: a :class:`LayoutSource`, ``None`` for the basic checks only, or ``AUTO`` for
-    :func:`find_layout_source`.
+    :func:`find_layout_source`. ``manifest``: the ``assets`` entries of ``root``'s manifest.json
+    when the caller has read it already (default: read here).
     """
     from server.assets import OFFICIAL_ASSETS
 
@@ -331,7 +333,8 @@ def check_dir(root: Path, assets=None, layouts: Any = AUTO) -> list[AssetReport]
     assets = OFFICIAL_ASSETS if assets is None else assets
     if layouts is AUTO:
         layouts = find_layout_source()
-    manifest = read_manifest(Path(root))["assets"] if Path(root).is_dir() else {}
+    if manifest is None:
+        manifest = read_manifest(Path(root))["assets"] if Path(root).is_dir() else {}
     reports = []
     for asset in assets:
         rep = AssetReport(asset)
@@ -367,8 +370,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {root} is a file, not a directory.")
         print("What to do next: pass the checkpoint folder with --dir, or set STYLEHEAT_CHECKPOINTS.")
         return 1
-    reports = check_dir(root, layouts=find_layout_source())
     manifest = read_manifest(root)["assets"] if root.is_dir() else {}
+    reports = check_dir(root, layouts=find_layout_source(), manifest=manifest)
 
     for rep in reports:
         for f in rep.files:
