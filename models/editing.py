@@ -81,6 +81,14 @@ def interfacegan_edit(wplus: torch.Tensor, direction: torch.Tensor, strength: fl
     return wplus + s.view(-1, 1, 1) * direction
 
 
+def ganspace_coordinate(wplus: torch.Tensor, pca: Mapping[str, torch.Tensor], index: int) -> torch.Tensor:
+    """(B,) layer-0 GANSpace coordinate ``<w[0] - mean[0], comp[index]> / std[index]`` (official rule)."""
+    kw = dict(device=wplus.device, dtype=wplus.dtype)
+    mean = torch.broadcast_to(pca["mean"].to(**kw), wplus.shape[1:])
+    comp = pca["comp"][index].to(**kw).reshape(-1)
+    return ((wplus[:, 0] - mean[0]) * comp).sum(dim=-1) / pca["std"][index].to(**kw).reshape(())
+
+
 def ganspace_edit(wplus: torch.Tensor, pca: Mapping[str, torch.Tensor], direction: GanspaceDirection,
                   strength: float | torch.Tensor) -> torch.Tensor:
     """Set the layer-0 GANSpace coordinate ``direction.index`` to ``strength`` on layers start:end.
@@ -96,12 +104,10 @@ def ganspace_edit(wplus: torch.Tensor, pca: Mapping[str, torch.Tensor], directio
         raise ValueError(f"GANSpace direction {tuple(direction)} does not fit pca with {len(pca['comp'])} "
                          f"components and {wplus.shape[1]} layers")
     kw = dict(device=wplus.device, dtype=wplus.dtype)
-    mean = torch.broadcast_to(pca["mean"].to(**kw), wplus.shape[1:])
     comp = pca["comp"][idx].to(**kw).reshape(-1)           # (D,)
     std = pca["std"][idx].to(**kw).reshape(())              # scalar
     s, wplus = _broadcast(strength, wplus)
-    coord = ((wplus[:, 0] - mean[0]) * comp).sum(dim=-1) / std        # (B,) layer-0 coordinate
-    delta = (s - coord).view(-1, 1) * comp * std                        # (B, D)
+    delta = (s - ganspace_coordinate(wplus, pca, idx)).view(-1, 1) * comp * std   # (B, D)
     out = wplus.clone()
     out[:, start:end] = out[:, start:end] + delta.unsqueeze(1)
     return out

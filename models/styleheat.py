@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import flow, hfgi
+from models import editing, flow, hfgi
 from models.calibration import CalibrationConfig, CalibrationNet
 from models.e4e import E4EConfig, Encoder4Editing
 from models.hfgi import HFGIConfig, ResidualAligner, ResidualEncoder
@@ -113,13 +113,6 @@ class StyleHEATConfig:
                 raise ValueError(f"StyleHEATConfig.{name}: unknown field(s) {sorted(bad)}")
             kwargs[name] = typ(**{k: _tuples(v) for k, v in value.items()})
         return cls(**kwargs)
-
-
-def ganspace_coordinate(wplus: torch.Tensor, pca: Mapping[str, torch.Tensor], index: int) -> torch.Tensor:
-    """(B,) layer-0 GANSpace coordinate ``<w[0] - mean[0], comp[index]> / std[index]`` (official rule)."""
-    mean = torch.broadcast_to(pca["mean"].to(wplus), wplus.shape[1:])
-    comp = pca["comp"][index].to(wplus).reshape(-1)
-    return ((wplus[:, 0] - mean[0]) * comp).sum(dim=-1) / pca["std"][index].to(wplus).reshape(())
 
 
 def _tuples(value: Any) -> Any:
@@ -238,8 +231,6 @@ class StyleHEAT(nn.Module):
         code's own coordinate (the official edit sets it TO the strength: lip 20, beard -20).
         Applied in the order age, pose, beard, lip. ``s`` is a float or a (B,) tensor.
         """
-        from models import editing
-
         assets = self.edit_assets()
         unknown = set(strengths) - set(ATTRIBUTES)
         if unknown:
@@ -257,7 +248,8 @@ class StyleHEAT(nn.Module):
             else:
                 pca = {"mean": assets["pca_mean"], "comp": assets["pca_comp"], "std": assets["pca_std"]}
                 direction = editing.GANSPACE_DIRECTIONS[name]
-                w = editing.ganspace_edit(w, pca, direction, ganspace_coordinate(w, pca, direction.index) + s)
+                w = editing.ganspace_edit(w, pca, direction,
+                                          editing.ganspace_coordinate(w, pca, direction.index) + s)
         return w
 
     def edit_assets(self) -> dict[str, torch.Tensor]:
@@ -275,8 +267,6 @@ class StyleHEAT(nn.Module):
 
         Returns (ix_edit (B,3,256,256), wx_edit, fx_edit, inversion_condition).
         """
-        from models import editing
-
         a = self.edit_assets()
         pca = {"mean": a["pca_mean"], "comp": a["pca_comp"], "std": a["pca_std"]} if "pca_mean" in a else None
         return self._official_tuple(editing.hfgi_edit(self.generator, self.hfgi_aligner, self.hfgi_encoder, wx,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import editing
-from models.styleheat import StyleHEAT, StyleHEATConfig, ganspace_coordinate
+from models.styleheat import StyleHEAT, StyleHEATConfig
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,8 @@ def test_product_edits(model):
     assert changed.nonzero().flatten().tolist() == list(range(start, end))
     expected = torch.tensor([3.0, -2.0]) * pca["std"][idx]
     assert torch.allclose((out - w)[:, start] @ pca["comp"][idx].reshape(-1), expected, atol=1e-5)
-    assert torch.allclose(ganspace_coordinate(out, pca, idx), ganspace_coordinate(w, pca, idx), atol=1e-5)
+    assert torch.allclose(editing.ganspace_coordinate(out, pca, idx), editing.ganspace_coordinate(w, pca, idx),
+                          atol=1e-5)
     with pytest.raises(ValueError, match="unknown attribute"):
         model.edit_wplus(w, {"smile": 1.0})
 
