@@ -27,25 +27,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from models.warper import WarperConfig
+from server import audio as au
+from server.engine import window_indices
+
 FORMAT = "styleheat-dataset"
 VERSION = 1
-COEFF_DIM = 73
-WINDOW = 27
-MEL_BINS = 80
-AUDIO_WINDOW = 32           # AudioWarper mel steps per frame window
+# the networks' input sizes (the official ones; the tiny test configs keep them)
+COEFF_DIM = WarperConfig.coeff_dim          # 73 values per frame
+MEL_BINS = WarperConfig.mel_bins            # 80
+AUDIO_WINDOW = WarperConfig.mel_window      # AudioWarper mel steps per frame window (32)
 SYNC_T = 5                  # SyncNet sees 5 consecutive frames
 SYNC_MEL_STEPS = 16         # ... and 16 mel steps (0.2 s at 80 steps/s)
-MEL_PER_SECOND = 80.0
-SILENCE = -4.0              # normalised mel value of silence (server.audio.SILENCE)
 
 
 class DatasetError(ValueError):
     """The dataset folder is not usable; the message says what is wrong and how to fix it."""
-
-
-def window_rows(frame: int, num_rows: int, length: int = WINDOW) -> np.ndarray:
-    r = length // 2
-    return np.clip(np.arange(frame - r, frame + r + 1), 0, num_rows - 1)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -95,8 +92,6 @@ def write_clip(root: str | os.PathLike, clip_id: str, frames: Iterable[np.ndarra
     np.save(d / "landmarks.npy", landmarks)
     has_audio = False
     if wav16k is not None:
-        from server import audio as au
-
         wav = np.asarray(wav16k, np.float32).reshape(-1)
         try:
             import soundfile
@@ -166,12 +161,13 @@ class Clip:
 
     def window(self, i: int) -> torch.Tensor:
         """(73, 27) driving window of frame i."""
-        return torch.from_numpy(np.ascontiguousarray(self.coeffs[window_rows(i, self.frames)].T))
+        rows = window_indices(i, self.frames, WarperConfig.coeff_window)
+        return torch.from_numpy(np.ascontiguousarray(self.coeffs[rows].T))
 
     def sync_mel(self, first_frame: int, fps: float) -> torch.Tensor:
         """(1, 80, 16) mel steps starting at ``first_frame``'s time (Wav2Lip's cut), silence-padded."""
-        start = int(MEL_PER_SECOND * first_frame / fps)
-        out = np.full((SYNC_MEL_STEPS, MEL_BINS), SILENCE, np.float32)
+        start = int(au.MEL_FPS * first_frame / fps)
+        out = np.full((SYNC_MEL_STEPS, MEL_BINS), au.SILENCE, np.float32)
         lo, hi = max(start, 0), min(start + SYNC_MEL_STEPS, self.mel.shape[0])
         if hi > lo:
             out[lo - start:hi - start] = self.mel[lo:hi]
@@ -319,4 +315,4 @@ def steps_per_epoch(length: int, world: int, per_rank_batch: int) -> int:
 
 
 __all__ = ["FORMAT", "VERSION", "DatasetError", "write_clip", "ClipStore", "Clip", "PairDataset",
-           "SyncDataset", "ShardSampler", "collate", "window_rows", "steps_per_epoch"]
+           "SyncDataset", "ShardSampler", "collate", "steps_per_epoch"]
