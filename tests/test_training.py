@@ -14,7 +14,7 @@ import torch
 
 from training import data as D
 from training import losses as L
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, defaults_for
 from training.trainer import Trainer, read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +212,12 @@ def test_config_and_dataset_errors(tmp_path, ds256):
         assert cfg.stage == name and cfg.batch_size == 20 and tuple(cfg.adam_betas) == (0.5, 0.999)
         assert (cfg.lambda_l1, cfg.lambda_r, cfg.lambda_s, cfg.lambda_d, cfg.lambda_adv) == (10, 0.1, 1, 0.01, 0.1)
     assert TrainConfig.load(REPO / "configs" / "calibration.json", data="x").lr_finetune == 2e-5
+    # `styleheat train --stage NAME` (defaults_for) and configs/NAME.json agree on everything but the run
+    # folder and calibration's init
+    for name in ("video_warper", "audio_warper", "calibration"):
+        shipped = json.loads((REPO / "configs" / f"{name}.json").read_text())
+        differ = {k for k, v in defaults_for(name).items() if shipped[k] != v}
+        assert differ == ({"out", "init"} if name == "calibration" else {"out"}), (name, differ)
 
 
 def test_dataset_roundtrip(ds256_audio):

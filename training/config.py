@@ -139,11 +139,11 @@ class TrainConfig:
 
 
 def defaults_for(stage: str) -> dict[str, Any]:
-    """The shipped defaults of one stage (what configs/<stage>.json holds)."""
+    """The defaults of one stage: the values of configs/<stage>.json except ``out`` (here runs/train) and,
+    for calibration, ``init`` (here empty; the file names the checkpoints folder)."""
     base = TrainConfig(stage=stage)
     if stage == "video_warper":
         base.mask_floor = [[0, 1.0]]
     elif stage == "audio_warper":
         base.mask_floor = [[0, 0.1]]
-        base.lr = 1e-4
     return base.to_dict()
