@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
 
 
+def default_reference_row() -> np.ndarray:
+    """(73,) float32 reference without --reference: zero expression and pose, DEFAULT_CROP."""
+    row = np.zeros(73, dtype=np.float32)
+    row[70:73] = DEFAULT_CROP
+    return row
+
+
 def read_reference(path: str | Path) -> np.ndarray:
     """A reference file -> (73,) float32 row; a 64/70-value reference gets DEFAULT_CROP (and zero pose)."""
     from server.audio import AudioError
@@ -89,8 +96,7 @@ def read_reference(path: str | Path) -> np.ndarray:
     if values.ndim != 1 or values.shape[0] not in (64, 70, 73) or not np.all(np.isfinite(values)):
         raise AudioError(f"{path}: expected 64, 70 or 73 finite coefficients (exp | angle | trans | crop), "
                          f"got shape {values.shape}")
-    row = np.zeros(73, dtype=np.float32)
-    row[70:73] = DEFAULT_CROP
+    row = default_reference_row()
     row[:values.shape[0]] = values
     return row
 
@@ -107,11 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print("styleheat audio2exp: --frames must be at least 1", file=sys.stderr)
         return 2
     try:
-        if args.reference:
-            ref_row = read_reference(args.reference)
-        else:
-            ref_row = np.zeros(73, dtype=np.float32)
-            ref_row[70:73] = DEFAULT_CROP
+        ref_row = read_reference(args.reference) if args.reference else default_reference_row()
         samples, sr = audio.read_audio(args.audio)
         if args.checkpoint:
             ckpt = Path(args.checkpoint)
