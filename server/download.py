@@ -84,10 +84,8 @@ def read_manifest(root: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
+    except (OSError, ValueError):  # none yet, or unreadable: start a new one
         return {"format": 1, "assets": {}}
-    except (OSError, ValueError):
-        return {"format": 1, "assets": {}}  # unreadable manifest: start a new one
     if not isinstance(data, dict) or not isinstance(data.get("assets"), dict):
         return {"format": 1, "assets": {}}
     return data
