@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops import SQRT2, ConvLayer, FusedLeakyReLU, ResBlock, sft_head
+from models.ops import SQRT2, ConvLayer, FusedLeakyReLU, ResBlock, sft_head, shape_or_type
 from models.warper import AdaIN
 
 __all__ = ["CalibrationConfig", "CalibrationNet"]
@@ -138,15 +138,13 @@ class CalibrationNet(nn.Module):
         cfg = self.cfg
         want = (cfg.fx_channels, cfg.out_size, cfg.out_size)
         if not isinstance(fx_warp, torch.Tensor) or fx_warp.dim() != 4 or tuple(fx_warp.shape[1:]) != want:
-            got = tuple(fx_warp.shape) if isinstance(fx_warp, torch.Tensor) else type(fx_warp).__name__
             raise ValueError(f"CalibrationNet: fx_warp must have shape (B, {want[0]}, {want[1]}, {want[2]}) "
-                             f"(the warped 64x64 StyleGAN feature), got {got}")
+                             f"(the warped 64x64 StyleGAN feature), got {shape_or_type(fx_warp)}")
         ok = isinstance(descriptor, torch.Tensor) and (
             tuple(descriptor.shape[1:]) in ((cfg.descriptor_dim, 1), (cfg.descriptor_dim,)))
         if not ok:
-            got = tuple(descriptor.shape) if isinstance(descriptor, torch.Tensor) else type(descriptor).__name__
             raise ValueError(f"CalibrationNet: descriptor must have shape (B, {cfg.descriptor_dim}, 1) "
-                             f"(the VideoWarper descriptor), got {got}")
+                             f"(the VideoWarper descriptor), got {shape_or_type(descriptor)}")
         if descriptor.shape[0] != fx_warp.shape[0]:
             raise ValueError(f"CalibrationNet: descriptor batch ({descriptor.shape[0]}) differs from "
                              f"fx_warp batch ({fx_warp.shape[0]})")

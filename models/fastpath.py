@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops import make_fir_kernel, modulate_weight
+from models.ops import make_fir_kernel, modulate_weight, shape_or_type
 from models.stylegan2 import F_RES, Generator
 
 __all__ = ["FoldedSynthesis", "FoldedCache", "bf16_supported", "BF16_MIN_PSNR_DB", "synthesis_macs"]
@@ -244,13 +244,12 @@ class FoldedSynthesis(nn.Module):
     def _check(self, feat64: torch.Tensor, skip32: torch.Tensor) -> None:
         c = self.fx_channels
         if not isinstance(feat64, torch.Tensor) or feat64.ndim != 4 or tuple(feat64.shape[1:]) != (c, F_RES, F_RES):
-            shape = tuple(feat64.shape) if isinstance(feat64, torch.Tensor) else type(feat64).__name__
-            raise ValueError(f"feat64 must have shape (B, {c}, {F_RES}, {F_RES}), got {shape}")
+            raise ValueError(f"feat64 must have shape (B, {c}, {F_RES}, {F_RES}), got {shape_or_type(feat64)}")
         half = F_RES // 2
         if (not isinstance(skip32, torch.Tensor) or skip32.ndim != 4 or tuple(skip32.shape[1:]) != (3, half, half)
                 or skip32.shape[0] not in (1, feat64.shape[0])):
-            shape = tuple(skip32.shape) if isinstance(skip32, torch.Tensor) else type(skip32).__name__
-            raise ValueError(f"skip32 must have shape (B={feat64.shape[0]} or 1, 3, {half}, {half}), got {shape}")
+            raise ValueError(f"skip32 must have shape (B={feat64.shape[0]} or 1, 3, {half}, {half}), "
+                             f"got {shape_or_type(skip32)}")
         if feat64.device != self.device or skip32.device != self.device:
             raise ValueError(f"inputs are on {feat64.device}/{skip32.device} but this FoldedSynthesis was built "
                              f"on {self.device}; move them (or build it on their device)")

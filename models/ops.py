@@ -28,6 +28,11 @@ SQRT2 = math.sqrt(2.0)
 DEFAULT_FIR = (1, 3, 3, 1)
 
 
+def shape_or_type(x: object) -> tuple[int, ...] | str:
+    """For error messages: the shape tuple of a tensor, else the name of the type that came instead."""
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 class FromStateDict:
     """Mixin for networks built as ``cls(config)``: :meth:`from_state_dict` builds one from weights."""
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import flow as flow_util
+from models.ops import shape_or_type
 
 __all__ = [
     "WarperConfig",
@@ -254,17 +255,16 @@ class WarpingNet(nn.Module):
 def _check_image(image: torch.Tensor, cfg: WarperConfig, who: str) -> None:
     want = (cfg.image_channels, cfg.image_size, cfg.image_size)
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or tuple(image.shape[1:]) != want:
-        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"{who}: image_256 must have shape (B, {want[0]}, {want[1]}, {want[2]}) "
-                         f"(resize the portrait to {cfg.image_size}x{cfg.image_size} first), got {got}")
+                         f"(resize the portrait to {cfg.image_size}x{cfg.image_size} first), "
+                         f"got {shape_or_type(image)}")
 
 
 def _check_window(window: torch.Tensor, channels: int, length: int, what: str, who: str,
                   batch: int) -> None:
     if not isinstance(window, torch.Tensor) or window.dim() != 3 or tuple(window.shape[1:]) != (channels, length):
-        got = tuple(window.shape) if isinstance(window, torch.Tensor) else type(window).__name__
         raise ValueError(f"{who}: {what} must have shape (B, {channels}, {length}) "
-                         f"(channels first, then the {length} time steps of the window), got {got}")
+                         f"(channels first, then the {length} time steps of the window), got {shape_or_type(window)}")
     if window.shape[0] != batch:
         raise ValueError(f"{who}: batch of {what} ({window.shape[0]}) differs from the image batch ({batch})")
 
