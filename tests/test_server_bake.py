@@ -17,12 +17,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import zmq
 from PIL import Image
 
 from server import app as server_app
 from server import protocol as P
-from test_server import Client, ServerProcess, png_bytes, portrait
+from server_helpers import Client, png_bytes, portrait, serve_tiny
+from server_helpers import client, ctx  # noqa: F401  (fixtures)
 
 VIDEO_SIDE = 256
 VIDEO_FPS = 25.0
@@ -91,34 +91,12 @@ def presets_file(fixtures_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def server(presets_file):
-    srv = ServerProcess("--tiny-random", "--device", "cpu", "--bind", "tcp://127.0.0.1:*",
-                        "--presets", str(presets_file), "--log-level", "WARNING")
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    yield from serve_tiny("--presets", str(presets_file))
 
 
 @pytest.fixture(scope="module")
 def bare_server():
-    srv = ServerProcess("--tiny-random", "--device", "cpu", "--bind", "tcp://127.0.0.1:*", "--no-bake-models",
-                        "--log-level", "WARNING")
-    srv.wait_ready()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.term()
-
-
-@pytest.fixture()
-def client(server, ctx):
-    c = Client(server.endpoint, ctx)
-    yield c
-    c.close()
+    yield from serve_tiny("--no-bake-models")
 
 
 @pytest.fixture(scope="module")

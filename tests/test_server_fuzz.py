@@ -20,7 +20,8 @@ import pytest
 import zmq
 
 from server import protocol as P
-from test_server import Client, ServerProcess, collect_render, png_bytes, portrait, render_header
+from server_helpers import Client, collect_render, png_bytes, portrait, render_header, serve_tiny
+from server_helpers import ctx  # noqa: F401  (fixture)
 
 FUZZ_SEED = int(os.environ.get("STYLEHEAT_FUZZ_SEED", "20261125"))
 FUZZ_COUNT = 3000
@@ -31,19 +32,7 @@ N_CLIENTS = 6
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--tiny-random", "--device", "cpu", "--bind", "tcp://127.0.0.1:*",
-                        "--max-part-bytes", str(PART_LIMIT), "--max-jobs", "32", "--max-jobs-per-client", "8",
-                        "--log-level", "WARNING")
-    srv.wait_ready()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.term()
+    yield from serve_tiny("--max-part-bytes", str(PART_LIMIT), "--max-jobs", "32", "--max-jobs-per-client", "8")
 
 
 # --------------------------------------------------------------------------------------------
