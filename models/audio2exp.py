@@ -113,11 +113,11 @@ class Audio2Exp(nn.Module):
         """mel (N, [1,] 80, 16), ref_exp (N, 64), ratio (N,) or (N, 1) -> exp (N, 64)."""
         emb = self.encode(mel)
         n = emb.shape[0]
-        ref_exp = ref_exp.reshape(n, -1)
-        ratio = ratio.reshape(n, -1)
-        if ref_exp.shape[1] != self.cfg.exp_dim or ratio.shape[1] != 1:
+        if ref_exp.numel() != n * self.cfg.exp_dim or ratio.numel() != n:   # checked before reshape can fail
             raise ValueError(f"Audio2Exp expects ref_exp (N, {self.cfg.exp_dim}) and ratio (N,) for N = {n} "
                              f"windows, got {tuple(ref_exp.shape)} and {tuple(ratio.shape)}")
+        ref_exp = ref_exp.reshape(n, self.cfg.exp_dim)
+        ratio = ratio.reshape(n, 1)
         return self.mapping1(torch.cat([emb, ref_exp.to(emb.dtype), ratio.to(emb.dtype)], dim=1))
 
 

@@ -73,6 +73,10 @@ def test_tiny_shapes():
     assert out.shape == (7, 64)
     with pytest.raises(ValueError, match="80, 16"):
         net(torch.randn(7, 80, 32), torch.randn(7, 64), torch.rand(7))
+    with pytest.raises(ValueError, match=r"ref_exp \(N, 64\) and ratio \(N,\) for N = 7"):
+        net(mel, torch.randn(7 * 64 - 1), torch.rand(7))    # not a whole number of values per window
+    with pytest.raises(ValueError, match=r"got \(7, 64\) and \(6,\)"):
+        net(mel, torch.randn(7, 64), torch.rand(6))
 
 
 def test_seeded_parity_embedding_and_expression(vec, seeded_net):
