@@ -91,6 +91,16 @@ class Comparison:
         return f"{self.name:<36s} max|a-b| = {self.max_abs:.3e}  tol = {self.tolerance:.3e}  {verdict}"
 
 
+def max_abs_error(got: Any, ref: Any) -> float:
+    """``max|got - ref|`` in float64 (0 for empty arrays; inf when ``got`` holds NaN or infinity).
+
+    The shapes must already agree."""
+    got = np.asarray(got, dtype=np.float64)
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.max(np.abs(got - np.asarray(ref, dtype=np.float64)))) if got.size else 0.0
+
+
 def compare(name: str, got: Any, ref: np.ndarray, *, float16_stored: bool | None = None,
             rel: float | None = None) -> Comparison:
     """Compare ``got`` with reference array ``ref`` using the reference README's acceptance rule.
@@ -108,7 +118,4 @@ def compare(name: str, got: Any, ref: np.ndarray, *, float16_stored: bool | None
         float16_stored = np.asarray(ref).dtype == np.float16
     factor = rel if rel is not None else (2e-3 if float16_stored else 1e-4)
     scale = max(1.0, float(np.max(np.abs(ref64))) if ref64.size else 1.0)
-    max_abs = float(np.max(np.abs(got - ref64))) if got.size else 0.0
-    if not np.all(np.isfinite(got)):
-        max_abs = float("inf")
-    return Comparison(name, max_abs, factor * scale)
+    return Comparison(name, max_abs_error(got, ref64), factor * scale)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from server import audio
-from server.reference import Comparison, load_layout, seeded_part
+from server.reference import Comparison, load_layout, max_abs_error, seeded_part
 
 LAYOUT_FILE = "sadtalker_checkpoints.json"
 PTH_FILE = "checkpoints/auido2exp_00300-model.pth"
@@ -29,11 +29,7 @@ def _abs(name: str, got, ref, tol: float) -> Comparison:
     ref = np.asarray(ref, dtype=np.float64)
     if got.shape != ref.shape:
         return Comparison(f"{name} (shape {got.shape} != {ref.shape})", float("inf"), tol)
-    diff = np.abs(got - ref)
-    err = float(diff.max()) if diff.size else 0.0
-    if not np.all(np.isfinite(got)):
-        err = float("inf")
-    return Comparison(name, err, tol)
+    return Comparison(name, max_abs_error(got, ref), tol)
 
 
 def _net(name: str, got, ref) -> Comparison:

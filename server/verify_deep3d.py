@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from server import deep3d
-from server.reference import Comparison, compare
+from server.reference import Comparison, compare, max_abs_error
 
 LAYOUT_NAME = "deep3d_checkpoints.json"
 
@@ -30,8 +30,7 @@ def _exact(name: str, got, ref) -> Comparison:
     ref = np.asarray(ref)
     if got.shape != ref.shape:
         raise ValueError(f"{name}: shape {got.shape} does not match reference {ref.shape}")
-    diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-    return Comparison(name, diff, 0.0)
+    return Comparison(name, max_abs_error(got, ref), 0.0)
 
 
 def verify_deep3d_vectors(npz_path: str | os.PathLike, layout_dir: str | os.PathLike) -> list[Comparison]:
