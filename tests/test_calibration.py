@@ -88,11 +88,15 @@ def test_tiny_shapes_and_batch_independence():
     with torch.no_grad():
         out = model(fx_warp, descriptor)
         single = model(fx_warp[1:], descriptor[1:])
+        last = model(fx_warp, descriptor, last_only=True)
     assert cfg.output_sizes == [8, 16, 32, 64]
     assert [tuple(o.shape) for o in out] == [(2, 32, r, r) for r in (8, 8, 16, 16, 32, 32, 64, 64)]
     for o, s in zip(out, single):
         assert torch.allclose(o[1:], s, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out[7][0], out[7][1])
+    # last_only: the 8/16/32 heads are skipped, the 64x64 pair the generator reads is bit-identical
+    assert last[:6] == [None] * 6
+    assert torch.equal(last[6], out[6]) and torch.equal(last[7], out[7])
 
 
 def test_bad_inputs_raise_clear_errors():
