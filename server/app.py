@@ -108,12 +108,17 @@ def load_server_keys(directory: str | os.PathLike) -> tuple[bytes, bytes, Path]:
 
 
 def load_client_keys(directory: str | os.PathLike) -> tuple[bytes, bytes, bytes]:
-    """(server public, client public, client secret) for a client using a --make-keys directory."""
+    """(server public, client public, client secret) for a client using a --make-keys directory.
+
+    OSError for a missing file, ValueError for a file that holds no key (or no secret key).
+    """
     import zmq.auth
 
     d = Path(directory)
     server_pub, _ = zmq.auth.load_certificate(d / "server.key")
     cpub, csec = zmq.auth.load_certificate(d / "client.key_secret")
+    if not csec:
+        raise ValueError(f"{d / 'client.key_secret'} holds no secret key")
     return server_pub, cpub, csec
 
 

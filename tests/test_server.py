@@ -520,6 +520,26 @@ def test_ping_cli_unreachable():
     assert "no reply from tcp://127.0.0.1:9" in out.stderr and "styleheat-server" in out.stderr
 
 
+@pytest.mark.parametrize("server_key, client_secret, words", [
+    ("garbage\n", "garbage\n", "No public key found"),
+    ('public-key = "short"\n', 'public-key = "short"\nsecret-key = "short"\n', "Invalid argument"),
+    (None, None, "holds no secret key"),  # client.key (public only) passed as client.key_secret
+])
+def test_ping_cli_bad_curve_keys_are_explained(tmp_path, server_key, client_secret, words):
+    from server.app import make_keys
+
+    made = make_keys(tmp_path / "keys")
+    if server_key is None:
+        made["client_secret"].write_bytes(made["client"].read_bytes())
+    else:
+        made["server"].write_text(server_key)
+        made["client_secret"].write_text(client_secret)
+    out = subprocess.run([CLI_EXE, "ping", "--server", "tcp://127.0.0.1:9", "--curve-dir", str(tmp_path / "keys"),
+                          "--timeout", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "cannot read CURVE keys" in out.stderr and words in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("bind", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.10:5555"])
 def test_non_loopback_bind_without_keys_is_refused(bind):
     out = subprocess.run([SERVER_EXE, "--tiny-random", "--bind", bind], capture_output=True, text=True, timeout=120)

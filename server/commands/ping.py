@@ -34,12 +34,13 @@ def run(args) -> int:
 
             try:
                 server_pub, cpub, csec = load_client_keys(args.curve_dir)
-            except OSError as exc:
-                print(f"styleheat ping: cannot read CURVE keys in {args.curve_dir}: {exc}", file=sys.stderr)
+                sock.curve_serverkey = server_pub
+                sock.curve_publickey = cpub
+                sock.curve_secretkey = csec
+            except (OSError, ValueError, zmq.ZMQError) as exc:  # missing file, no key in it, malformed key
+                print(f"styleheat ping: cannot read CURVE keys in {args.curve_dir}: {exc} (use the server.key and "
+                      f"client.key_secret made by 'styleheat-server --make-keys DIR')", file=sys.stderr)
                 return 1
-            sock.curve_serverkey = server_pub
-            sock.curve_publickey = cpub
-            sock.curve_secretkey = csec
         try:
             sock.connect(args.server)
         except zmq.ZMQError as exc:
