@@ -85,6 +85,12 @@ class SEModule(nn.Module):
         return x * self.sigmoid(self.fc2(self.relu(self.fc1(self.avg_pool(x)))))
 
 
+def ir_stem(in_channels: int, out_channels: int) -> nn.Sequential:
+    """IR-network input layer: conv3x3 (no bias) -> BN -> PReLU. Keys 0.weight, 1.*, 2.weight."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels),
+                         nn.PReLU(out_channels))
+
+
 class BottleneckIR(nn.Module):
     """ArcFace IR unit: BN -> conv3x3 -> PReLU -> conv3x3/stride -> BN [-> SE], plus a shortcut.
 
@@ -141,8 +147,7 @@ class Encoder4Editing(FromStateDict, nn.Module):
         super().__init__()
         cfg = config or E4EConfig()
         self.config = cfg
-        self.input_layer = nn.Sequential(nn.Conv2d(3, cfg.stem_channels, 3, 1, 1, bias=False),
-                                         nn.BatchNorm2d(cfg.stem_channels), nn.PReLU(cfg.stem_channels))
+        self.input_layer = ir_stem(3, cfg.stem_channels)
         se = cfg.se_reduction if cfg.se else None
         units = []
         for in_ch, depth, n in cfg.stages:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.e4e import BottleneckIR, Encoder4Editing
+from models.e4e import BottleneckIR, Encoder4Editing, ir_stem
 from models.ops import FromStateDict, sft_head
 from models.stylegan2 import Generator
 
@@ -57,10 +57,6 @@ class HFGIConfig:
         return cls(aligner_channels=(4, 8, 8, 8), encoder_channels=(4, 8, 8), condition_channels=32)
 
 
-def _stem(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.PReLU(out_ch))
-
-
 def _units(*specs: tuple[int, int, int]) -> nn.Sequential:
     return nn.Sequential(*[BottleneckIR(i, o, s) for i, o, s in specs])
 
@@ -77,7 +73,7 @@ class ResidualAligner(FromStateDict, nn.Module):
         cfg = config or HFGIConfig()
         self.config = cfg
         c1, c2, c3, c4 = cfg.aligner_channels
-        self.conv_layer1 = _stem(6, c1)
+        self.conv_layer1 = ir_stem(6, c1)
         self.conv_layer2 = _units((c1, c2, 2), (c2, c2, 1), (c2, c2, 1))
         self.conv_layer3 = _units((c2, c3, 2), (c3, c3, 1), (c3, c3, 1))
         self.conv_layer4 = _units((c3, c4, 2), (c4, c4, 1), (c4, c4, 1))
@@ -112,7 +108,7 @@ class ResidualEncoder(FromStateDict, nn.Module):
         self.config = cfg
         e1, e2, e3 = cfg.encoder_channels
         c = cfg.condition_channels
-        self.conv_layer1 = _stem(3, e1)
+        self.conv_layer1 = ir_stem(3, e1)
         self.conv_layer2 = _units((e1, e2, 2), (e2, e2, 1), (e2, e2, 1))
         self.conv_layer3 = _units((e2, e3, 2), (e3, e3, 1), (e3, e3, 1))
         self.condition_scale3 = sft_head(e3, c, c)
