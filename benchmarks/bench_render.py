@@ -7,8 +7,8 @@ One run, one machine, interleaved rounds (so load changes hit both sides alike):
     calls ``StyleHEAT.forward(..., inv_data=..., imsize=1024)``): VideoWarper (with its warp image), a full
     generator pass from 4x4 for the ``video_warp_img`` debug output, CalibrationNet, the final full pass
     from 4x4; batch 1, float32.
-(b) engine: VideoWarper (no debug image) -> warp(fx) -> CalibrationNet -> refine -> ONE synthesis from the
-    cached 64x64 state with weights folded per identity (models.fastpath.FoldedSynthesis), batched;
+(b) engine: ``StyleHEAT.render`` as the engine calls it: VideoWarper (no debug image) -> warp(fx) ->
+    CalibrationNet (last_only) -> refine -> ONE synthesis from the cached 64x64 state with weights folded per identity (models.fastpath.FoldedSynthesis), batched;
     float32 and bfloat16, at the native size and the 512 / 256 previews.
 
 Weights: the seeded reference weights (server.reference rule on shared/reference/official_checkpoints.json;
@@ -22,6 +22,7 @@ best (minimum) per-frame time over the rounds. Never used to assert anything abo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,7 @@ from models import flow  # noqa: E402
 from models.calibration import CalibrationConfig, CalibrationNet  # noqa: E402
 from models.fastpath import FoldedSynthesis, bf16_supported, synthesis_macs  # noqa: E402
 from models.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
+from models.styleheat import Inversion, StyleHEAT, StyleHEATConfig  # noqa: E402
 from models.warper import VideoWarper, WarperConfig  # noqa: E402
 from server import reference  # noqa: E402
 
@@ -123,48 +125,35 @@ class Setup:
         return self.coeffs.expand(b, -1, -1) + extra
 
 
-def official_runner(s: Setup):
-    """(a) models.styleheat's official_forward (CORE) when importable, else the same passes composed here."""
-    try:
-        from models.styleheat import StyleHEAT, StyleHEATConfig
-        if not hasattr(StyleHEAT, "official_forward"):
-            raise ImportError("no official_forward")
-        import dataclasses
-        base = StyleHEATConfig.tiny() if s.tiny else StyleHEATConfig()
-        cfg = dataclasses.replace(base, generator=s.gen.config, audio=False)
-        with torch.device("meta"):       # the inversion networks are not needed per frame: never materialised
-            sh = StyleHEAT(cfg)
-        sh.generator, sh.video_warper, sh.calibrator = s.gen, s.warper, s.calib
-        sh.eval()
-        inv = (s.ix, s.wx, s.fx, s.cond)
-
-        def run(coeffs):
-            return sh.official_forward(None, coeffs, inv_data=inv, imsize=s.size)["fake_image"]
-        return run, "models.styleheat.StyleHEAT.official_forward"
-    except ImportError as exc:
-        log(f"models.styleheat.official_forward unavailable ({exc}); composing the official passes here")
-
-    def run(coeffs):  # reference README quirk 6, pass for pass
-        video = s.warper(s.ix, coeffs)
-        d = flow.flow_to_deformation(video["flow_field"])
-        fx_warp = flow.warp(s.fx, d)
-        s.gen(s.wx, warping_condition=[d], inversion_condition=s.cond)          # video_warp_img (debug)
-        rc = s.calib(fx_warp, video["descriptor"])
-        img, _ = s.gen(s.wx, f_condition=s.fx, refining_condition=rc, warping_condition=[d],
-                       inversion_condition=s.cond)
-        return img
-    return run, "benchmarks.bench_render (composed per reference README quirk 6)"
+OFFICIAL_PROCEDURE = "models.styleheat.StyleHEAT.official_forward"
 
 
-def engine_runner(s: Setup, folded: FoldedSynthesis):
-    """(b) warper -> warp -> calibration -> refine -> folded synthesis from the cached 64x64 state."""
+def styleheat_of(s: Setup) -> StyleHEAT:
+    """A StyleHEAT holding the Setup's networks; the inversion networks, not needed per frame, stay on the
+    meta device (never materialised)."""
+    base = StyleHEATConfig.tiny() if s.tiny else StyleHEATConfig()
+    with torch.device("meta"):
+        sh = StyleHEAT(dataclasses.replace(base, generator=s.gen.config, audio=False))
+    sh.generator, sh.video_warper, sh.calibrator = s.gen, s.warper, s.calib
+    return sh.eval()
+
+
+def official_runner(s: Setup, sh: StyleHEAT):
+    """(a) the official per-frame procedure (reference README quirk 6), batch 1."""
+    inv = (s.ix, s.wx, s.fx, s.cond)
+
     def run(coeffs):
-        b = coeffs.shape[0]
-        video = s.warper(s.ix.expand(b, -1, -1, -1), coeffs, with_warp_image=False)
-        d = flow.flow_to_deformation(video["flow_field"])
-        fx_warp = flow.warp(s.fx.expand(b, -1, -1, -1), d)
-        rc = s.calib(fx_warp, video["descriptor"], last_only=True)   # the generator reads only the 64x64 pair
-        return folded(fx_warp * (1 + rc[6]) + rc[7], s.skip32)
+        return sh.official_forward(None, coeffs, inv_data=inv, imsize=s.size)["fake_image"]
+    return run
+
+
+def engine_runner(s: Setup, sh: StyleHEAT, folded: FoldedSynthesis):
+    """(b) the engine's render path (``StyleHEAT.render``: warper -> warp -> calibration ``last_only`` -> refine)
+    through the folded synthesis from the cached 64x64 state."""
+    inv = Inversion(s.ix, s.wx, s.fx, s.skip32, s.cond, res=torch.zeros_like(s.ix))   # res: for edits only
+
+    def run(coeffs):
+        return sh.render(inv, coeffs, synthesize=lambda feat, skip32, wx, out_size: folded(feat, skip32))
     return run
 
 
@@ -402,8 +391,8 @@ def run(args) -> dict:
     cl = not args.no_channels_last
 
     peak_start = measure_peak(device, args.quick or args.tiny)   # again at the end; the max is reported
-    official, official_name = official_runner(s)
-    log(f"official procedure: {official_name}")
+    sh = styleheat_of(s)
+    official = official_runner(s, sh)
 
     folded: dict = {}
     t0 = time.perf_counter()
@@ -417,7 +406,7 @@ def run(args) -> dict:
     fold_s = (time.perf_counter() - t0) / len(folded)
     configs = [(size, "fp32", b) for size in sizes for b in batches]
     configs += [(size, "bf16", b) for size in bf16_sizes for b in bf16_batches]
-    runners = {k: engine_runner(s, f) for k, f in folded.items()}
+    runners = {k: engine_runner(s, sh, f) for k, f in folded.items()}
 
     times: dict = {"official": []}
     times.update({c: [] for c in configs})
@@ -494,7 +483,7 @@ def run(args) -> dict:
     result = {
         "config": "tiny (random weights)" if args.tiny else "full-size seeded reference weights",
         "native_size": native, "sizes": sizes,
-        "official_procedure": official_name,
+        "official_procedure": OFFICIAL_PROCEDURE,
         "official_s_per_frame": t_off, "official_samples": len(times["official"]),
         "official_wall_samples_s": times["official"], "official_cpu_s_per_frame": best_cpu["official"],
         "official_gflop_per_frame": flops_off / 1e9,
