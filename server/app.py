@@ -656,6 +656,10 @@ class Worker(threading.Thread):
     def end_aborted(self, job: Job) -> None:
         self._close_gen(job)
         self.sched.finish(job)
+        self._report_abort(job)
+
+    def _report_abort(self, job: Job) -> None:
+        """Tell the client how its aborted job ended: ``done`` (cancelled) or its error."""
         reason = job.abort
         if reason[0] == "cancelled":
             total = len(job.payload.frames) if job.kind == "render" else 1
@@ -728,12 +732,7 @@ class Worker(threading.Thread):
         self.sched.add_identity(info.id)
         png = encode_png(aligned)
         coeffs = None if info.coefficients is None else [float(x) for x in np.asarray(info.coefficients).ravel()]
-        self.sched.finish(job)
-        if job.abort is not None:
-            if job.abort[0] == "cancelled":
-                self.send(job.client, P.reply(P.DONE, job.id, sent=0, total=1, cancelled=True))
-            elif job.abort[0] == "error":
-                self.send(job.client, P.error_reply(job.id, job.abort[1], job.abort[2]))
+        if self._finish_or_abort(job):
             return
         self.send(job.client, P.reply(P.PREPARED, job.id, identity=info.id, aligned=did_align, align_note=note,
                                       coefficients=coeffs,
@@ -747,10 +746,7 @@ class Worker(threading.Thread):
         self.sched.finish(job)
         if job.abort is None:
             return False
-        if job.abort[0] == "cancelled":
-            self.send(job.client, P.reply(P.DONE, job.id, sent=0, total=1, cancelled=True))
-        elif job.abort[0] == "error":
-            self.send(job.client, P.error_reply(job.id, job.abort[1], job.abort[2]))
+        self._report_abort(job)
         return True
 
     def do_extract(self, job: Job) -> None:
