@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import editing, flow, hfgi
@@ -138,10 +137,10 @@ class Inversion:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear, align_corners=False, no antialias (the official ``F.interpolate`` calls); no-op at size."""
+    """:func:`models.hfgi.resize` (the official bilinear ``F.interpolate``), a no-op when already that size."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return hfgi.resize(x, size)
 
 
 class StyleHEAT(nn.Module):
