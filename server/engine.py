@@ -38,6 +38,7 @@ class IdentityInfo:
     id: str
     image_256: np.ndarray                 # (256, 256, 3) uint8: the HFGI reconstruction the warper sees
     coefficients: np.ndarray | None       # (73,) float32 3DMM row of the portrait, or None
+    coefficient_note: str | None = None   # why ``coefficients`` is None, when known
 
 
 @dataclass
@@ -121,7 +122,7 @@ class Engine:
         self.config: StyleHEATConfig = model.config
         self.window = model.config.video_warper.coeff_window
         self.load_notes: list[str] = []
-        #: why the last prepare_identity returned no coefficients (None when it did)
+        #: the last prepare_identity's IdentityInfo.coefficient_note (why it returned no coefficients)
         self.coefficient_note: str | None = None
         self.fast = bool(fast)
         self.precision = precision
@@ -210,12 +211,14 @@ class Engine:
             hit = self._identities.get(ident)
             if hit is not None:
                 self._identities.move_to_end(ident)
+                self.coefficient_note = hit.info.coefficient_note
                 return hit.info
             with torch.inference_mode():
                 x = image_to_tensor(image).to(self.device)
                 inv = self.model.prepare(x)
-            coeffs = self._coefficients(image)
-            info = IdentityInfo(id=ident, image_256=to_uint8(inv.ix)[0], coefficients=coeffs)
+            coeffs, self.coefficient_note = self._coefficients(image)
+            info = IdentityInfo(id=ident, image_256=to_uint8(inv.ix)[0], coefficients=coeffs,
+                                coefficient_note=self.coefficient_note)
             self._identities[ident] = _Identity(inv=inv, info=info)
             while len(self._identities) > self._identity_cache_size:
                 _, evicted = self._identities.popitem(last=False)
@@ -223,21 +226,20 @@ class Engine:
                     self._folded.forget(key)
             return info
 
-    def _coefficients(self, image: np.ndarray) -> np.ndarray | None:
+    def _coefficients(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """(73,) float32 3DMM row of the portrait or None, and why it is None (when known)."""
         if self._coefficient_fn is not None:
-            row = self._coefficient_fn(image)
-            return None if row is None else np.asarray(row, dtype=np.float32).reshape(73)
-        if self.checkpoints is None:
-            self.coefficient_note = "no checkpoints folder (tiny or bundle weights): no 3DMM regressor"
-            return None
-        try:
-            from server.deep3d import portrait_coefficients
+            row, reason = self._coefficient_fn(image), None
+        elif self.checkpoints is None:
+            row, reason = None, "no checkpoints folder (tiny or bundle weights): no 3DMM regressor"
+        else:
+            try:
+                from server.deep3d import portrait_coefficients
 
-            row, reason = portrait_coefficients(image, self.checkpoints)
-        except Exception as e:  # optional feature (Deep3D weights, landmark detector): never block inversion
-            row, reason = None, f"{type(e).__name__}: {e}"
-        self.coefficient_note = reason
-        return None if row is None else np.asarray(row, dtype=np.float32).reshape(73)
+                row, reason = portrait_coefficients(image, self.checkpoints)
+            except Exception as e:  # optional feature (Deep3D weights, landmark detector): never block inversion
+                row, reason = None, f"{type(e).__name__}: {e}"
+        return (None if row is None else np.asarray(row, dtype=np.float32).reshape(73)), reason
 
     def forget_identity(self, identity_id: str) -> None:
         with self._lock:

@@ -82,6 +82,13 @@ def test_prepare_identity_is_cached_by_content(engine, portrait, ident):
     assert other.id != ident.id
 
 
+def test_coefficient_note_belongs_to_the_identity(engine, portrait, ident):
+    assert "no 3DMM regressor" in ident.coefficient_note
+    engine.coefficient_note = "left over from another portrait"
+    assert engine.prepare_identity(portrait) is ident  # cache hit
+    assert engine.coefficient_note == ident.coefficient_note
+
+
 def test_render_one_generator_pass_per_frame(engine, ident, rows):
     counter = PassCounter(engine.model)
     try:
