@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import queue
+import statistics
 import subprocess
 import sys
 import threading
@@ -348,8 +349,7 @@ def transport(frames: int, rounds: int = 3, timeout: float = 300.0) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
     te, ts = min(t_eng), min(t_srv)
-    ratios = sorted(b / a for a, b in zip(t_eng, t_srv))
-    median = ratios[len(ratios) // 2] if len(ratios) % 2 else 0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2])
+    median = statistics.median(b / a for a, b in zip(t_eng, t_srv))
     return {"model": "tiny-random (engine alone and styleheat-server --tiny-random)", "frames": frames,
             "size": eng.native_size, "encoding": "raw", "batch_size": batch,
             "engine_fps": frames / te, "server_fps": frames / ts, "overhead_pct": (median - 1.0) * 100.0,
