@@ -149,8 +149,7 @@ def hfgi_edit(generator: Generator, aligner: hfgi.ResidualAligner, residual_enco
     returns hfgi.decode(wx_edit, ix_edit, res) -- the residual is the unedited one.
     """
     wx_edit = edit_latent(wx, choice, strength, age_direction=age_direction, pose_direction=pose_direction, pca=pca)
-    rendered, _ = generator(wx_edit)
-    ix_edit = hfgi.resize(rendered.clamp(-1.0, 1.0), hfgi.IMAGE_SIZE)
+    ix_edit = hfgi.reconstruct(generator, wx_edit)
     if res.shape[0] != wx_edit.shape[0]:
         res = res.expand(wx_edit.shape[0], -1, -1, -1)
     return hfgi.decode(aligner, residual_encoder, generator, wx_edit, ix_edit, res, output_size)

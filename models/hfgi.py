@@ -141,6 +141,18 @@ class Inversion(NamedTuple):
     inversion_condition: list[torch.Tensor]   # [scale, shift], each (B, C, 64, 64)
 
 
+def reconstruct(generator: Generator, wx: torch.Tensor) -> torch.Tensor:
+    """Plain StyleGAN image of the code, clamped then resized: ``resize(clamp(G(wx), -1, 1), 256)``."""
+    rendered, _ = generator(wx)
+    return resize(rendered.clamp(-1.0, 1.0), IMAGE_SIZE)
+
+
+def inversion_condition(aligner: ResidualAligner, residual_encoder: ResidualEncoder, ix_256: torch.Tensor,
+                        res: torch.Tensor) -> list[torch.Tensor]:
+    """[scale, shift] (B, C, 64, 64) of the residual: ``ResidualEncoder(ResidualAligner(cat(res, ix_256)))``."""
+    return residual_encoder(aligner(torch.cat((res, ix_256), 1)))
+
+
 def encode(e4e: Encoder4Editing, generator: Generator, image: torch.Tensor,
            latent_avg: torch.Tensor | None) -> Encoded:
     """Official ``HFGI.encode``: image (B, 3, H, W) in [-1, 1] -> Encoded(wx, ix_256, res)."""
@@ -148,15 +160,14 @@ def encode(e4e: Encoder4Editing, generator: Generator, image: torch.Tensor,
         raise ValueError(f"image must have shape (B, 3, H, W) with values in [-1, 1], got {tuple(image.shape)}")
     x = resize(image, IMAGE_SIZE)
     wx = e4e(x, latent_avg)
-    rendered, _ = generator(wx)
-    ix = resize(rendered.clamp(-1.0, 1.0), IMAGE_SIZE)
+    ix = reconstruct(generator, wx)
     return Encoded(wx, ix, (x - ix).detach())
 
 
 def decode(aligner: ResidualAligner, residual_encoder: ResidualEncoder, generator: Generator,
            wx: torch.Tensor, ix_256: torch.Tensor, res: torch.Tensor, output_size: int = IMAGE_SIZE) -> Inversion:
     """Official ``HFGI.decode``: residual -> inversion condition -> conditioned StyleGAN pass."""
-    condition = residual_encoder(aligner(torch.cat((res, ix_256), 1)))
+    condition = inversion_condition(aligner, residual_encoder, ix_256, res)
     rendered, fx = generator(wx, inversion_condition=condition)
     ix = resize(rendered.clamp(-1.0, 1.0), output_size)
     return Inversion(wx, fx, ix, condition)

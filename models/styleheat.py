@@ -326,8 +326,7 @@ class StyleHEAT(nn.Module):
 
     def prepare_from_codes(self, wx: torch.Tensor, ix_e4e: torch.Tensor, res: torch.Tensor) -> Inversion:
         """HFGI decode of a (possibly edited) code with a residual, split at 64x64 for the render path."""
-        res_align = self.hfgi_aligner(torch.cat((res, ix_e4e), 1))
-        condition = tuple(self.hfgi_encoder(res_align))
+        condition = tuple(hfgi.inversion_condition(self.hfgi_aligner, self.hfgi_encoder, ix_e4e, res))
         fx, skip32 = self.generator.synthesize_to_64(wx, condition)
         image = self.generator.synthesize_from_64(fx, skip32, wx)
         ix = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
@@ -336,9 +335,7 @@ class StyleHEAT(nn.Module):
     def prepare_edit(self, base: Inversion, strengths: Mapping[str, float]) -> Inversion:
         """Inversion of the edited identity (official HFGI.edit with the base residual)."""
         wx_edit = self.edit_wplus(base.wx, strengths)
-        image, _ = self.generator(wx_edit)
-        ix_edit = resize(image.clamp(-1.0, 1.0), INPUT_SIZE)
-        return self.prepare_from_codes(wx_edit, ix_edit, base.res)
+        return self.prepare_from_codes(wx_edit, hfgi.reconstruct(self.generator, wx_edit), base.res)
 
     def render(self, inv: Inversion | Sequence[Inversion], coeffs: torch.Tensor, mel: torch.Tensor | None = None,
                out_size: int | None = None, synthesize: Callable | None = None) -> torch.Tensor:
