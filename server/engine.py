@@ -424,8 +424,9 @@ def _check_rows(rows, coeff_dim: int) -> np.ndarray:
 
 def _check_frames(frames, n: int) -> list[int]:
     try:
-        out = [int(f) for f in frames]
-        ok = all(float(f) == int(f) for f in frames)
+        given = list(frames)  # once: ``frames`` may be an iterator
+        out = [int(f) for f in given]
+        ok = all(float(f) == i for f, i in zip(given, out))
     except (TypeError, ValueError):
         raise ValueError("frames must be a sequence of integer row indices") from None
     if not ok:

@@ -185,6 +185,7 @@ def test_should_stop_between_batches(engine, ident, rows):
     (dict(frames=[0, N]), "outside the clip"),
     (dict(frames=[-1]), "outside the clip"),
     (dict(frames=[0.5]), "integer"),
+    (dict(frames=iter([0, 0.5])), "integer"),  # an iterator is read once, not accepted as [0, 0]
     (dict(attributes={"smile": np.zeros(N)}), "unknown attribute 'smile'"),
     (dict(attributes={"age": np.zeros(N - 1)}), "one strength per row"),
     (dict(attributes={"age": np.full(N, 99.0)}), r"must lie in \[-10.0, 10.0\]"),
