@@ -203,6 +203,12 @@ def test_config_and_dataset_errors(tmp_path, ds256):
         TrainConfig(stage="nope", data="x").validate()
     with pytest.raises(ConfigError, match="needs pre-trained weights"):
         TrainConfig(stage="calibration", data="x").validate()
+    with pytest.raises(ConfigError, match="perceptual_layers must be"):
+        TrainConfig(data="x", perceptual_layers=["relu_1_1", "relu_9_9"]).validate()
+    with pytest.raises(ConfigError, match="perceptual_scales must be"):
+        TrainConfig(data="x", perceptual_scales=0).validate()
+    with pytest.raises(ConfigError, match="mask_floor must be"):
+        TrainConfig(data="x", mask_floor=[]).validate()
     with pytest.raises(D.DatasetError, match="prepare-data"):
         D.ClipStore(tmp_path)
     with pytest.raises(D.DatasetError, match="no clip with audio"):

@@ -92,6 +92,16 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.lr <= 0 or self.lr_finetune <= 0:
             raise ConfigError("learning rates must be > 0")
+        from training.losses import VGG19_LAYERS
+
+        unknown = [name for name in self.perceptual_layers if name not in VGG19_LAYERS]
+        if not self.perceptual_layers or unknown:
+            raise ConfigError(f"perceptual_layers must be a non-empty list of {sorted(VGG19_LAYERS)}, "
+                              f"got {self.perceptual_layers!r}")
+        if int(self.perceptual_scales) < 1:
+            raise ConfigError(f"perceptual_scales must be >= 1, got {self.perceptual_scales!r}")
+        if not self.mask_floor or any(not isinstance(e, (list, tuple)) or len(e) != 2 for e in self.mask_floor):
+            raise ConfigError(f"mask_floor must be a non-empty list of [step, value] pairs, got {self.mask_floor!r}")
         if not self.data:
             raise ConfigError("no dataset: set 'data' in the config or pass --data DIR")
         if self.stage != "video_warper" and not self.init and self.model == "full":
