@@ -49,7 +49,8 @@ def verify_audio_vectors(npz_path: str | Path, layout_dir: str | Path) -> list[C
     layout_path = layout_dir / LAYOUT_FILE if layout_dir.is_dir() else layout_dir
     if not layout_path.is_file():
         raise FileNotFoundError(f"{layout_path}: {LAYOUT_FILE} not found (pass the reference folder)")
-    v = dict(np.load(npz_path))
+    with np.load(npz_path) as z:  # closed again (an NpzFile keeps the file open)
+        v = dict(z)
     seed = int(json.loads(str(v["meta_json"]))["seed"])
     layout = load_layout(layout_path)
     out: list[Comparison] = []

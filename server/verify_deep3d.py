@@ -45,7 +45,8 @@ def verify_deep3d_vectors(npz_path: str | os.PathLike, layout_dir: str | os.Path
     if not layout_file.is_file():
         raise FileNotFoundError(f"Deep3D layout {layout_file} not found; pass the folder holding "
                                 f"{LAYOUT_NAME} or the file itself")
-    d = dict(np.load(npz_path))
+    with np.load(npz_path) as z:  # closed again (an NpzFile keeps the file open)
+        d = dict(z)
     meta = json.loads(str(d["meta_json"]))
     seed = int(meta.get("seed", 0))
     out: list[Comparison] = []
