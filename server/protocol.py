@@ -173,6 +173,24 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------------------------
 # Framing
 # --------------------------------------------------------------------------------------------
+def _as_bytes(frame: Any) -> bytes:
+    """A received frame (zmq.Frame or bytes-like) as bytes."""
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _as_buffer(frame: Any) -> Any:
+    """A received frame's buffer without copying (zmq.Frame.buffer, or the bytes-like itself)."""
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def _part_at(parts: Sequence[Any], idx: Any, name: str) -> Any:
+    """``parts[idx]`` for a ``part`` index taken from a header; ProtocolError(bad_field) if it names none."""
+    if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(parts):
+        raise ProtocolError(E_BAD_FIELD, f"{name}: 'part' {idx!r:.40} does not name one of the "
+                                         f"{len(parts)} parts of this message")
+    return parts[idx]
+
+
 def pack_header(header: Mapping[str, Any]) -> bytes:
     return msgpack.packb(dict(header), use_bin_type=True)
 
@@ -208,14 +226,12 @@ def unpack(frames: Sequence[Any], max_parts: int = MAX_PARTS, max_part_bytes: in
     """Split received frames (without the ROUTER identity) into (header, parts), checking limits."""
     if not frames:
         raise ProtocolError(E_BAD_MESSAGE, "empty message")
-    head = frames[0]
-    head = head.bytes if hasattr(head, "bytes") else bytes(head)
-    header = unpack_header(head, max_header_bytes)
+    header = unpack_header(_as_bytes(frames[0]), max_header_bytes)
     parts = list(frames[1:])
     if len(parts) > max_parts:
         raise ProtocolError(E_BAD_MESSAGE, f"{len(parts)} parts after the header, at most {max_parts} allowed")
     for i, p in enumerate(parts):
-        n = len(p.buffer) if hasattr(p, "buffer") else len(p)
+        n = len(_as_buffer(p))
         if n > max_part_bytes:
             raise ProtocolError(E_TOO_LARGE, f"part {i} is {n} bytes, over the limit of {max_part_bytes}")
     return header, parts
@@ -292,12 +308,7 @@ def decode_array(value: Any, name: str, shape: Sequence[int | None], parts: Sequ
             if not isinstance(buf, (bytes, bytearray)):
                 raise ProtocolError(E_BAD_FIELD, f"{name}: 'data' must be msgpack bin bytes")
         else:
-            idx = value["part"]
-            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(parts):
-                raise ProtocolError(E_BAD_FIELD, f"{name}: 'part' {idx!r} does not name one of the "
-                                                 f"{len(parts)} parts of this message")
-            p = parts[idx]
-            buf = p.buffer if hasattr(p, "buffer") else p
+            buf = _as_buffer(_part_at(parts, value["part"], name))
         if len(shp) != len(shape):
             raise ProtocolError(E_BAD_FIELD, f"{name}: expected shape {_shape_text(shape)}, got {tuple(shp)}")
         count = math.prod(shp)
@@ -480,8 +491,7 @@ def validate_prepare(h: Mapping, parts: Sequence) -> PrepareRequest:
     if len(parts) != 1:
         raise ProtocolError(E_BAD_FIELD, f"prepare: send exactly one part with the PNG or JPEG bytes, "
                                          f"got {len(parts)} parts")
-    p = parts[0]
-    data = p.bytes if hasattr(p, "bytes") else bytes(p)
+    data = _as_bytes(parts[0])
     if len(data) == 0:
         raise ProtocolError(E_BAD_IMAGE, "prepare: the image part is empty")
     return PrepareRequest(id=rid, image=data, align=align)
@@ -581,12 +591,7 @@ def _part_bytes(value: Any, name: str, parts: Sequence) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, dict) and set(value) == {"part"}:
-        idx = value["part"]
-        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(parts):
-            raise ProtocolError(E_BAD_FIELD, f"{name}: 'part' {idx!r:.40} does not name one of the "
-                                             f"{len(parts)} parts of this message")
-        p = parts[idx]
-        data = p.bytes if hasattr(p, "bytes") else bytes(p)
+        data = _as_bytes(_part_at(parts, value["part"], name))
     else:
         raise ProtocolError(E_BAD_FIELD, f"{name} must be bin bytes or {{'part': k}} naming a part of the "
                                          f"message, got {type(value).__name__}")
@@ -718,7 +723,7 @@ def decode_raw_frame(header: Mapping, part: Any) -> np.ndarray:
     if header.get("encoding") != "raw":
         raise ValueError("decode_raw_frame handles encoding 'raw' only; PNG parts are plain PNG files")
     w, hgt = int(header["width"]), int(header["height"])
-    buf = part.buffer if hasattr(part, "buffer") else part
+    buf = _as_buffer(part)
     if len(buf) != w * hgt * 3:
         raise ValueError(f"frame part has {len(buf)} bytes, expected {w * hgt * 3} for {w}x{hgt} RGB8")
     return np.frombuffer(buf, dtype=np.uint8).reshape(hgt, w, 3)
