@@ -552,13 +552,14 @@ def decode_audio(a: Any, parts: Sequence = (), fps_required: bool = True) -> Aud
                            max_elements=MAX_AUDIO_SAMPLES)
     if samples.size == 0:
         raise ProtocolError(E_BAD_FIELD, "audio.samples is empty")
-    fps = a.get("fps") if fps_required or a.get("fps") is not None else None
-    return AudioInput(
-        samples=samples,
-        sample_rate=check_int(_get(a, "sample_rate"), "audio.sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE),
-        fps=0.0 if fps is None and not fps_required else check_float(_get(a, "fps"), "audio.fps", 1e-3, MAX_FPS),
-        frame_offset=check_float(a.get("frame_offset", 0.0), "audio.frame_offset",
-                                 -MAX_FRAME_NUMBER, MAX_FRAME_NUMBER))
+    sample_rate = check_int(_get(a, "sample_rate"), "audio.sample_rate", MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
+    if fps_required or a.get("fps") is not None:
+        fps = check_float(_get(a, "fps"), "audio.fps", 1e-3, MAX_FPS)
+    else:
+        fps = 0.0
+    return AudioInput(samples=samples, sample_rate=sample_rate, fps=fps,
+                      frame_offset=check_float(a.get("frame_offset", 0.0), "audio.frame_offset",
+                                               -MAX_FRAME_NUMBER, MAX_FRAME_NUMBER))
 
 
 @dataclass
