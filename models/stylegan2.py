@@ -225,18 +225,16 @@ class Generator(FromStateDict, nn.Module):
         latent = self._shared(latent)
         if latent.shape[0] > 1 and out.shape[0] == 1:
             out = out.expand(latent.shape[0], -1, -1, -1)
-        k = self._block_index(F_RES)
-        while True:
+        k64 = self._block_index(F_RES)
+        for k in range(k64, self._block_index(out_size) + 1):
             i = 2 * k + 1
-            if k != self._block_index(F_RES):
+            if k != k64:  # the 64x64 upsampling conv ran in synthesize_to_64
                 out = self.convs[2 * k](out, latent[:, i])
                 if refining is not None and F_INDEX <= i < len(refining):
                     out = out * (1 + refining[i - 1]) + refining[i]
             out = self.convs[2 * k + 1](out, latent[:, i + 1])
             skip = self.to_rgbs[k](out, latent[:, i + 2], skip)
-            if 2 ** (k + 3) >= out_size:
-                return skip if skip.shape[0] == b else skip.expand(b, -1, -1, -1)
-            k += 1
+        return skip if skip.shape[0] == b else skip.expand(b, -1, -1, -1)
 
     # ------------------------------------------------------------------ full pass
     def forward(self, wplus: torch.Tensor, *, inversion_condition: Sequence[torch.Tensor] | None = None,
