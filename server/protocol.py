@@ -318,13 +318,10 @@ def decode_array(value: Any, name: str, shape: Sequence[int | None], parts: Sequ
         if len(buf) != count * src.itemsize:
             raise ProtocolError(E_BAD_FIELD, f"{name}: {len(buf)} bytes do not hold {dt} of shape {tuple(shp)} "
                                              f"({count * src.itemsize} bytes expected)")
-        arr = np.frombuffer(buf, dtype=src).reshape(shp)
-        if src != want:
-            if want.kind == "f":
-                arr = arr.astype(want)
-            else:
-                raise ProtocolError(E_BAD_FIELD, f"{name}: dtype must be {dtype}, got {dt}")
-        arr = np.array(arr, dtype=want, copy=True, order="C")
+        if src != want and want.kind != "f":
+            raise ProtocolError(E_BAD_FIELD, f"{name}: dtype must be {dtype}, got {dt}")
+        # one copy, converted to ``want``: the result never aliases the message buffer
+        arr = np.array(np.frombuffer(buf, dtype=src).reshape(shp), dtype=want, copy=True, order="C")
     elif isinstance(value, list):
         try:
             arr = np.asarray(value, dtype=np.float64 if want.kind == "f" else np.int64)
