@@ -99,24 +99,52 @@ class STYLEHEAT_OT_add_rig(bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _active_rig(context):
-    return rig_mod.find_rig(context)
+class _NeedsRig:
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None
 
 
-class STYLEHEAT_OT_prepare(bpy.types.Operator):
+class _NeedsIdleRig:
+    """A rig, and no render or bake already running (they share ``progress``)."""
+    @classmethod
+    def poll(cls, context):
+        return rig_mod.find_rig(context) is not None and not progress["running"]
+
+
+class _ModalJob:
+    """A render or bake stepped from timer ticks: Esc cancels ``self.job``, :meth:`_step` advances
+    it, :meth:`_end` (the operator's) reports once it stops."""
+
+    def _start_modal(self, context, job) -> None:
+        self.job = job
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.1, window=context.window)
+        wm.modal_handler_add(self)
+        progress["running"] = True
+
+    def _stop_modal(self, context) -> None:
+        context.window_manager.event_timer_remove(self._timer)
+        progress["running"] = False
+
+    def modal(self, context, event):
+        if event.type == "ESC":
+            self.job.cancel()
+            return self._end(context)
+        if event.type == "TIMER" and not self._step(context):
+            return self._end(context)
+        return {"PASS_THROUGH"}
+
+
+class STYLEHEAT_OT_prepare(_NeedsRig, bpy.types.Operator):
     bl_idname = "styleheat.prepare_portrait"
     bl_label = "Prepare Portrait"
     bl_description = "Send the portrait to the server once (face alignment + inversion) and read its coefficients"
 
     force: BoolProperty(default=True, options={"SKIP_SAVE"})
-
-    @classmethod
-    def poll(cls, context):
-        return _active_rig(context) is not None
-
     def execute(self, context):
         s = preferences.settings(context)
-        obj = _active_rig(context)
+        obj = rig_mod.find_rig(context)
         try:
             info = R.connect(s.address, s.timeout)
             rig_mod.ensure_attributes(obj.styleheat, R.info_field(info, "attributes", {}))
@@ -127,25 +155,20 @@ class STYLEHEAT_OT_prepare(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class STYLEHEAT_OT_preview(bpy.types.Operator):
+class STYLEHEAT_OT_preview(_NeedsRig, bpy.types.Operator):
     bl_idname = "styleheat.preview"
     bl_label = "Preview Frame"
     bl_description = "Render the current frame at the preview size into the 'StyleHEAT Preview' image"
-
-    @classmethod
-    def poll(cls, context):
-        return _active_rig(context) is not None
-
     def execute(self, context):
         s = preferences.settings(context)
         try:
-            R.preview_frame(context.scene, _active_rig(context), s.address, s.timeout)
+            R.preview_frame(context.scene, rig_mod.find_rig(context), s.address, s.timeout)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
         return {"FINISHED"}
 
 
-class STYLEHEAT_OT_render(bpy.types.Operator):
+class STYLEHEAT_OT_render(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
     bl_idname = "styleheat.render"
     bl_label = "Render Face Animation"
     bl_description = ("Render the scene (or preview) range to //styleheat/<rig>/ and show it as an image strip; "
@@ -153,16 +176,11 @@ class STYLEHEAT_OT_render(bpy.types.Operator):
 
     force: BoolProperty(name="Re-render All", default=False, options={"SKIP_SAVE"},
                         description="Render every frame even when its inputs did not change")
-
-    @classmethod
-    def poll(cls, context):
-        return _active_rig(context) is not None and not progress["running"]
-
     # blocking path: scripts, --background, bpy-as-a-module
     def execute(self, context):
         s = preferences.settings(context)
         try:
-            session = R.render_range(context.scene, _active_rig(context), s.address, s.timeout, force=self.force,
+            session = R.render_range(context.scene, rig_mod.find_rig(context), s.address, s.timeout, force=self.force,
                                      frame_timeout=s.frame_timeout)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
@@ -175,45 +193,34 @@ class STYLEHEAT_OT_render(bpy.types.Operator):
     # interactive path
     def invoke(self, context, event):
         s = preferences.settings(context)
-        obj = _active_rig(context)
+        obj = rig_mod.find_rig(context)
         try:
-            self.session = start_session(context, obj, s, force=self.force)
+            session = start_session(context, obj, s, force=self.force)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
-        if self.session.done:
-            finish_session(context, self.session)
+        if session.done:
+            finish_session(context, session)
             self.report({"INFO"}, "StyleHEAT: every frame is up to date")
             return {"FINISHED"}
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.1, window=context.window)
-        wm.modal_handler_add(self)
-        wm.progress_begin(0, max(1, self.session.total))
-        progress["running"] = True
+        self._start_modal(context, session)
+        context.window_manager.progress_begin(0, max(1, session.total))
         return {"RUNNING_MODAL"}
 
-    def modal(self, context, event):
-        if event.type == "ESC":
-            self.session.cancel()
-            return self._end(context)
-        if event.type == "TIMER":
-            running = step_session(context, self.session, 0.05)
-            if not running:
-                return self._end(context)
-        return {"PASS_THROUGH"}
+    def _step(self, context) -> bool:
+        return step_session(context, self.job, 0.05)
 
     def _end(self, context):
-        wm = context.window_manager
-        wm.event_timer_remove(self._timer)
-        wm.progress_end()
-        progress["running"] = False
-        err = finish_session(context, self.session)
+        self._stop_modal(context)
+        context.window_manager.progress_end()
+        session = self.job
+        err = finish_session(context, session)
         if err is not None:
             return _fail(self, err)
-        for w in self.session.plan.warnings:
+        for w in session.plan.warnings:
             self.report({"WARNING"}, f"StyleHEAT: {w}")
-        msg = "cancelled" if self.session.cancelled else "done"
-        self.report({"INFO"}, f"StyleHEAT {msg}: {self.session.status()}")
-        return {"FINISHED"} if not self.session.cancelled else {"CANCELLED"}
+        msg = "cancelled" if session.cancelled else "done"
+        self.report({"INFO"}, f"StyleHEAT {msg}: {session.status()}")
+        return {"FINISHED"} if not session.cancelled else {"CANCELLED"}
 
 
 # plain functions behind the modal operator ---------------------------------------------------
@@ -272,7 +279,7 @@ def _status_bar(context, text: str | None) -> None:
         pass
 
 
-class STYLEHEAT_OT_bake_video(bpy.types.Operator):
+class STYLEHEAT_OT_bake_video(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
     bl_idname = "styleheat.bake_video"
     bl_label = "Bake from Video"
     bl_description = ("Extract head pose and expression from a movie (a file or a movie strip) on the server and "
@@ -289,14 +296,9 @@ class STYLEHEAT_OT_bake_video(bpy.types.Operator):
     start_frame: IntProperty(name="Start Frame", default=1, description="Scene frame of the movie's first frame")
     smooth: FloatProperty(name="Smooth", default=0.0, min=0.0, max=100.0,
                           description="Gaussian smoothing of the curves, in frames (0 = none)")
-
-    @classmethod
-    def poll(cls, context):
-        return _active_rig(context) is not None and not progress["running"]
-
     def _start(self, context):
         s = preferences.settings(context)
-        return start_video_bake(context, _active_rig(context), s, filepath=self.filepath, strip=self.strip,
+        return start_video_bake(context, rig_mod.find_rig(context), s, filepath=self.filepath, strip=self.strip,
                                 start_frame=self.start_frame if self.use_start_frame else None, smooth=self.smooth)
 
     def execute(self, context):
@@ -322,35 +324,25 @@ class STYLEHEAT_OT_bake_video(bpy.types.Operator):
 
     def _begin_modal(self, context):
         try:
-            self.bake = self._start(context)
+            bake = self._start(context)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
-        wm = context.window_manager
-        self._timer = wm.event_timer_add(0.1, window=context.window)
-        wm.modal_handler_add(self)
-        progress["running"] = True
-        _status_bar(context, f"StyleHEAT bake: {self.bake.status()} (Esc cancels)")
+        self._start_modal(context, bake)
+        _status_bar(context, f"StyleHEAT bake: {bake.status()} (Esc cancels)")
         return {"RUNNING_MODAL"}
 
-    def modal(self, context, event):
-        if event.type == "ESC":
-            self.bake.cancel()
-            return self._end(context)
-        if event.type == "TIMER":
-            if not step_video_bake(context, self.bake, 0.05):
-                return self._end(context)
-        return {"PASS_THROUGH"}
+    def _step(self, context) -> bool:
+        return step_video_bake(context, self.job, 0.05)
 
     def _end(self, context):
-        context.window_manager.event_timer_remove(self._timer)
-        progress["running"] = False
-        err = finish_video_bake(context, self.bake)
+        self._stop_modal(context)
+        err = finish_video_bake(context, self.job)
         if err is not None:
             return _fail(self, err)
-        if self.bake.cancelled:
+        if self.job.cancelled:
             self.report({"INFO"}, "StyleHEAT: bake cancelled; no keys were changed")
             return {"CANCELLED"}
-        return self._report(self.bake)
+        return self._report(self.job)
 
     def _report(self, bake):
         for w in bake.warnings:
@@ -360,7 +352,7 @@ class STYLEHEAT_OT_bake_video(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class STYLEHEAT_OT_bake_audio(bpy.types.Operator):
+class STYLEHEAT_OT_bake_audio(_NeedsIdleRig, bpy.types.Operator):
     bl_idname = "styleheat.bake_audio"
     bl_label = "Bake Audio to Expression"
     bl_description = ("Turn what the sound strips play into expression keys (the server's Audio2Exp) over exactly "
@@ -373,15 +365,10 @@ class STYLEHEAT_OT_bake_audio(bpy.types.Operator):
                          description="Mouth motion strength: 1 = as predicted, < 1 softer, > 1 louder")
     blend: BoolProperty(name="Blend With Existing", default=False,
                         description="Add to the expression keys already there (off: replace them in the range)")
-
-    @classmethod
-    def poll(cls, context):
-        return _active_rig(context) is not None and not progress["running"]
-
     def execute(self, context):
         s = preferences.settings(context)
         try:
-            result = B.bake_audio(context.scene, _active_rig(context), s.address, s.timeout, strip=self.strip,
+            result = B.bake_audio(context.scene, rig_mod.find_rig(context), s.address, s.timeout, strip=self.strip,
                                   scale=self.scale, blend=self.blend, frame_timeout=s.frame_timeout)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
