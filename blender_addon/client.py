@@ -339,6 +339,14 @@ class _ReplyStream:
     def _end(self) -> None:
         raise NotImplementedError
 
+    def _try_send(self, header: Mapping) -> None:
+        """Send a message that may be lost (heartbeat, credit, cancel): a server that cannot be
+        reached shows up as silence or ``unreachable`` on the stream instead."""
+        try:
+            self.client._send(header)
+        except ClientError:
+            pass
+
     def _next_reply(self, deadline: float | None, silence_timeout: float, what: str):
         while True:
             wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
@@ -352,10 +360,7 @@ class _ReplyStream:
                     raise self.client._unavailable(f"{what} went silent for {silent:.0f} s")
                 if silent > 2.0 and now - self._pinged > 2.0:   # liveness: any reply counts
                     self._pinged = now
-                    try:
-                        self.client._send(P.request(P.HEARTBEAT, None))
-                    except ClientError:
-                        pass
+                    self._try_send(P.request(P.HEARTBEAT, None))
                 if deadline is not None and now >= deadline:
                     return None
                 continue
@@ -435,10 +440,7 @@ class ExtractJob(_ReplyStream):
         if self.finished:
             return
         self.cancelled = True
-        try:
-            self.client._send(P.request(P.CANCEL, self.id))
-        except ClientError:
-            pass
+        self._try_send(P.request(P.CANCEL, self.id))
         self._close()
 
     def _close(self) -> None:
@@ -487,10 +489,7 @@ class RenderStream(_ReplyStream):
                     raise ClientError("the server sent a frame without pixels")
                 self.received += 1
                 if not self.cancelled:
-                    try:
-                        self.client._send(P.request(P.CREDIT, self.id, frames=1))
-                    except ClientError:
-                        pass
+                    self._try_send(P.request(P.CREDIT, self.id, frames=1))
                 return Frame(int(header["frame"]), int(header.get("index", self.received - 1)),
                              int(header.get("total", self.total)), int(header["width"]), int(header["height"]),
                              str(header.get("encoding", "raw")), bytes(parts[0]))
@@ -508,10 +507,7 @@ class RenderStream(_ReplyStream):
         if self.finished or self.cancelled:
             return
         self.cancelled = True
-        try:
-            self.client._send(P.request(P.CANCEL, self.id))
-        except ClientError:
-            pass
+        self._try_send(P.request(P.CANCEL, self.id))
         end = time.monotonic() + wait
         while wait > 0 and not self.finished and time.monotonic() < end:
             try:
