@@ -96,19 +96,22 @@ def _portrait_base(client: Client, obj) -> np.ndarray:
 
 
 def _check_rig(obj) -> None:
-    if not rig_mod.is_rig(obj):
-        raise R.UserError(f"{obj.name if obj else 'Nothing'} is not a StyleHEAT face rig; add one with "
-                          "Add > StyleHEAT Face Rig.")
+    R.require_rig(obj)
     if obj.rotation_mode != "XYZ":
         raise R.UserError(f"{obj.name}: set Rotation Mode to XYZ Euler before baking (the bake keys "
                           "rotation_euler)")
 
 
-def _capability(info: dict, name: str) -> bool | None:
+def _connect_for(obj, address: str, timeout: float, capability: str, missing: str):
+    """(client, server info, portrait base) for a bake that needs the server's ``capability``;
+    ``missing`` is the error when the server says it lacks it (a server that does not list its
+    capabilities is tried anyway)."""
+    client = R.get_client(address, timeout)
+    info = R.connect(address, timeout)
     caps = R.info_field(info, "capabilities", None)
-    if isinstance(caps, dict) and name in caps:
-        return bool(caps[name])
-    return None
+    if isinstance(caps, dict) and capability in caps and not caps[capability]:
+        raise R.UserError(missing)
+    return client, info, _portrait_base(client, obj)
 
 
 # --- bake from video -------------------------------------------------------------------------
@@ -215,12 +218,9 @@ def start_video_bake(scene, obj, address: str, timeout: float = 5.0, *, filepath
         source = os.path.basename(path)
     if not os.path.isfile(path):
         raise R.UserError(f"The movie {path!r} does not exist; pick an existing video file.")
-    client = R.get_client(address, timeout)
-    info = R.connect(address, timeout)
-    if _capability(info, "extract") is False:
-        raise R.UserError("This StyleHEAT server cannot extract motion from video (it has no Deep3D weights: "
-                          "run 'styleheat download' and restart it with --checkpoints).")
-    base = _portrait_base(client, obj)
+    client, info, base = _connect_for(
+        obj, address, timeout, "extract", "This StyleHEAT server cannot extract motion from video (it has no "
+        "Deep3D weights: run 'styleheat download' and restart it with --checkpoints).")
     # a file: rows at the scene's rate (real time). A strip: Blender shows one movie frame per scene
     # frame (bpy 5.0 new_movie: a 50 fps movie of 20 frames lasts 20 scene frames), so one row per
     # movie frame keeps the keys on the frames that show them.
@@ -280,12 +280,8 @@ def bake_audio(scene, obj, address: str, timeout: float = 5.0, *, strip: str = "
     ``scale * (exp - e0)`` (``blend``: added to what the curves give there, else replacing it)."""
     _check_rig(obj)
     first, last = sound_range(scene, strip)
-    client = R.get_client(address, timeout)
-    info = R.connect(address, timeout)
-    if _capability(info, "audio2exp") is False:
-        raise R.UserError("This StyleHEAT server has no Audio2Exp network; restart it with "
-                          "--audio2exp PATH (SadTalker's checkpoint).")
-    base = _portrait_base(client, obj)
+    client, _, base = _connect_for(obj, address, timeout, "audio2exp", "This StyleHEAT server has no Audio2Exp "
+                                   "network; restart it with --audio2exp PATH (SadTalker's checkpoint).")
     e0 = base[:64]
     samples = audio_mod.mixdown(scene, first, last)
     if samples is None:

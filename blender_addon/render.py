@@ -131,6 +131,12 @@ def explain(exc: Exception) -> str:
     return str(exc)
 
 
+def require_rig(obj) -> None:
+    if not rig_mod.is_rig(obj):
+        raise UserError(f"{obj.name if obj else 'Nothing'} is not a StyleHEAT face rig; add one with "
+                        "Add > StyleHEAT Face Rig.")
+
+
 # --- identity ------------------------------------------------------------------------------
 
 def _portrait_bytes(rig) -> tuple[bytes, str]:
@@ -425,9 +431,7 @@ def render_range(context_scene, obj, address: str, timeout: float = 5.0, start: 
                  frame_timeout: float = 300.0) -> RenderSession:
     """Blocking render of the rig over start..end (default: the scene or preview range)."""
     scene = context_scene
-    if not rig_mod.is_rig(obj):
-        raise UserError(f"{obj.name if obj else 'Nothing'} is not a StyleHEAT face rig; add one with "
-                        "Add > StyleHEAT Face Rig.")
+    require_rig(obj)
     s0, e0 = frame_range(scene)
     start = s0 if start is None else start
     end = e0 if end is None else end

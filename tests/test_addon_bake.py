@@ -5,6 +5,7 @@ One bpy subprocess per scenario; one server for the module (``--presets`` the sh
 from __future__ import annotations
 
 import json
+import textwrap
 import wave
 from pathlib import Path
 
@@ -318,3 +319,50 @@ def tiny_audio2exp():
     from server.app import tiny_audio2exp as make   # built by the server the same way
 
     return make(seed=0)
+
+
+def test_bake_on_a_server_without_bake_models_is_a_clear_error(tmp_path, addon_zip, fixtures_dir):
+    """A server started with --no-bake-models says so in its capabilities: both bakes stop with the
+    advice to fix it, before anything is sent, and no key is written. An object that is no face rig
+    (render and bake) and a rig not in XYZ Euler (bake) are clear errors too."""
+    bare = Server(tmp_path, extra=("--no-bake-models",))
+    try:
+        movie = make_video(tmp_path / "clip.avi", fixtures_dir / "portrait_100.jpg", [0, 2, 4])
+        wav = tmp_path / "line.wav"
+        with wave.open(str(wav), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes(np.round(_speech_like(0.4, 16000) * 32767).astype("<i2").tobytes())
+        body = textwrap.indent(textwrap.dedent(f"""
+            compat.top_strips(scene).new_sound("line", {str(wav)!r}, channel=1, frame_start=1)
+            OUT["caps"] = render.info_field(render.connect(ADDRESS, 10.0), "capabilities", None)
+            plain = bpy.data.objects.new("Plain", None)
+            scene.collection.objects.link(plain)
+            def quat_rig():
+                obj.rotation_mode = "QUATERNION"
+                try:
+                    bake.bake_audio(scene, obj, ADDRESS, 10.0, strip="line")
+                finally:
+                    obj.rotation_mode = "XYZ"
+            for name, call in (("video", lambda: bake.bake_video(scene, obj, ADDRESS, 10.0, filepath={str(movie)!r})),
+                               ("audio", lambda: bake.bake_audio(scene, obj, ADDRESS, 10.0, strip="line")),
+                               ("render_plain", lambda: render.render_range(scene, plain, ADDRESS, 10.0)),
+                               ("bake_plain", lambda: bake.bake_audio(scene, plain, ADDRESS, 10.0, strip="line")),
+                               ("bake_quat", quat_rig)):
+                try:
+                    call()
+                    OUT[name] = "no error"
+                except render.UserError as exc:
+                    OUT[name] = str(exc)
+            OUT["keys"] = keys()
+        """), " " * 8)                     # RIG_SETUP's indentation
+        out = run_bpy(tmp_path, RIG_SETUP.format(portrait=str(fixtures_dir / "portrait_100.jpg"), base=BASE) + body,
+                      addon_zip, bare.address)
+    finally:
+        bare.stop()
+    assert out["caps"]["extract"] is False and out["caps"]["audio2exp"] is False
+    assert out["video"].startswith("This StyleHEAT server cannot extract motion from video")
+    assert out["audio"].startswith("This StyleHEAT server has no Audio2Exp network")
+    for name in ("render_plain", "bake_plain"):
+        assert out[name] == "Plain is not a StyleHEAT face rig; add one with Add > StyleHEAT Face Rig."
+    assert out["bake_quat"].endswith("set Rotation Mode to XYZ Euler before baking (the bake keys rotation_euler)")
+    assert out["keys"] == {}
