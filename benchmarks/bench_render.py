@@ -380,8 +380,7 @@ def run(args) -> dict:
     native = s.size
     sizes = [x for x in (native, native // 2, native // 4) if x >= 64]   # 1024, 512, 256 (tiny: 128, 64)
     rounds = args.rounds or (1 if args.tiny else 2 if args.quick else 3)
-    batches = ([int(b) for b in args.batches.split(",")] if args.batches
-               else [1, 2] if (args.quick or args.tiny) else [1, 2, 4])
+    batches = list(args.batches) if args.batches else [1, 2] if (args.quick or args.tiny) else [1, 2, 4]
     if 1 not in batches:
         batches.insert(0, 1)                     # batch 1 is always measured (speed-up at batch 1, parity, PSNR)
     bf16_native = bf16_supported(device)
@@ -573,6 +572,16 @@ def print_table(r: dict) -> None:
     print(f"wall time {r['wall_s']:.0f} s")
 
 
+def _batch_list(text: str) -> list[int]:
+    try:
+        values = [int(b) for b in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive batch sizes separated by commas (e.g. 1,2,4), got {text!r}")
+    return values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -581,7 +590,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 3; quick 2; tiny 1)")
-    p.add_argument("--batches", default=None, help="engine batch sizes, comma separated (default 1,2,4; quick/tiny 1,2)")
+    p.add_argument("--batches", type=_batch_list, default=None, help="engine batch sizes, comma separated (default 1,2,4; quick/tiny 1,2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-channels-last", action="store_true", help="engine path in NCHW instead of channels_last")
     p.add_argument("--compile", action="store_true", help="CUDA only: torch.compile the folded synthesis")
@@ -592,6 +601,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.transport_frames is not None and args.transport_frames < 1:
+        p.error("--transport-frames must be >= 1")
     result = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))

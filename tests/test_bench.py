@@ -49,3 +49,19 @@ def test_benchmark_without_server_reports_null_transport():
     r = _run("--batches", "1", "--no-server")
     assert r["transport_overhead_pct"] is None and "skipped" in r["transport"]
     assert r["checks"]["engine_fp32_vs_official"]["ok"]
+
+
+def test_bad_arguments_are_clear_errors(capsys):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_render", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for args, needle in ((["--batches", "x"], "--batches"), (["--batches", "0,2"], "--batches"),
+                         (["--transport-frames", "0"], "--transport-frames"), (["--rounds", "0"], "--rounds")):
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--tiny", *args])
+        assert exc.value.code == 2, args
+        assert needle in capsys.readouterr().err, args
