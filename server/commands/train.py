@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.weights import WeightsError
     from training.config import ConfigError, TrainConfig, defaults_for
     from training.data import DatasetError
     from training.losses import HelperWeightsError
@@ -60,16 +61,9 @@ def run(args: argparse.Namespace) -> int:
             print("styleheat train: give --config FILE or --stage NAME", file=sys.stderr)
             return 2
         trainer = Trainer(cfg, device=args.device)
-    except (ConfigError, DatasetError, HelperWeightsError, TrainingError) as exc:
-        print(f"styleheat train: {exc}", file=sys.stderr)
+    except (ConfigError, DatasetError, HelperWeightsError, TrainingError, WeightsError) as exc:
+        print(f"styleheat train: {exc}", file=sys.stderr)     # each carries its own advice
         return 2
-    except Exception as exc:  # weights errors from server.weights carry their own advice
-        from server.weights import WeightsError
-
-        if isinstance(exc, WeightsError):
-            print(f"styleheat train: {exc}", file=sys.stderr)
-            return 2
-        raise
     try:
         trainer.run(resume=args.resume)
     except (TrainingError, DatasetError) as exc:
