@@ -460,7 +460,7 @@ def test_bf16_autocast_step(tmp_path, ds256):
     assert np.isfinite(last["loss/total"]) and last["loss/total"] > 0
 
 
-def test_train_command_resume(tmp_path, ds256):
+def test_train_command_resume(tmp_path, capsys, ds256):
     from server.cli import main
 
     cfg = tiny_cfg("video_warper", ds256, tmp_path / "run", steps=1)
@@ -469,5 +469,7 @@ def test_train_command_resume(tmp_path, ds256):
     assert main(["train", "--config", str(path), "--device", "cpu"]) == 0
     assert main(["train", "--config", str(path), "--device", "cpu", "--steps", "2", "--resume"]) == 0
     assert [r["step"] for r in read_scalars(tmp_path / "run")] == [1, 2]
+    assert main(["train", "--config", str(path), "--device", "cpu", "--resume", str(tmp_path / "nope.pt")]) == 1
+    assert "checkpoint " + str(tmp_path / "nope.pt") + " not found" in capsys.readouterr().err
     ck = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
     assert ck["step"] == 2 and ck["optimizer"]["state"][0]["step"] == 2

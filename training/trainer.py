@@ -60,14 +60,19 @@ def _dist():
 
 
 # ------------------------------------------------------------------------------------------- weights
-def read_net_g_ema(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The ``net_G_ema`` dict of an exported/official StyleHEAT file (or of a training checkpoint's EMA)."""
+def _load_file(path: str | os.PathLike, what: str) -> Any:
+    """torch.load(weights_only=True) with a TrainingError for a missing or unreadable file."""
     if not Path(path).is_file():
-        raise TrainingError(f"warm_start file {path} not found")
+        raise TrainingError(f"{what} {path} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise TrainingError(f"{path} cannot be read as a weights-only torch file ({type(e).__name__}: {e})") from None
+
+
+def read_net_g_ema(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``net_G_ema`` dict of an exported/official StyleHEAT file (or of a training checkpoint's EMA)."""
+    obj = _load_file(path, "warm_start file")
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return {PREFIX[p] + k: v for p, sd in obj["ema"].items() for k, v in sd.items()}
     if not isinstance(obj, Mapping) or NET not in obj:
@@ -500,15 +505,19 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = _load_file(path, "checkpoint")
         if not isinstance(ck, Mapping) or ck.get("format") != CHECKPOINT_FORMAT:
             raise TrainingError(f"{path} is not a StyleHEAT training checkpoint")
         if ck["stage"] != self.cfg.stage:
             raise TrainingError(f"{path} is a {ck['stage']!r} checkpoint; this run is stage {self.cfg.stage!r} "
                                 "(use warm_start to start a stage from another stage's weights)")
-        for n in self.train_parts:
-            self.parts[n].load_state_dict(ck["trainable"][n])
-            self.ema[n].load_state_dict(ck["ema"][n])
+        try:
+            for n in self.train_parts:
+                self.parts[n].load_state_dict(ck["trainable"][n])
+                self.ema[n].load_state_dict(ck["ema"][n])
+        except (KeyError, RuntimeError) as e:
+            raise TrainingError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:300]}); was it "
+                                "written with the same model size and motion?") from None
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
