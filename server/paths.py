@@ -73,10 +73,11 @@ def default_checkpoint_dir(platform: str | None = None, environ: Mapping[str, st
     return platform_cache_dir(platform, environ, home) / APP_DIR / SUBDIR
 
 
-def resolve_checkpoint_dir(explicit: str | os.PathLike | None = None) -> tuple[Path, str]:
-    """``(directory, where it came from)`` for the commands: ``--dir`` > env var > default."""
+def resolve_checkpoint_dir(explicit: str | os.PathLike | None = None, option: str = "--dir") -> tuple[Path, str]:
+    """``(directory, where it came from)`` for the commands: ``explicit`` (the command's ``option``,
+    named as the origin) > env var > default."""
     if explicit:
-        return Path(os.path.expanduser(os.fspath(explicit))), "--dir"
+        return Path(os.path.expanduser(os.fspath(explicit))), option
     if os.environ.get(ENV_VAR, "").strip():
         return default_checkpoint_dir(), f"${ENV_VAR}"
     return default_checkpoint_dir(), "platform cache default"

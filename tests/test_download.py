@@ -189,6 +189,8 @@ def test_default_checkpoint_dir_follows_platform_conventions(tmp_path):
     assert paths.default_checkpoint_dir("win32", {}, r"C:\Users\u") == \
         PureWindowsPath(r"C:\Users\u\AppData\Local\styleheat\checkpoints")
     assert paths.default_checkpoint_dir("linux", {"STYLEHEAT_CHECKPOINTS": str(tmp_path / "w")}, "/home/u") == tmp_path / "w"
+    assert paths.resolve_checkpoint_dir(str(tmp_path)) == (tmp_path, "--dir")
+    assert paths.resolve_checkpoint_dir(str(tmp_path), option="--checkpoints") == (tmp_path, "--checkpoints")
 
 
 # --------------------------------------------------------------------------- plain files

@@ -201,7 +201,8 @@ def test_extract_command_errors(video, checkpoint_dir, tmp_path, capsys):
     assert "video not found" in capsys.readouterr().err
     assert main(["extract", "--video", str(video), "--out", str(tmp_path / "m.json"),
                  "--checkpoints", str(tmp_path / "empty")]) == 1
-    assert "epoch_20.pth" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "epoch_20.pth" in err and "from --checkpoints" in err  # the option the user gave, not --dir
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 100)
     assert main(["extract", "--video", str(bad), "--out", str(tmp_path / "m.json"),

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"styleheat extract: --smooth and --landmark-sigma must be finite numbers >= 0 (frames), got "
               f"{args.smooth:g} and {args.landmark_sigma:g}", file=sys.stderr)
         return 2
-    root, origin = resolve_checkpoint_dir(args.checkpoints)
+    root, origin = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     try:
         probe_video(args.video)  # fail early on a missing or undecodable file
         extractor = Deep3DExtractor.from_checkpoints(root, device=args.device)
