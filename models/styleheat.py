@@ -114,6 +114,11 @@ class StyleHEATConfig:
         return cls(**kwargs)
 
 
+def _pca(assets: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The GANSpace dict {mean, comp, std} (official ffhq_pca.pt layout) from :meth:`StyleHEAT.edit_assets`."""
+    return {k: assets[f"pca_{k}"] for k in ("mean", "comp", "std")}
+
+
 def _tuples(value: Any) -> Any:
     """JSON lists back to the (nested) tuples the frozen configs use."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -181,15 +186,13 @@ class StyleHEAT(nn.Module):
 
     def set_edit_assets(self, *, age=None, pose=None, pca: Mapping[str, torch.Tensor] | None = None) -> None:
         """Attach the optional edit data (InterfaceGAN directions, GANSpace PCA dict mean/comp/std)."""
-        dev = self.latent_avg.device
-        if age is not None:
-            self.edit_age = torch.as_tensor(age, dtype=torch.float32).to(dev).clone()
-        if pose is not None:
-            self.edit_pose = torch.as_tensor(pose, dtype=torch.float32).to(dev).clone()
+        given = {"age": age, "pose": pose}
         if pca is not None:
-            self.edit_pca_mean = torch.as_tensor(pca["mean"], dtype=torch.float32).to(dev).clone()
-            self.edit_pca_comp = torch.as_tensor(pca["comp"], dtype=torch.float32).to(dev).clone()
-            self.edit_pca_std = torch.as_tensor(pca["std"], dtype=torch.float32).to(dev).clone()
+            given.update({f"pca_{k}": pca[k] for k in ("mean", "comp", "std")})
+        for name, value in given.items():
+            if value is not None:
+                setattr(self, f"edit_{name}",
+                        torch.as_tensor(value, dtype=torch.float32).to(self.latent_avg.device).clone())
 
     # ------------------------------------------------------------------ inversion (official HFGI)
     def e4e_codes(self, x_256: torch.Tensor) -> torch.Tensor:
@@ -245,7 +248,7 @@ class StyleHEAT(nn.Module):
             if name in ("age", "pose"):
                 w = editing.interfacegan_edit(w, assets[name], s)
             else:
-                pca = {"mean": assets["pca_mean"], "comp": assets["pca_comp"], "std": assets["pca_std"]}
+                pca = _pca(assets)
                 direction = editing.GANSPACE_DIRECTIONS[name]
                 w = editing.ganspace_edit(w, pca, direction,
                                           editing.ganspace_coordinate(w, pca, direction.index) + s)
@@ -267,7 +270,7 @@ class StyleHEAT(nn.Module):
         Returns (ix_edit (B,3,256,256), wx_edit, fx_edit, inversion_condition).
         """
         a = self.edit_assets()
-        pca = {"mean": a["pca_mean"], "comp": a["pca_comp"], "std": a["pca_std"]} if "pca_mean" in a else None
+        pca = _pca(a) if "pca_mean" in a else None
         return self._official_tuple(editing.hfgi_edit(self.generator, self.hfgi_aligner, self.hfgi_encoder, wx,
                                                       res, choice, factor, age_direction=a.get("age"),
                                                       pose_direction=a.get("pose"), pca=pca))
