@@ -226,17 +226,11 @@ class STYLEHEAT_OT_render(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
 # plain functions behind the modal operator ---------------------------------------------------
 
 def start_session(context, obj, s: preferences.Settings, force: bool = False) -> R.RenderSession:
-    scene = context.scene
-    client = R.get_client(s.address, s.timeout)
     info = R.connect(s.address, s.timeout)
     preferences.set_status("ok", f"Connected to {s.address}", info)
-    rig_mod.ensure_attributes(obj.styleheat, R.info_field(info, "attributes", {}))
-    identity = R.ensure_identity(client, obj)
-    start, end = R.frame_range(scene)
-    plan = R.plan_render(scene, obj, identity, info, start, end, R.output_dir(obj),
-                         size=R.pick_size(info, obj.styleheat.size), force=force)
-    session = R.RenderSession(client, plan, frame_timeout=s.frame_timeout)
-    session.scene_name = scene.name
+    session = R.start_render(context.scene, obj, s.address, s.timeout, force=force, frame_timeout=s.frame_timeout,
+                             info=info)
+    session.scene_name = context.scene.name
     progress["text"] = session.status()
     return session
 

@@ -426,33 +426,38 @@ def show_preview(rgb: np.ndarray, name: str = PREVIEW_IMAGE):
 
 # --- one-call helpers (headless, tests) ----------------------------------------------------
 
+def start_render(scene, obj, address: str, timeout: float = 5.0, start: int | None = None, end: int | None = None,
+                 force: bool = False, on_frame=None, frame_timeout: float = 300.0,
+                 info: dict | None = None) -> RenderSession:
+    """Connect (unless ``info``, the server's hello, is given), prepare the portrait when needed, plan
+    start..end (default: the scene or preview range) into //styleheat/<rig>/ and send the request:
+    the session that the blocking render and the modal operator both drive."""
+    require_rig(obj)
+    s0, e0 = frame_range(scene)
+    client = get_client(address, timeout)
+    info = connect(address, timeout) if info is None else info
+    rig_mod.ensure_attributes(obj.styleheat, info_field(info, "attributes", {}))
+    identity = ensure_identity(client, obj)
+    plan = plan_render(scene, obj, identity, info, s0 if start is None else start, e0 if end is None else end,
+                       output_dir(obj), size=pick_size(info, obj.styleheat.size), force=force)
+    return RenderSession(client, plan, frame_timeout=frame_timeout, on_frame=on_frame)
+
+
 def render_range(context_scene, obj, address: str, timeout: float = 5.0, start: int | None = None,
                  end: int | None = None, force: bool = False, should_stop=None, on_frame=None,
                  frame_timeout: float = 300.0) -> RenderSession:
     """Blocking render of the rig over start..end (default: the scene or preview range)."""
     scene = context_scene
-    require_rig(obj)
-    s0, e0 = frame_range(scene)
-    start = s0 if start is None else start
-    end = e0 if end is None else end
-    client = get_client(address, timeout)
-    info = connect(address, timeout)
-    rig_mod.ensure_attributes(obj.styleheat, info_field(info, "attributes", {}))
-    identity = ensure_identity(client, obj)
-    directory = output_dir(obj)
-    size = pick_size(info, obj.styleheat.size)
-    plan = plan_render(scene, obj, identity, info, start, end, directory, size=size, force=force)
-    session = RenderSession(client, plan, frame_timeout=frame_timeout, on_frame=on_frame)
+    kw = dict(start=start, end=end, force=force, on_frame=on_frame, frame_timeout=frame_timeout)
     try:
-        session.run(should_stop=should_stop)
+        session = start_render(scene, obj, address, timeout, **kw).run(should_stop)
     except ServerError as exc:
         if exc.code != "unknown_identity":
             raise
         # the server restarted and forgot the portrait: prepare it again and retry once
-        identity = ensure_identity(client, obj, force=True)
-        plan = plan_render(scene, obj, identity, info, start, end, directory, size=size)
-        session = RenderSession(client, plan, frame_timeout=frame_timeout, on_frame=on_frame).run(should_stop)
-    update_strip(scene, plan, obj.styleheat.strip_channel)
+        ensure_identity(get_client(address, timeout), obj, force=True)
+        session = start_render(scene, obj, address, timeout, **kw).run(should_stop)
+    update_strip(scene, session.plan, obj.styleheat.strip_channel)
     return session
 
 

@@ -279,3 +279,18 @@ def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip):
     assert "tiny-random" in out["status"]["model"]
     assert "already running" in out["second_start"]
     assert out["stop"] == ["FINISHED"] and out["running_after"] is False and out["pid_alive"] is False
+
+
+def test_render_after_the_server_forgot_the_portrait_prepares_it_again(tmp_path, addon_zip, server, fixtures_dir):
+    """A server that lost the portrait (restart) answers unknown_identity: the render prepares it again
+    and retries once, with the same options (Re-render All still renders every frame)."""
+    blend = tmp_path / "shot.blend"
+    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 3, blend) + """
+        OUT["first"] = render.render_range(scene, obj, ADDRESS, 10.0).written
+        render.get_client(ADDRESS, 10.0).forget(obj.styleheat.identity)
+        OUT["again"] = render.render_range(scene, obj, ADDRESS, 10.0, force=True).written
+        OUT["files"] = files()
+    """, addon_zip, server.address)
+    assert out["first"] == [1, 2, 3]
+    assert out["again"] == [1, 2, 3]
+    assert out["files"] == [f"StyleHEAT_Face_{f:04d}.png" for f in range(1, 4)] + ["styleheat_frames.json"]
