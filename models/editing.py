@@ -1,8 +1,8 @@
 """Latent attribute edits (InterFaceGAN age/pose, GANSpace beard/lip) and the official HFGI edit procedure.
 
 The edits are pure tensor functions on W+ codes (B, n_latent, style_dim). ``strength`` may be a float
-or a (B,) tensor, so it can vary per frame; a single code (B = 1) with N strengths gives N codes. Semantics of the official ``LatentEditor.edit_style_code``
-(reference README quirk 19):
+or a (B,) tensor, so it can vary per frame; a single code (B = 1) with N strengths gives N codes.
+Semantics of the official ``LatentEditor.edit_style_code`` (reference README quirk 19):
 
 * InterFaceGAN ('young', 'old', 'pose'): ``w + strength * direction`` on every layer; ``direction`` is
   the official ``age.pt`` / ``pose.pt`` tensor ((512,), (1, 512) or (n_latent, 512)). Recommended
