@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ops
+from models.stylegan2 import StyleGAN2Config
 
 # --------------------------------------------------------------------------------------------- VGG-19
 #: torchvision vgg19 features: channels per conv, "M" = max pool
@@ -326,10 +327,8 @@ class DiscriminatorConfig:
         return cls(size=64, channel_multiplier=1, max_channels=16)
 
     def channels(self, res: int) -> int:
-        base = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * self.channel_multiplier,
-                128: 128 * self.channel_multiplier, 256: 64 * self.channel_multiplier,
-                512: 32 * self.channel_multiplier, 1024: 16 * self.channel_multiplier}[res]
-        return min(base, self.max_channels)
+        """rosinality's channel table (the generator's, :meth:`StyleGAN2Config.channels`), capped at ``max_channels``."""
+        return min(StyleGAN2Config(channel_multiplier=self.channel_multiplier).channels(res), self.max_channels)
 
 
 class Discriminator(nn.Module):
