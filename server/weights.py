@@ -175,15 +175,22 @@ def _asset_file(asset_name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- reading files
+def official_folder(directory: str | os.PathLike) -> Path:
+    """``directory``, or its ``checkpoints/`` subfolder when only that holds the files (an official
+    checkout); ``styleheat doctor`` looks in the same place."""
+    d = Path(directory).expanduser()
+    if not (d / VISUAL).exists() and (d / "checkpoints" / VISUAL).exists():
+        return d / "checkpoints"
+    return d
+
+
 def resolve_directory(directory: str | os.PathLike) -> Path:
-    """The folder holding the official files: ``directory`` or its ``checkpoints/`` subfolder."""
+    """The folder holding the official files (:func:`official_folder`); WeightsError if there is none."""
     d = Path(directory).expanduser()
     if not d.is_dir():
         raise WeightsError(f"checkpoint directory {d} does not exist; download the weights with "
                            f"'styleheat download' or pass the folder holding {VISUAL}")
-    if not (d / VISUAL).exists() and (d / "checkpoints" / VISUAL).exists():
-        return d / "checkpoints"
-    return d
+    return official_folder(d)
 
 
 def safe_globals() -> list:

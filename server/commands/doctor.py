@@ -357,14 +357,14 @@ _LABEL = {"ok": "OK", "missing": "MISSING", "unreadable": "DAMAGED", "refused": 
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.assets import OFFICIAL_ASSETS
     from server.download import read_manifest
     from server.paths import resolve_checkpoint_dir
+    from server.weights import official_folder
 
     root, origin = resolve_checkpoint_dir(args.dir)
-    first = OFFICIAL_ASSETS[0].paths[0]
-    if not (root / first).exists() and (root / "checkpoints" / first).is_file():
-        root, origin = root / "checkpoints", origin + ", its checkpoints/ folder"  # an official checkout
+    folder = official_folder(root)
+    if folder != root:  # an official checkout: the loaders read its checkpoints/ folder
+        root, origin = folder, origin + ", its checkpoints/ folder"
     print(f"Checkpoint directory: {root} ({origin})")
     if root.exists() and not root.is_dir():
         print(f"  {root} is a file, not a directory.")
