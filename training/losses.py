@@ -373,10 +373,6 @@ class Discriminator(nn.Module):
         return self.final_linear(out.flatten(1))
 
 
-def load_discriminator_state(net: Discriminator, sd: Mapping[str, torch.Tensor]) -> None:
-    _load_strict(net, sd, "<state dict>", "rosinality StyleGAN2 Discriminator", Discriminator.HINT)
-
-
 def adversarial_loss(disc: Discriminator, fake: torch.Tensor) -> torch.Tensor:
     """Eq. 13, generator side: mean softplus(-D(fake)) with the frozen discriminator; ``fake`` is resized
     (bilinear) to the discriminator's size like the official GANLoss."""
