@@ -260,13 +260,14 @@ class AudioBake:
 
 def sound_range(scene, strip: str = "") -> tuple[int, int]:
     """Frames (first, last) a sound strip (or all unmuted ones) plays over, trims included."""
-    strips = audio_mod.audible_sound_strips(scene)
     if strip:
         strips = [s for s in compat.all_strips(scene) if s.name == strip]
         if not strips or not compat.is_sound_strip(strips[0]):
             raise R.UserError(f"no sound strip named {strip!r} in scene {scene.name!r}")
         if strips[0].mute:
             raise R.UserError(f"the sound strip {strip!r} is muted; unmute it to bake what it plays")
+    else:
+        strips = audio_mod.audible_sound_strips(scene)
     if not strips:
         raise R.UserError("There is no unmuted sound strip to bake; add one in the Video Sequencer.")
     first = min(int(s.frame_final_start) for s in strips)
