@@ -105,11 +105,11 @@ class _NeedsRig:
         return rig_mod.find_rig(context) is not None
 
 
-class _NeedsIdleRig:
+class _NeedsIdleRig(_NeedsRig):
     """A rig, and no render or bake already running (they share ``progress``)."""
     @classmethod
     def poll(cls, context):
-        return rig_mod.find_rig(context) is not None and not progress["running"]
+        return not progress["running"] and super().poll(context)
 
 
 class _ModalJob:

@@ -324,3 +324,24 @@ def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path,
                      "server_address", "curve_dir", "styleheat.server_start", "styleheat.connect",
                      "styleheat.bake_video", "styleheat.bake_audio"):
         assert expected in out["seen"]
+
+
+def test_operators_need_a_rig_and_no_running_job(tmp_path, addon_zip):
+    """Render, bake and preview are greyed out without a face rig; render and the bakes also while a
+    render or bake runs (the preview stays available)."""
+    out = run_bpy(tmp_path, """
+        ops = sub("operators")
+        names = ("render", "bake_video", "bake_audio", "preview", "prepare_portrait")
+        def polls():
+            return {n: getattr(bpy.ops.styleheat, n).poll() for n in names}
+        OUT["no_rig"] = polls()
+        bpy.ops.styleheat.add_rig()
+        OUT["rig"] = polls()
+        ops.progress["running"] = True
+        OUT["busy"] = polls()
+    """, addon_zip)
+    assert out["no_rig"] == dict.fromkeys(("render", "bake_video", "bake_audio", "preview", "prepare_portrait"), False)
+    assert out["rig"] == {"render": True, "bake_video": True, "bake_audio": True, "preview": True,
+                          "prepare_portrait": True}
+    assert out["busy"] == {"render": False, "bake_video": False, "bake_audio": False, "preview": True,
+                           "prepare_portrait": True}
