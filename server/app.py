@@ -709,10 +709,9 @@ class Worker(threading.Thread):
                 known = set(self.server.coefficient_notes)
                 info = self.engine.prepare_identity(aligned)
                 if info.id not in known:
-                    note_c = getattr(info, "coefficient_note", None)
+                    note_c = info.coefficient_note
                     if note_c is None and info.coefficients is None:
-                        note_c = getattr(self.engine, "coefficient_note", None) or \
-                            "no 3DMM regressor produced coefficients for this portrait"
+                        note_c = "no 3DMM regressor produced coefficients for this portrait"
                     self.server.coefficient_notes[info.id] = note_c
                     while len(self.server.coefficient_notes) > 256:
                         self.server.coefficient_notes.pop(next(iter(self.server.coefficient_notes)))
