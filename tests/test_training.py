@@ -473,3 +473,13 @@ def test_train_command_resume(tmp_path, capsys, ds256):
     assert "checkpoint " + str(tmp_path / "nope.pt") + " not found" in capsys.readouterr().err
     ck = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
     assert ck["step"] == 2 and ck["optimizer"]["state"][0]["step"] == 2
+
+
+def test_prepare_data_skip_existing_with_a_broken_dataset_json(tmp_path, capsys):
+    from server.cli import main
+
+    (tmp_path / "v.mp4").write_bytes(b"not read: the dataset.json is checked first")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text("{broken")
+    assert main(["prepare-data", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "ds"), "--skip-existing"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err

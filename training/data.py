@@ -68,7 +68,7 @@ def write_clip(root: str | os.PathLike, clip_id: str, frames: Iterable[np.ndarra
         raise DatasetError(f"clip {clip_id!r}: landmarks must be ({n}, 68, 2), got {landmarks.shape}")
     if not np.isfinite(coeffs).all():
         raise DatasetError(f"clip {clip_id!r}: coeffs contain NaN/inf")
-    meta = _read_meta(root) if (root / "dataset.json").is_file() else None
+    meta = read_meta(root) if (root / "dataset.json").is_file() else None
     d = root / "clips" / clip_id
     (d / "frames").mkdir(parents=True, exist_ok=True)
     res = None
@@ -119,7 +119,8 @@ def write_clip(root: str | os.PathLike, clip_id: str, frames: Iterable[np.ndarra
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _read_meta(root: Path) -> dict:
+def read_meta(root: Path) -> dict:
+    """``ROOT/dataset.json``, checked for format and version (DatasetError saying what to do otherwise)."""
     path = root / "dataset.json"
     if not path.is_file():
         raise DatasetError(f"{root} is not a StyleHEAT training dataset (no dataset.json); build one with "
@@ -179,7 +180,7 @@ class ClipStore:
 
     def __init__(self, root: str | os.PathLike, *, need_audio: bool = False):
         self.root = Path(root)
-        meta = _read_meta(self.root)
+        meta = read_meta(self.root)
         self.resolution = int(meta["resolution"])
         self.fps = float(meta.get("fps", 25.0))
         self.clips: list[Clip] = []
@@ -314,5 +315,5 @@ def steps_per_epoch(length: int, world: int, per_rank_batch: int) -> int:
     return max(1, (length // world) // per_rank_batch)
 
 
-__all__ = ["FORMAT", "VERSION", "DatasetError", "write_clip", "ClipStore", "Clip", "PairDataset",
+__all__ = ["FORMAT", "VERSION", "DatasetError", "write_clip", "read_meta", "ClipStore", "Clip", "PairDataset",
            "SyncDataset", "ShardSampler", "collate", "steps_per_epoch"]

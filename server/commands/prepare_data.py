@@ -30,20 +30,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from server.deep3d import CheckpointError, Deep3DExtractor
     from server.paths import resolve_checkpoint_dir
     from server.tracking import VideoError
     from training import prepare
-    from training.data import DatasetError
+    from training.data import DatasetError, read_meta
 
     if args.resolution is not None and (args.resolution < 64 or args.resolution & (args.resolution - 1)):
         print("styleheat prepare-data: --resolution must be a power of two >= 64", file=sys.stderr)
         return 2
+    existing = set()
     try:
         videos = prepare.find_videos(args.inputs)
+        if args.skip_existing and (Path(args.out) / "dataset.json").is_file():
+            existing = {c["id"] for c in read_meta(Path(args.out)).get("clips", [])}
     except DatasetError as exc:
         print(f"styleheat prepare-data: {exc}", file=sys.stderr)
         return 2
@@ -54,10 +56,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"styleheat prepare-data: {exc}\n(checkpoint directory {root}, from {origin}; "
               "`styleheat download` fetches the weights)", file=sys.stderr)
         return 1
-    existing = set()
-    meta = Path(args.out) / "dataset.json"
-    if args.skip_existing and meta.is_file():
-        existing = {c["id"] for c in json.loads(meta.read_text()).get("clips", [])}
     failed = 0
     for i, video in enumerate(videos, 1):
         cid, _ = prepare.clip_identity(video, args.style)
