@@ -209,6 +209,10 @@ def test_config_and_dataset_errors(tmp_path, ds256):
         TrainConfig(data="x", perceptual_scales=0).validate()
     with pytest.raises(ConfigError, match="mask_floor must be"):
         TrainConfig(data="x", mask_floor=[]).validate()
+    with pytest.raises(ConfigError, match="num_workers must be"):
+        TrainConfig(data="x", num_workers=-1).validate()
+    with pytest.raises(ConfigError, match="discriminator_size must be"):
+        TrainConfig(data="x", discriminator_size=300).validate()
     with pytest.raises(D.DatasetError, match="prepare-data"):
         D.ClipStore(tmp_path)
     with pytest.raises(D.DatasetError, match="no clip with audio"):

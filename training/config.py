@@ -98,6 +98,11 @@ class TrainConfig:
         if not self.perceptual_layers or unknown:
             raise ConfigError(f"perceptual_layers must be a non-empty list of {sorted(VGG19_LAYERS)}, "
                               f"got {self.perceptual_layers!r}")
+        if int(self.num_workers) < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers!r}")
+        d = int(self.discriminator_size)
+        if d < 4 or d > 1024 or d & (d - 1):
+            raise ConfigError(f"discriminator_size must be a power of two from 4 to 1024, got {self.discriminator_size!r}")
         if int(self.perceptual_scales) < 1:
             raise ConfigError(f"perceptual_scales must be >= 1, got {self.perceptual_scales!r}")
         if not self.mask_floor or any(not isinstance(e, (list, tuple)) or len(e) != 2 for e in self.mask_floor):
