@@ -69,15 +69,6 @@ def _load(module_cls, cfg, state_dict):
     return m.eval()
 
 
-def _seeded_prefix(layout, file, part, prefix, seed=0):
-    """Only the entries of one sub-module (prefix stripped): avoids building the 1.5 GB visual checkpoint."""
-    spec = layout["files"][file]["parts"][part]
-    fixed = spec.get("fixed", {})
-    sp = spec.get("seed_prefix", "")
-    return {key[len(prefix):]: reference.seeded_tensor(seed, sp + key, shape, dtype, std, fixed.get(key))
-            for key, shape, dtype, std in spec["entries"] if key.startswith(prefix)}
-
-
 class Setup:
     """Networks + one identity's cached state (batch 1) + a base driving window."""
 
@@ -99,8 +90,8 @@ class Setup:
         else:
             layout = reference.load_layout(SHARED / "reference" / "official_checkpoints.json")
             self.gen = Generator.from_state_dict(reference.seeded_part(layout, STYLEGAN, "", 0))
-            self.warper = _load(VideoWarper, WarperConfig(), _seeded_prefix(layout, VISUAL, "net_G_ema", "video_warper."))
-            self.calib = _load(CalibrationNet, CalibrationConfig(), _seeded_prefix(layout, VISUAL, "net_G_ema", "calibrator."))
+            self.warper = _load(VideoWarper, WarperConfig(), reference.seeded_part(layout, VISUAL, "net_G_ema", 0, prefix="video_warper."))
+            self.calib = _load(CalibrationNet, CalibrationConfig(), reference.seeded_part(layout, VISUAL, "net_G_ema", 0, prefix="calibrator."))
             v = np.load(SHARED / "reference" / "vectors_seed0.npz")
             self.vectors = {k: v[k] for k in ("fake_image_1024_f16",)}
             self.ix = torch.from_numpy(v["hfgi_ix_256"])

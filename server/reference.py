@@ -52,13 +52,25 @@ def seeded_tensor(seed: int, seed_key: str, shape: list[int], dtype: str, std: f
     return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
 
-def seeded_part(layout: Layout, file: str, part: str, seed: int):
-    """The state dict (or bare tensor, for ``kind == 'tensor'``) of one part of one file."""
+def seeded_part(layout: Layout, file: str, part: str, seed: int, *, prefix: str | None = None):
+    """The state dict (or bare tensor, for ``kind == 'tensor'``) of one part of one file.
+
+    ``prefix``: only the keys of one sub-module (e.g. ``"calibrator."``), returned with the prefix
+    stripped; the seeds are those of the full keys, so the tensors equal the full part's. This avoids
+    building the 1.5 GB visual checkpoint to get one small network.
+    """
     spec = layout["files"][file]["parts"][part]
     fixed = spec.get("fixed", {})
-    prefix = spec.get("seed_prefix", "")
-    out = {key: seeded_tensor(seed, prefix + key, shape, dtype, std, fixed.get(key))
-           for key, shape, dtype, std in spec["entries"]}
+    seed_prefix = spec.get("seed_prefix", "")
+    entries = spec["entries"]
+    if prefix is not None:
+        entries = [e for e in entries if e[0].startswith(prefix)]
+        if not entries:
+            raise KeyError(f"{file} part {part!r} has no keys under {prefix!r}")
+    out = {key: seeded_tensor(seed, seed_prefix + key, shape, dtype, std, fixed.get(key))
+           for key, shape, dtype, std in entries}
+    if prefix is not None:
+        return {key[len(prefix):]: value for key, value in out.items()}
     if spec["kind"] == "tensor":
         (only,) = out.values()
         return only

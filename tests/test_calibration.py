@@ -25,11 +25,7 @@ def seeded_calibrator(official_layout):
     Same rule and seed keys as ``seeded_official(VISUAL, 'net_G_ema')``, built only for this
     sub-module so the 1.4 GB generator part is not materialised.
     """
-    spec, entries = _spec_and_entries(official_layout)
-    fixed = spec.get("fixed", {})
-    state = {key[len(PREFIX):]: reference.seeded_tensor(0, spec.get("seed_prefix", "") + key, shape, dtype, std,
-                                                        fixed.get(key))
-             for key, shape, dtype, std in entries}
+    state = reference.seeded_part(official_layout, VISUAL, "net_G_ema", 0, prefix=PREFIX)
     model = CalibrationNet().eval()
     model.load_state_dict(state, strict=True)
     return model

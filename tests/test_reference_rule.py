@@ -41,3 +41,14 @@ def test_compare_tolerances():
     assert reference.compare("y", ref + 5.9e-3, r16).ok            # tol 6e-3
     bad = ref.copy(); bad[0] = np.nan
     assert not reference.compare("z", bad, ref).ok
+
+
+def test_prefix_selects_one_submodule_with_the_full_parts_seeds(official_layout):
+    hfgi = reference.seeded_file(official_layout, "checkpoints/hfgi.pth", seed=0)["encoder"]
+    sub = reference.seeded_part(official_layout, "checkpoints/hfgi.pth", "encoder", 0, prefix="conv_layer2.")
+    full = {k[len("conv_layer2."):]: v for k, v in hfgi.items() if k.startswith("conv_layer2.")}
+    assert sub and set(sub) == set(full)
+    assert all(torch.equal(sub[k], full[k]) for k in sub)
+    import pytest
+    with pytest.raises(KeyError, match="no keys under"):
+        reference.seeded_part(official_layout, "checkpoints/hfgi.pth", "encoder", 0, prefix="nope.")

@@ -18,16 +18,9 @@ def _layout_entries(layout, part, prefix):
 
 
 def _seeded_module_state(layout, part, prefix, seed=0):
-    """The seed-``seed`` tensors of one sub-module of ``net_G_ema``, prefix stripped.
-
-    Same rule and seed keys as ``seeded_official(VISUAL, part)`` (server.reference.seeded_part),
-    but only for the keys under ``prefix`` so the 1.4 GB generator part is never built here.
-    """
-    spec, entries = _layout_entries(layout, part, prefix)
-    fixed = spec.get("fixed", {})
-    return {key[len(prefix):]: reference.seeded_tensor(seed, spec.get("seed_prefix", "") + key, shape, dtype, std,
-                                                       fixed.get(key))
-            for key, shape, dtype, std in entries}
+    """The seed-``seed`` tensors of one sub-module of ``net_G_ema``, prefix stripped (the 1.4 GB
+    generator part is never built here)."""
+    return reference.seeded_part(layout, VISUAL, part, seed, prefix=prefix)
 
 
 @pytest.fixture(scope="module")
