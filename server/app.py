@@ -475,7 +475,7 @@ def load_bake_models(args, engine) -> BakeModels:
     if not args.tiny_random:
         from server.paths import resolve_checkpoint_dir
 
-        path, _ = resolve_checkpoint_dir(args.checkpoints)
+        path, _ = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
         checkpoints = path.parent if path.is_file() else path
     if args.presets:
         presets, pose = load_presets(args.presets)
@@ -1263,7 +1263,7 @@ def load_engine(args):
         return Engine.tiny_random(seed=args.seed, device=resolve_device(args.device))
     from server.paths import resolve_checkpoint_dir
 
-    path, source = resolve_checkpoint_dir(args.checkpoints)
+    path, source = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     source = "--checkpoints" if source == "--dir" else source
     if path.is_file():
         return Engine.from_bundle(path, device=args.device)

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         print(f"styleheat prepare-data: {exc}", file=sys.stderr)
         return 2
-    root, origin = resolve_checkpoint_dir(args.checkpoints)
+    root, origin = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     try:
         extractor = Deep3DExtractor.from_checkpoints(root, device=args.device)
     except CheckpointError as exc:
