@@ -79,7 +79,9 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         # the modal operator's body, driven the way its timer events would drive it
         b = ops.start_video_bake(bpy.context, obj, prefs_mod.settings(), filepath={str(long)!r}, start_frame=10)
         OUT["progress"] = [ops.progress["text"]]
-        while ops.step_video_bake(bpy.context, b, 0.05):
+        running = True
+        while running:   # record after every step, the last included (it may handle progress and result)
+            running = ops.step_video_bake(bpy.context, b, 0.05)
             if ops.progress["text"] != OUT["progress"][-1]:
                 OUT["progress"].append(ops.progress["text"])
         OUT["finish_error"] = repr(ops.finish_video_bake(bpy.context, b))
