@@ -318,7 +318,7 @@ def test_presets_from_the_server_move_rows_and_stay_in_the_blend(tmp_path, addon
 
 def tiny_audio2exp():
     """The seeded tiny Audio2Exp a ``styleheat-server --tiny-random`` (seed 0) serves."""
-    from server.app import tiny_audio2exp as make   # built by the server the same way
+    from server.bake import tiny_audio2exp as make   # built by the server the same way
 
     return make(seed=0)
 

@@ -531,7 +531,7 @@ def test_ping_cli_unreachable():
     (None, None, "holds no secret key"),  # client.key (public only) passed as client.key_secret
 ])
 def test_ping_cli_bad_curve_keys_are_explained(tmp_path, server_key, client_secret, words):
-    from server.app import make_keys
+    from server.keys import make_keys
 
     made = make_keys(tmp_path / "keys")
     if server_key is None:
@@ -603,7 +603,7 @@ def test_curve_keys_and_encrypted_connection(tmp_path, ctx):
         ping = subprocess.run([CLI_EXE, "ping", "--server", endpoint, "--curve-dir", str(keys)],
                               capture_output=True, text=True, timeout=120)
         assert ping.returncode == 0 and "protocol:     1" in ping.stdout, ping.stderr
-        from server.app import make_keys
+        from server.keys import make_keys
 
         make_keys(tmp_path / "other")  # keys this server never authorized
         bad = subprocess.run([CLI_EXE, "ping", "--server", endpoint, "--curve-dir", str(tmp_path / "other"),
@@ -668,11 +668,11 @@ class FaultyEngine:
 
 @pytest.fixture(scope="module")
 def inproc(ctx):
-    from server.app import Server
+    from server.app import Server, ServerSettings
     from server.engine import Engine
 
     eng = FaultyEngine(Engine.tiny_random(seed=0, device="cpu"), fit=1)
-    srv = Server(eng, "tcp://127.0.0.1:*", tiny_random=True, batch_size=4, ctx=ctx)
+    srv = Server(eng, ServerSettings(bind="tcp://127.0.0.1:*", tiny_random=True, batch_size=4), ctx=ctx)
     t = threading.Thread(target=srv.serve, daemon=True)
     t.start()
     yield srv, eng

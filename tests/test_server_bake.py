@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from server import app as server_app
+from server import bake as server_bake
 from server import protocol as P
 from server_helpers import Client, png_bytes, portrait, serve_tiny
 from server_helpers import client, ctx  # noqa: F401  (fixtures)
@@ -311,25 +312,25 @@ def test_audio2exp_bad_fields(client):
 # --------------------------------------------------------------------------------------------
 def test_load_presets_json_and_official_pth(tmp_path, presets_file):
     want = json.loads(presets_file.read_text())
-    exp, pose = server_app.load_presets(presets_file)
+    exp, pose = server_bake.load_presets(presets_file)
     assert exp == {k: [float(np.float32(x)) for x in v] for k, v in want["presets"].items()}
     assert set(pose) == set(want["pose_presets"])
     # the official expression.pth layout: a dict of tensors keyed expression_<name>
     official = {f"expression_{k}": torch.tensor(v, dtype=torch.float32).reshape(1, 64)
                 for k, v in want["presets"].items()}
     torch.save(official, tmp_path / "expression.pth")
-    exp2, pose2 = server_app.load_presets(tmp_path / "expression.pth")
+    exp2, pose2 = server_bake.load_presets(tmp_path / "expression.pth")
     assert exp2 == exp and pose2 == {}
     for bad, words in [({"presets": {"m": [0.0] * 63}}, "64 finite numbers"), ([1], "'presets' map"),
                        ({"presets": {"m": [0.0] * 64}, "pose_presets": {"x": [1.0]}}, "6 finite numbers")]:
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=words):
-            server_app.load_presets(tmp_path / "bad.json")
+            server_bake.load_presets(tmp_path / "bad.json")
     (tmp_path / "bad.pth").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="weights-only torch file"):
-        server_app.load_presets(tmp_path / "bad.pth")
+        server_bake.load_presets(tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not found"):
-        server_app.load_presets(tmp_path / "missing.json")
+        server_bake.load_presets(tmp_path / "missing.json")
 
 
 def test_bad_presets_option_stops_the_server(tmp_path, capsys):
@@ -347,13 +348,13 @@ def test_real_mode_names_missing_weights(tmp_path):
     torch.save({"expression_mouth": torch.arange(64, dtype=torch.float32)}, tmp_path / "expression.pth")
     args = argparse.Namespace(tiny_random=False, checkpoints=str(tmp_path), presets=None, audio2exp=None,
                               no_bake_models=False, seed=0)
-    bake = server_app.load_bake_models(args, engine=None)
+    bake = server_bake.load_bake_models(args, engine=None)
     assert bake.extractor is None and "Deep3D/epoch_20.pth" in bake.extract_note and "missing" in bake.extract_note
     assert bake.audio2exp is None and "--audio2exp PATH" in bake.audio2exp_note
     assert bake.presets == {"mouth": [float(i) for i in range(64)]} and bake.presets_source.endswith("expression.pth")
     args.audio2exp = str(tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="--audio2exp"):
-        server_app.load_bake_models(args, engine=None)
+        server_bake.load_bake_models(args, engine=None)
 
 
 def test_real_mode_finds_checkpoints_and_survives_bad_deep3d(tmp_path, presets_file):
@@ -369,7 +370,7 @@ def test_real_mode_finds_checkpoints_and_survives_bad_deep3d(tmp_path, presets_f
     shutil.copy(presets_file, tmp_path / "expression_presets.json")  # a user's checkpoint folder, in tmp
     args = argparse.Namespace(tiny_random=False, checkpoints=str(tmp_path), presets=None, audio2exp=None,
                               no_bake_models=False, seed=0)
-    bake = server_app.load_bake_models(args, engine=None)
+    bake = server_bake.load_bake_models(args, engine=None)
     assert bake.audio2exp is not None and "audio2exp_tiny.pth" in bake.audio2exp_note
     for k, v in a2e.state_dict().items():
         torch.testing.assert_close(bake.audio2exp.state_dict()[k], v)

@@ -1,0 +1,84 @@
+"""Loopback checks and CURVE key files of ``styleheat-server`` (``--make-keys``, ``--curve-dir``)."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+from pathlib import Path
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address (127.0.0.0/8, ::1, localhost)."""
+    transport, sep, rest = endpoint.partition("://")
+    if not sep:
+        return False
+    if transport in ("ipc", "inproc"):
+        return True
+    if transport != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0] if ":" in rest else rest
+    if ";" in host:  # "source;destination" syntax is for connect; be conservative
+        return False
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # '*', 0.0.0.0-like names, interface names, host names
+
+
+def make_keys(directory: str | os.PathLike) -> dict[str, Path]:
+    """Create a CURVE key set: server.key(_secret), client.key(_secret), authorized_clients/client.key."""
+    import zmq.auth
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in ("server", "client"):
+        if (d / f"{name}.key_secret").exists():
+            raise FileExistsError(f"{d / (name + '.key_secret')} already exists; use another directory "
+                                  f"or delete the old keys first")
+    for name in ("server", "client"):
+        pub, sec = zmq.auth.create_certificates(d, name)
+        os.chmod(sec, 0o600)
+        out[name] = Path(pub)
+        out[name + "_secret"] = Path(sec)
+    auth_dir = d / "authorized_clients"
+    auth_dir.mkdir(exist_ok=True)
+    shutil.copy(out["client"], auth_dir / "client.key")
+    out["authorized_clients"] = auth_dir
+    return out
+
+
+def load_server_keys(directory: str | os.PathLike) -> tuple[bytes, bytes, Path]:
+    """(public, secret, authorized_clients dir) from a --curve-dir; ValueError says what is missing."""
+    import zmq.auth
+
+    d = Path(directory)
+    secret_file = d / "server.key_secret"
+    auth_dir = d / "authorized_clients"
+    if not secret_file.is_file():
+        raise ValueError(f"{secret_file} not found; create keys with 'styleheat-server --make-keys {d}'")
+    if not auth_dir.is_dir() or not any(auth_dir.glob("*.key")):
+        raise ValueError(f"{auth_dir} has no client public keys (*.key); copy each client's .key file there")
+    pub, sec = zmq.auth.load_certificate(secret_file)
+    if not sec:
+        raise ValueError(f"{secret_file} holds no secret key")
+    return pub, sec, auth_dir
+
+
+def load_client_keys(directory: str | os.PathLike) -> tuple[bytes, bytes, bytes]:
+    """(server public, client public, client secret) for a client using a --make-keys directory.
+
+    OSError for a missing file, ValueError for a file that holds no key (or no secret key).
+    """
+    import zmq.auth
+
+    d = Path(directory)
+    server_pub, _ = zmq.auth.load_certificate(d / "server.key")
+    cpub, csec = zmq.auth.load_certificate(d / "client.key_secret")
+    if not csec:
+        raise ValueError(f"{d / 'client.key_secret'} holds no secret key")
+    return server_pub, cpub, csec
+

@@ -1,0 +1,178 @@
+"""Jobs and the scheduler of ``styleheat-server``: pure Python, no sockets, no engine.
+
+The main thread submits, grants credit, cancels and drops jobs; the worker thread takes the next
+runnable job (round robin) and finishes it. Every method takes the one lock (``cv``). A render is
+runnable only while its granted credit exceeds the frames it produced, or once it is aborted (so the
+worker can report how it ended).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+from server import protocol as P
+
+
+class Job:
+    """One request of one client, from submission to its terminal reply."""
+
+    def __init__(self, client: bytes, rid: str, kind: str, payload: Any, credit: int = 0):
+        self.client = client
+        self.id = rid
+        self.kind = kind              # "prepare" | "render" | "forget" | "extract" | "audio2exp"
+        self.payload = payload
+        self.abort: tuple | None = None   # ("cancelled",) | ("error", code, msg) | ("gone",)
+        self.granted = credit
+        self.produced = 0
+        self.last_credit = 0.0           # clock time of the last grant (set on submit)
+        # worker-only state
+        self.gen = None
+        self.indices: list[int] = []
+        self.batch = 1
+        self.audio = None
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return (self.client, self.id)
+
+
+class Scheduler:
+    """``clock`` (seconds, monotonic) times credit stalls; tests pass their own."""
+
+    def __init__(self, max_jobs: int, max_jobs_per_client: int, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.cv = threading.Condition()
+        self.jobs: dict[tuple[bytes, str], Job] = {}
+        self.max_jobs = max_jobs
+        self.max_per_client = max_jobs_per_client
+        self.closed = False
+        self.identities: set[str] = set()
+
+    # main thread -------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self.cv:
+            if self.closed:
+                raise P.ProtocolError(P.E_SHUTTING_DOWN, "the server is shutting down")
+            if job.key in self.jobs:
+                raise P.ProtocolError(P.E_DUPLICATE, f"request {job.id!r} is still running; use a new id")
+            if len(self.jobs) >= self.max_jobs:
+                raise P.ProtocolError(P.E_BUSY, f"the server already has {len(self.jobs)} jobs queued or running "
+                                                f"(limit {self.max_jobs}); retry when some finish")
+            mine = sum(1 for k in self.jobs if k[0] == job.client)
+            if mine >= self.max_per_client:
+                raise P.ProtocolError(P.E_BUSY, f"this client already has {mine} jobs queued or running "
+                                                f"(limit {self.max_per_client}); wait for one to finish")
+            job.last_credit = self.clock()
+            self.jobs[job.key] = job
+            self.cv.notify_all()
+
+    def grant(self, client: bytes, rid: str, n: int) -> None:
+        with self.cv:
+            job = self.jobs.get((client, rid))
+            if job is None or job.kind != "render":
+                return
+            job.granted = min(job.granted + n, job.produced + P.MAX_CREDIT)
+            job.last_credit = self.clock()
+            self.cv.notify_all()
+
+    def cancel(self, client: bytes, rid: str) -> bool:
+        with self.cv:
+            job = self.jobs.get((client, rid))
+            if job is None:
+                return False
+            if job.abort is None:
+                job.abort = ("cancelled",)
+            self.cv.notify_all()
+            return True
+
+    def drop_client(self, client: bytes) -> int:
+        with self.cv:
+            n = 0
+            for job in self.jobs.values():
+                if job.client == client and (job.abort is None or job.abort[0] != "gone"):
+                    job.abort = ("gone",)
+                    n += 1
+            self.cv.notify_all()
+            return n
+
+    def expire_stalled(self, timeout: float) -> None:
+        now = self.clock()
+        with self.cv:
+            for job in self.jobs.values():
+                if (job.kind == "render" and job.abort is None and job.granted <= job.produced
+                        and now - job.last_credit > timeout):
+                    job.abort = ("error", P.E_STALLED,
+                                 f"no credit granted for {timeout:.0f} s; the render was dropped "
+                                 f"(send 'credit' messages as frames arrive)")
+            self.cv.notify_all()
+
+    def count(self) -> int:
+        with self.cv:
+            return len(self.jobs)
+
+    def clients(self) -> set[bytes]:
+        with self.cv:
+            return {k[0] for k in self.jobs}
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            for job in self.jobs.values():
+                if job.abort is None:
+                    job.abort = ("error", P.E_SHUTTING_DOWN, "the server is shutting down")
+            self.cv.notify_all()
+
+    def known_identity(self, identity: str) -> bool:
+        with self.cv:
+            return identity in self.identities
+
+    # worker thread -----------------------------------------------------------------------
+    def _runnable(self, job: Job) -> bool:
+        return job.abort is not None or job.kind != "render" or job.granted > job.produced
+
+    def next_job(self, timeout: float) -> Job | None:
+        """The next job with work to do, round robin; None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                for key, job in self.jobs.items():
+                    if self._runnable(job):
+                        # rotate: this job goes to the back of the line
+                        del self.jobs[key]
+                        self.jobs[key] = job
+                        return job
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cv.wait(left)
+
+    def credit_left(self, job: Job) -> int:
+        with self.cv:
+            return job.granted - job.produced
+
+    def produced_one(self, job: Job) -> None:
+        with self.cv:
+            job.produced += 1
+
+    def finish(self, job: Job) -> None:
+        with self.cv:
+            self.jobs.pop(job.key, None)
+            self.cv.notify_all()
+
+    def add_identity(self, identity: str) -> None:
+        with self.cv:
+            self.identities.add(identity)
+
+    def set_identities(self, identities) -> None:
+        with self.cv:
+            self.identities = set(identities)
+
+    def remove_identity(self, identity: str) -> None:
+        with self.cv:
+            self.identities.discard(identity)
+
+    def idle(self) -> bool:
+        with self.cv:
+            return not self.jobs
+

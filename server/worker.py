@@ -1,0 +1,386 @@
+"""The engine thread of ``styleheat-server``: runs queued jobs one step at a time (a render step is at
+most one batch and never more frames than the credit left), halves the batch on out-of-memory, and
+hands every outgoing message to the main thread through an inproc PAIR (it never touches the ROUTER)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, Mapping
+
+import numpy as np
+import zmq
+
+from server import protocol as P
+from server.images import decode_image, encode_png
+from server.scheduler import Job
+
+if TYPE_CHECKING:
+    from server.app import Server
+
+log = logging.getLogger("styleheat.server")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or a RuntimeError whose message says 'out of memory'."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+        if oom_type is not None and isinstance(exc, oom_type):
+            return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+
+
+def release_device_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _video_suffix(data: bytes) -> str:
+    if data[:4] == b"RIFF":
+        return ".avi"
+    if data[4:8] == b"ftyp":
+        return ".mp4"
+    if data[:4] == b"\x1aE\xdf\xa3":
+        return ".mkv"
+    return ".video"
+
+
+class Worker(threading.Thread):
+    """``steps``: the step for each job kind (``server.app.HANDLERS``' ``work`` entries)."""
+
+    def __init__(self, server: "Server", steps: Mapping[str, Callable[["Worker", Job], None]]):
+        super().__init__(name="styleheat-engine", daemon=True)
+        self.server = server
+        self.steps = dict(steps)
+        self.engine = server.engine
+        self.sched = server.sched
+        self.out: zmq.Socket | None = None
+
+    # every message leaves through the PAIR; the main thread forwards it to the ROUTER
+    def send(self, client: bytes, header: dict, parts: tuple = ()) -> None:
+        assert self.out is not None
+        self.out.send_multipart([client, P.pack_header(self.server.decorate(header)), *parts], copy=False)
+
+    def run(self) -> None:
+        self.out = self.server.ctx.socket(zmq.PAIR)
+        self.out.setsockopt(zmq.LINGER, 0)
+        self.out.connect(self.server.pair_endpoint)
+        try:
+            while True:
+                job = self.sched.next_job(timeout=0.25)
+                if job is None:
+                    if self.sched.closed and self.sched.idle():
+                        break
+                    continue
+                try:
+                    self.step(job)
+                except Exception as exc:  # one failing request never takes the server down
+                    log.exception("request %s failed", job.id)
+                    self._close_gen(job)
+                    self.sched.finish(job)
+                    if job.abort is None or job.abort[0] != "gone":
+                        self.send(job.client, P.error_reply(job.id, P.E_INTERNAL,
+                                                            f"the server failed on this request "
+                                                            f"({type(exc).__name__}: {exc}); other requests "
+                                                            f"are unaffected"))
+        finally:
+            self.out.close(linger=1000)
+
+    @staticmethod
+    def _close_gen(job: Job) -> None:
+        gen, job.gen = job.gen, None
+        if gen is not None:
+            try:
+                gen.close()
+            except Exception:
+                pass
+
+    def end_aborted(self, job: Job) -> None:
+        self._close_gen(job)
+        self.sched.finish(job)
+        self._report_abort(job)
+
+    def _report_abort(self, job: Job) -> None:
+        """Tell the client how its aborted job ended: ``done`` (cancelled) or its error."""
+        reason = job.abort
+        if reason[0] == "cancelled":
+            total = len(job.payload.frames) if job.kind == "render" else 1
+            self.send(job.client, P.reply(P.DONE, job.id, sent=job.produced, total=total, cancelled=True))
+        elif reason[0] == "error":
+            self.send(job.client, P.error_reply(job.id, reason[1], reason[2]))
+        # "gone": nobody to tell
+
+    def step(self, job: Job) -> None:
+        if job.abort is not None:
+            self.end_aborted(job)
+        else:
+            self.steps[job.kind](self, job)
+
+    # prepare -------------------------------------------------------------------------------
+    def do_prepare(self, job: Job) -> None:
+        req: P.PrepareRequest = job.payload
+        try:
+            rgb = decode_image(req.image)
+            aligner = self.server.aligner
+            if req.align and aligner is not None:
+                try:
+                    aligned, warnings = aligner(rgb)
+                except ValueError as exc:
+                    raise P.ProtocolError(P.E_BAD_IMAGE, f"face alignment failed: {exc}") from None
+                did_align = True
+                note = "aligned by the server (FFHQ alignment)" + "".join(f"; {w}" for w in warnings)
+            else:
+                if rgb.shape[0] != rgb.shape[1]:
+                    raise P.ProtocolError(P.E_BAD_IMAGE,
+                                          f"the image is {rgb.shape[1]}x{rgb.shape[0]} and the server does not "
+                                          f"align it ({'align=false' if not req.align else 'no aligner installed'}); "
+                                          f"send a square FFHQ-aligned portrait")
+                aligned, did_align = rgb, False
+                note = ("used as given (align=false): it must be an FFHQ-aligned portrait" if not req.align else
+                        "used as given: this server has no face aligner (server/align.py), so the image must "
+                        "already be an FFHQ-aligned portrait")
+            try:
+                known = set(self.server.coefficient_notes)
+                info = self.engine.prepare_identity(aligned)
+                if info.id not in known:
+                    note_c = info.coefficient_note
+                    if note_c is None and info.coefficients is None:
+                        note_c = "no 3DMM regressor produced coefficients for this portrait"
+                    self.server.coefficient_notes[info.id] = note_c
+                    while len(self.server.coefficient_notes) > 256:
+                        self.server.coefficient_notes.pop(next(iter(self.server.coefficient_notes)))
+                self._sync_identities()
+            except ValueError as exc:
+                raise P.ProtocolError(P.E_BAD_IMAGE, str(exc)) from None
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    release_device_memory()
+                    raise P.ProtocolError(P.E_OUT_OF_MEMORY, "the device ran out of memory inverting the "
+                                                             "portrait; free GPU memory and retry") from None
+                raise
+        except P.ProtocolError as exc:
+            self.sched.finish(job)
+            self.send(job.client, P.error_reply(job.id, exc.code, exc.message))
+            return
+        self.sched.add_identity(info.id)
+        png = encode_png(aligned)
+        coeffs = None if info.coefficients is None else [float(x) for x in np.asarray(info.coefficients).ravel()]
+        if self._finish_or_abort(job):
+            return
+        self.send(job.client, P.reply(P.PREPARED, job.id, identity=info.id, aligned=did_align, align_note=note,
+                                      coefficients=coeffs,
+                                      coefficient_note=self.server.coefficient_notes.get(info.id),
+                                      width=int(aligned.shape[1]),
+                                      height=int(aligned.shape[0]), encoding="png"), (png,))
+
+    # extract / audio2exp ----------------------------------------------------------------------
+    def _finish_or_abort(self, job: Job) -> bool:
+        """Finish the job; True when it was cancelled/aborted meanwhile (and that was reported)."""
+        self.sched.finish(job)
+        if job.abort is None:
+            return False
+        self._report_abort(job)
+        return True
+
+    def do_extract(self, job: Job) -> None:
+        import tempfile
+
+        from server import tracking
+
+        req: P.ExtractRequest = job.payload
+        tmp = None
+        last = [0.0]
+
+        def progress(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if done <= 1 or (total > 0 and done >= total) or now - last[0] >= 0.25:  # at most ~4/s
+                last[0] = now
+                self.send(job.client, P.reply(P.PROGRESS, job.id, stage=stage, done=int(done), total=int(total),
+                                              message=f"{'landmarks' if stage == 'landmarks' else '3DMM'}: "
+                                                      f"{done}/{total or '?'} frames"))
+
+        try:
+            try:
+                if req.video is not None:
+                    fd, tmp = tempfile.mkstemp(prefix="styleheat-extract-", suffix=_video_suffix(req.video))
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(req.video)
+                    path = tmp
+                else:
+                    path = req.path
+                result = tracking.track_video(path, self.server.bake.extractor, curve_sigma=req.smooth,
+                                              progress=progress, should_stop=lambda: job.abort is not None)
+            finally:  # the copy is gone before any reply leaves
+                if tmp is not None:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        log.warning("could not delete the temporary video %s", tmp)
+            rows, fps = result.rows, float(result.fps)
+            if req.fps is not None and abs(req.fps - fps) > 1e-6:
+                rows, fps = tracking.resample_rows(rows, fps, req.fps), float(req.fps)
+            if not np.isfinite(rows).all():
+                raise RuntimeError("the 3DMM regressor produced non-finite coefficients")
+        except tracking.Cancelled:
+            self._finish_or_abort(job)
+            return
+        except tracking.VideoError as exc:
+            if not self._finish_or_abort(job):
+                self.send(job.client, P.error_reply(job.id, P.E_BAD_VIDEO, str(exc)))
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            release_device_memory()
+            if not self._finish_or_abort(job):
+                self.send(job.client, P.error_reply(job.id, P.E_OUT_OF_MEMORY,
+                                                    "the device ran out of memory running the 3DMM regressor; "
+                                                    "free GPU memory and retry"))
+            return
+        if self._finish_or_abort(job):
+            return
+        warnings = list(result.warnings)
+        if self.server.tiny_random:
+            warnings.append("tiny random Deep3D weights: these coefficients are noise, not a real 3DMM fit")
+        header, parts = P.extracted_reply(job.id, fps, rows, warnings)
+        self.send(job.client, header, tuple(parts))
+
+    def do_audio2exp(self, job: Job) -> None:
+        from server.audio import audio_to_expression
+
+        req: P.Audio2ExpRequest = job.payload
+        try:
+            rows = audio_to_expression(req.audio.samples, req.audio.sample_rate, req.fps, req.ref_exp,
+                                       model=self.server.bake.audio2exp, n_frames=req.n_frames,
+                                       offset_frames=req.audio_offset_frames)
+        except ValueError as exc:
+            if not self._finish_or_abort(job):
+                self.send(job.client, P.error_reply(job.id, P.E_BAD_FIELD, f"audio2exp: {exc}"))
+            return
+        if self._finish_or_abort(job):
+            return
+        header, parts = P.expressions_reply(job.id, rows)
+        self.send(job.client, header, tuple(parts))
+
+    def do_forget(self, job: Job) -> None:
+        identity = job.payload
+        self.sched.finish(job)
+        self.engine.forget_identity(identity)
+        self.sched.remove_identity(identity)
+        self._sync_identities()
+        self.send(job.client, P.reply(P.FORGOTTEN, job.id, identity=identity))
+
+    def _sync_identities(self) -> None:
+        """The engine's cache is an LRU: mirror which identities it still holds."""
+        ids = getattr(self.engine, "identity_ids", None)
+        if callable(ids):
+            self.sched.set_identities(ids())
+
+    # render --------------------------------------------------------------------------------
+    def _start(self, job: Job, indices: list[int]):
+        req: P.RenderRequest = job.payload
+        return iter(self.engine.render(
+            req.identity, req.rows, indices, audio=job.audio, attributes=req.attributes or None,
+            size=req.size, batch_size=job.batch, should_stop=lambda: job.abort is not None))
+
+    def _progress(self, job: Job, stage: str, message: str, **extra) -> None:
+        self.send(job.client, P.reply(P.PROGRESS, job.id, done=job.produced, total=len(job.indices),
+                                      stage=stage, message=message, **extra))
+
+    def step_render(self, job: Job) -> None:
+        """One step of a render: at most one batch, and never more frames than the credit left."""
+        req: P.RenderRequest = job.payload
+        if job.gen is None and job.produced == 0:
+            job.indices = req.indices
+            job.batch = self.server.batch_size
+            if req.audio is not None:
+                conv = self.server.audio_converter
+                a = req.audio
+                try:
+                    job.audio = np.asarray(conv(a.samples, a.sample_rate, a.fps, req.rows.shape[0],
+                                                req.first_frame, a.frame_offset), dtype=np.float32)
+                except ValueError as exc:
+                    self._fail(job, P.E_BAD_FIELD, f"audio: {exc}")
+                    return
+            try:
+                job.gen = self._start(job, job.indices)
+            except ValueError as exc:
+                self._sync_identities()
+                code = P.E_BAD_FIELD if self.sched.known_identity(req.identity) else P.E_UNKNOWN_IDENTITY
+                self._fail(job, code, str(exc))
+                return
+            self._progress(job, "rendering", f"rendering {len(job.indices)} frames, batch size {job.batch}",
+                           batch_size=job.batch)
+        want = min(job.batch, self.sched.credit_left(job))
+        pulled: list[tuple[int, np.ndarray]] = []
+        failure: tuple[str, str] | None = None
+        oom = finished = False
+        for _ in range(max(want, 0)):
+            if job.abort is not None:
+                break
+            try:
+                idx, img = next(job.gen)
+            except StopIteration:
+                finished = True
+                break
+            except ValueError as exc:
+                failure = (P.E_BAD_FIELD, str(exc))
+                break
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                oom = True
+                break
+            expected = job.indices[job.produced + len(pulled)]
+            if int(idx) != expected:
+                raise RuntimeError(f"engine yielded row {idx}, expected {expected}")
+            img = np.ascontiguousarray(img)
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise RuntimeError(f"engine yielded an image of shape {img.shape} dtype {img.dtype}")
+            if req.size is not None and img.shape[:2] != (req.size, req.size):
+                raise RuntimeError(f"engine yielded {img.shape[1]}x{img.shape[0]}, requested {req.size}")
+            pulled.append((expected, img))
+        # encode (PNG in parallel threads: OpenCV releases the GIL) and send in order
+        if req.encoding == "png" and pulled:
+            datas = list(self.server.encoder_pool().map(encode_png, [img for _, img in pulled]))
+        else:
+            datas = [memoryview(img).cast("B") for _, img in pulled]
+        for (row, img), data in zip(pulled, datas):
+            hdr = P.frame_reply(job.id, frame=req.first_frame + row, index=job.produced, total=len(job.indices),
+                                width=int(img.shape[1]), height=int(img.shape[0]), encoding=req.encoding)
+            self.send(job.client, hdr, (data,))
+            self.sched.produced_one(job)
+        if pulled and job.produced < len(job.indices) and job.produced % job.batch < len(pulled):
+            self._progress(job, "rendering", f"{job.produced}/{len(job.indices)} frames")
+        if failure is not None:
+            self._fail(job, *failure)
+        elif job.abort is not None:
+            self.end_aborted(job)
+        elif oom:
+            self._close_gen(job)
+            release_device_memory()
+            if job.batch <= 1:
+                self._fail(job, P.E_OUT_OF_MEMORY, "the device ran out of memory even at batch size 1; "
+                                                   "render a smaller size or free GPU memory")
+                return
+            job.batch = max(1, job.batch // 2)
+            self._progress(job, "oom_retry", f"out of device memory; retrying with batch size {job.batch}",
+                           batch_size=job.batch)
+            job.gen = self._start(job, job.indices[job.produced:])
+        elif job.produced >= len(job.indices):
+            self._close_gen(job)
+            self.sched.finish(job)
+            self.send(job.client, P.reply(P.DONE, job.id, sent=job.produced, total=len(job.indices),
+                                          cancelled=False))
+        elif finished:
+            raise RuntimeError(f"the engine stopped after {job.produced} of {len(job.indices)} frames")
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        self._close_gen(job)
+        self.sched.finish(job)
+        self.send(job.client, P.error_reply(job.id, code, message))
+
