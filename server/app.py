@@ -278,7 +278,7 @@ class Server:
 
     def on_cancel(self, client, header, parts):
         rid = P.validate_cancel(header, parts)
-        if not self.sched.cancel(client, rid):
+        if self.sched.cancel(client, rid) == "unknown":   # "ending": its terminal reply, on its way, answers it
             raise P.ProtocolError(P.E_UNKNOWN_REQUEST, f"no running request {rid!r} from this client to cancel")
 
     def on_forget(self, client, header, parts):
@@ -297,10 +297,12 @@ class Server:
     def _forward_from_worker(self, limit: int = 256) -> None:
         for _ in range(limit):
             try:
-                frames = self.pair.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                terminal, *frames = self.pair.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.route(frames)
+            if terminal.bytes:
+                self.sched.reported(frames[0].bytes, terminal.bytes.decode())
 
     def _tick(self) -> None:
         for client in self.sched.clients():

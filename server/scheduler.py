@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 from server import protocol as P
@@ -38,7 +39,15 @@ class Job:
 
 
 class Scheduler:
-    """``clock`` (seconds, monotonic) times credit stalls; tests pass their own."""
+    """``clock`` (seconds, monotonic) times credit stalls; tests pass their own.
+
+    The worker finishes a job, then sends its terminal reply, which the main thread forwards later.
+    Until the main thread has forwarded it (:meth:`reported`), the job is *ending*: a ``cancel`` that
+    arrives then is answered by that terminal reply (:meth:`cancel` says ``"ending"``), not by an
+    ``unknown_request`` error that could overtake it.
+    """
+
+    ENDING_MEMORY = 1024   # bound on jobs whose terminal reply is in flight (a safety net: replies clear them)
 
     def __init__(self, max_jobs: int, max_jobs_per_client: int, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
@@ -48,6 +57,7 @@ class Scheduler:
         self.max_per_client = max_jobs_per_client
         self.closed = False
         self.identities: set[str] = set()
+        self.ending: OrderedDict[tuple[bytes, str], None] = OrderedDict()
 
     # main thread -------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -65,6 +75,7 @@ class Scheduler:
                                                 f"(limit {self.max_per_client}); wait for one to finish")
             job.last_credit = self.clock()
             self.jobs[job.key] = job
+            self.ending.pop(job.key, None)
             self.cv.notify_all()
 
     def grant(self, client: bytes, rid: str, n: int) -> None:
@@ -76,15 +87,17 @@ class Scheduler:
             job.last_credit = self.clock()
             self.cv.notify_all()
 
-    def cancel(self, client: bytes, rid: str) -> bool:
+    def cancel(self, client: bytes, rid: str) -> str:
+        """``"running"`` (now aborted as cancelled, unless already aborted), ``"ending"`` (finished,
+        its terminal reply not forwarded yet) or ``"unknown"``."""
         with self.cv:
             job = self.jobs.get((client, rid))
             if job is None:
-                return False
+                return "ending" if (client, rid) in self.ending else "unknown"
             if job.abort is None:
                 job.abort = ("cancelled",)
             self.cv.notify_all()
-            return True
+            return "running"
 
     def drop_client(self, client: bytes) -> int:
         with self.cv:
@@ -157,8 +170,16 @@ class Scheduler:
 
     def finish(self, job: Job) -> None:
         with self.cv:
-            self.jobs.pop(job.key, None)
+            if self.jobs.pop(job.key, None) is not None and job.abort != ("gone",):  # gone: no reply follows
+                self.ending[job.key] = None
+                while len(self.ending) > self.ENDING_MEMORY:
+                    self.ending.popitem(last=False)
             self.cv.notify_all()
+
+    def reported(self, client: bytes, rid: str) -> None:
+        """Main thread: the terminal reply of ``rid`` has been forwarded (or its client is gone)."""
+        with self.cv:
+            self.ending.pop((client, rid), None)
 
     def add_identity(self, identity: str) -> None:
         with self.cv:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("styleheat.server")
 
+#: the replies that end a request (everything else the worker sends is a frame or progress)
+TERMINAL_TYPES = frozenset((P.DONE, P.ERROR, P.PREPARED, P.EXTRACTED, P.EXPRESSIONS, P.FORGOTTEN))
+
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError, or a RuntimeError whose message says 'out of memory'."""
@@ -60,10 +63,15 @@ class Worker(threading.Thread):
         self.sched = server.sched
         self.out: zmq.Socket | None = None
 
-    # every message leaves through the PAIR; the main thread forwards it to the ROUTER
+    # every message leaves through the PAIR as [terminal id or b"", client, header, *parts]; the main
+    # thread forwards [client, header, *parts] to the ROUTER and, for a request's terminal reply,
+    # tells the scheduler that the request has been answered
     def send(self, client: bytes, header: dict, parts: tuple = ()) -> None:
         assert self.out is not None
-        self.out.send_multipart([client, P.pack_header(self.server.decorate(header)), *parts], copy=False)
+        rid = header.get("id")
+        terminal = rid.encode() if header["type"] in TERMINAL_TYPES and isinstance(rid, str) else b""
+        self.out.send_multipart([terminal, client, P.pack_header(self.server.decorate(header)), *parts],
+                                copy=False)
 
     def run(self) -> None:
         self.out = self.server.ctx.socket(zmq.PAIR)

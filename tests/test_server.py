@@ -726,3 +726,53 @@ def test_a_crashing_request_does_not_take_down_others(inproc, ctx):
         eng.poison = None
         a.close()
         b.close()
+
+
+def test_a_cancel_between_the_last_frame_and_done_is_answered_by_done(ctx):
+    """The worker has rendered a request's last frame and queued its ``done`` for the main thread when
+    the client's cancel arrives: the client gets the frame and ``done``, no ``unknown_request`` error
+    overtaking them. A real Server on loopback, its loop stepped by hand to hit that moment every time."""
+    from server.app import Server, ServerSettings
+    from server.engine import Engine
+
+    srv = Server(Engine.tiny_random(seed=0, device="cpu"),
+                 ServerSettings(bind="tcp://127.0.0.1:*", tiny_random=True, batch_size=2), ctx=ctx)
+    worker = srv.worker                      # its thread is not started: the test runs its steps
+    worker.out = ctx.socket(zmq.PAIR)
+    worker.out.connect(srv.pair_endpoint)
+    cl = Client(srv.endpoint, ctx)
+
+    def deliver():                           # one client message through the main thread's handler
+        assert srv.router.poll(30_000), "the client's message did not arrive"
+        srv.on_message(srv.router.recv_multipart(copy=False))
+
+    def work():                              # one worker step, then the main thread forwards its output
+        worker.step(srv.sched.next_job(timeout=30.0))
+        srv._forward_from_worker()
+
+    try:
+        cl.send(P.request(P.PREPARE, "p", align=False), [png_bytes(portrait(9))])
+        deliver()
+        work()
+        ident = cl.recv()[0]["identity"]
+        parts: list = []
+        cl.send(render_header("last", ident, n_rows=2, frames=[100], first=100, parts=parts, size=64, credit=4),
+                parts)
+        deliver()
+        worker.step(srv.sched.next_job(timeout=30.0))    # the only frame and 'done' are now queued
+        cl.send(P.request(P.CANCEL, "last"))
+        deliver()                                        # ... when the cancel is handled
+        srv._forward_from_worker()
+        got = [h for h, _ in cl.quiet(1.5, types=P.REPLY_TYPES)]
+        kinds = [h["type"] for h in got if h["id"] == "last"]
+        assert kinds == [P.ACCEPTED, P.PROGRESS, P.FRAME, P.DONE], got
+        assert got[-1]["sent"] == 1 and got[-1]["cancelled"] is False
+        # after 'done' has gone out, the id is unknown again
+        cl.send(P.request(P.CANCEL, "last"))
+        deliver()
+        h, _ = cl.recv()
+        assert h["type"] == P.ERROR and h["code"] == P.E_UNKNOWN_REQUEST and h["id"] == "last"
+    finally:
+        cl.close()
+        worker.out.close(linger=0)
+        srv._close_sockets()
