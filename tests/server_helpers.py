@@ -1,17 +1,13 @@
 """Shared by the styleheat-server tests: a real server process on 127.0.0.1 and real DEALER clients.
 
+Server processes start through :mod:`server_launch` (the one launcher, also used by the add-on tests).
 ``serve_tiny(*extra_args)`` backs each module's ``server`` fixture (a ``--tiny-random`` CPU server on a
 free loopback port); ``ctx`` and ``client`` are fixtures the test modules import (``client`` connects to
 the importing module's ``server``).
 """
 from __future__ import annotations
 
-import queue
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,68 +15,10 @@ import pytest
 import zmq
 
 from server import protocol as P
+from server_launch import ServerProcess, cli_command, server_command  # noqa: F401  (re-exported)
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = REPO / ".venv" / "bin"
-SERVER_EXE = str(BIN / "styleheat-server")
-CLI_EXE = str(BIN / "styleheat")
-START_TIMEOUT = 180.0       # torch import + tiny model on a loaded 2-core machine
 REPLY_TIMEOUT = 60.0
 TINY_SERVER_ARGS = ("--tiny-random", "--device", "cpu", "--bind", "tcp://127.0.0.1:*", "--log-level", "WARNING")
-
-
-def _die_with_parent():
-    """Linux: the server gets SIGTERM if pytest dies, so no test server outlives a killed run."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-class ServerProcess:
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([SERVER_EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=REPO, preexec_fn=_die_with_parent)
-        self.lines: queue.Queue = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True).start()
-        threading.Thread(target=self._collect, args=(self.proc.stderr,), daemon=True).start()
-        self.endpoint = None
-
-    @staticmethod
-    def _pump(stream, q):
-        for line in stream:
-            q.put(line)
-        q.put(None)
-
-    def _collect(self, stream):
-        for line in stream:
-            self.stderr.append(line)
-
-    def wait_ready(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            if "listening on " in line:
-                self.endpoint = line.split("listening on ", 1)[1].split()[0]
-                return self.endpoint
-        self.stop()
-        raise AssertionError(f"server did not start; rc={self.proc.poll()} stderr:\n{''.join(self.stderr)[-3000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 class Client:

@@ -149,14 +149,13 @@ def test_curve_keys_for_remote_servers(addon, tmp_path):
     """A server with CURVE keys answers a client holding the keys 'styleheat-server --make-keys'
     made, and nobody else."""
     import subprocess
-    from test_addon_helpers import PY
+    from server_launch import server_command
     from styleheat.client import Client, ClientError, ServerUnavailable
 
-    exe = Path(PY).with_name("styleheat-server")
     keys = tmp_path / "keys"
-    r = subprocess.run([str(exe), "--make-keys", str(keys)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(server_command("--make-keys", str(keys)), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    srv = Server(tmp_path, extra=("--curve-dir", str(keys)), probe_curve_dir=keys)
+    srv = Server(tmp_path, extra=("--curve-dir", str(keys)))
     try:
         with Client(srv.address, timeout=10.0, curve_dir=str(keys)) as c:
             assert c.hello()["type"] == "hello"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from server_launch import ServerProcess
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(REPO))
@@ -43,51 +45,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    def __init__(self, tmp: Path, extra: tuple[str, ...] = (), probe_curve_dir: Path | None = None):
-        self.probe_curve_dir = probe_curve_dir
-        self.port = free_port()
+class Server(ServerProcess):
+    """A ``--tiny-random`` server on a free loopback port (``address``; its temporary files in ``tmp``),
+    started by the one launcher (:mod:`server_launch`: ``$STYLEHEAT_SERVER_PYTHON`` picks the
+    interpreter when this venv has no torch)."""
+
+    def __init__(self, tmp: Path, extra: tuple[str, ...] = (), port: int | None = None):
+        self.port = port or free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.log = tmp / f"server_{self.port}.log"
-        exe = Path(PY).with_name("styleheat-server")
-        argv = [str(exe)] if exe.exists() else [PY, "-m", "server.app"]
-        self.proc = subprocess.Popen(argv + ["--tiny-random", "--bind", self.address, *extra],
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
-        self._wait_ready()
-
-    def _wait_ready(self, limit: float = 120.0) -> None:
-        import zmq
-        import msgpack
-
-        ctx = zmq.Context.instance()
-        end = time.monotonic() + limit
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                pytest.fail(f"styleheat-server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            if self.probe_curve_dir is not None:
-                import zmq.auth
-                s.curve_serverkey = zmq.auth.load_certificate(self.probe_curve_dir / "server.key")[0]
-                s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(
-                    self.probe_curve_dir / "client.key_secret")
-            s.connect(self.address)
-            s.send_multipart([msgpack.packb({"v": 1, "type": "hello", "id": "probe"})])
-            ok = s.poll(1000)
-            s.close(0)
-            if ok:
-                return
-        self.stop()
-        pytest.fail(f"styleheat-server did not answer within {limit} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        env = dict(os.environ, TMPDIR=str(tmp))
+        super().__init__("--tiny-random", "--bind", self.address, *extra, env=env)
+        try:
+            self.wait_ready(120.0)
+        except AssertionError as exc:
+            pytest.fail(str(exc))
 
 
 def blender_env(tmp: Path) -> dict:

@@ -235,13 +235,16 @@ def test_sound_strip_drives_the_render_and_its_changes_rerender(tmp_path, addon_
 def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip):
     """Preferences > Start Local Server runs the server as a subprocess; connect shows its device
     and model; Stop ends exactly that process."""
+    import shlex
+
+    from server_launch import server_command
     from test_addon_helpers import free_port
 
-    exe = Path(PY).with_name("styleheat-server")
+    argv = server_command("--tiny-random")
     address = f"tcp://127.0.0.1:{free_port()}"
     out = run_bpy(tmp_path, f"""
         import time
-        prefs.server_command = {str(exe) + ' --tiny-random'!r}
+        prefs.server_command = {shlex.join(argv)!r}
         prefs.device = "cpu"
         local = sub("localserver")
         OUT["argv"] = local.build_command(command=prefs.server_command, bind=ADDRESS, device="cpu")
@@ -272,7 +275,7 @@ def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip):
         except OSError:
             OUT["pid_alive"] = False
     """, addon_zip, address, timeout=300)
-    assert out["argv"] == [str(exe), "--tiny-random", "--bind", address, "--device", "cpu"]
+    assert out["argv"] == [*argv, "--bind", address, "--device", "cpu"]
     assert out["start"] == ["FINISHED"] and out["running"] is True
     assert out["connect"] == ["FINISHED"], out["connect"]
     assert out["status"]["state"] == "ok" and out["status"]["device"] == "cpu"

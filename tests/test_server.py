@@ -16,8 +16,8 @@ import pytest
 import zmq
 
 from server import protocol as P
-from server_helpers import (CLI_EXE, SERVER_EXE, Client, ServerProcess, collect_render, png_bytes, portrait,
-                            render_header, rows, serve_tiny)
+from server_helpers import (Client, ServerProcess, cli_command, collect_render, png_bytes, portrait, render_header,
+                            rows, serve_tiny, server_command)
 from server_helpers import client, ctx  # noqa: F401  (fixtures)
 
 PART_LIMIT = 4_000_000      # --max-part-bytes of the module server (MAXMSGSIZE = 4/3 of it)
@@ -510,7 +510,7 @@ def test_frame_over_maxmsgsize_drops_only_that_connection(server, ctx, client):
 # CLI: ping, refusal, keys, CURVE, shutdown
 # --------------------------------------------------------------------------------------------
 def test_ping_cli(server):
-    out = subprocess.run([CLI_EXE, "ping", "--server", server.endpoint], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cli_command("ping", "--server", server.endpoint), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "protocol:     1" in out.stdout
     assert "real weights: no" in out.stdout
@@ -519,7 +519,7 @@ def test_ping_cli(server):
 
 
 def test_ping_cli_unreachable():
-    out = subprocess.run([CLI_EXE, "ping", "--server", "tcp://127.0.0.1:9", "--timeout", "1"],
+    out = subprocess.run(cli_command("ping", "--server", "tcp://127.0.0.1:9", "--timeout", "1"),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "no reply from tcp://127.0.0.1:9" in out.stderr and "styleheat-server" in out.stderr
@@ -539,28 +539,28 @@ def test_ping_cli_bad_curve_keys_are_explained(tmp_path, server_key, client_secr
     else:
         made["server"].write_text(server_key)
         made["client_secret"].write_text(client_secret)
-    out = subprocess.run([CLI_EXE, "ping", "--server", "tcp://127.0.0.1:9", "--curve-dir", str(tmp_path / "keys"),
-                          "--timeout", "1"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cli_command("ping", "--server", "tcp://127.0.0.1:9", "--curve-dir", str(tmp_path / "keys"),
+                          "--timeout", "1"), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "cannot read CURVE keys" in out.stderr and words in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("bind", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://192.168.1.10:5555"])
 def test_non_loopback_bind_without_keys_is_refused(bind):
-    out = subprocess.run([SERVER_EXE, "--tiny-random", "--bind", bind], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(server_command("--tiny-random", "--bind", bind), capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "refusing to bind" in out.stderr and "--curve-dir" in out.stderr and "--make-keys" in out.stderr
 
 
 def test_missing_checkpoints_and_device_are_explained(tmp_path):
-    out = subprocess.run([SERVER_EXE, "--checkpoints", str(tmp_path / "none"), "--bind", "tcp://127.0.0.1:*"],
+    out = subprocess.run(server_command("--checkpoints", str(tmp_path / "none"), "--bind", "tcp://127.0.0.1:*"),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "no checkpoints at" in out.stderr and "styleheat download" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_curve_dir_without_keys_is_refused(tmp_path):
-    out = subprocess.run([SERVER_EXE, "--tiny-random", "--bind", "tcp://0.0.0.0:*", "--curve-dir", str(tmp_path)],
+    out = subprocess.run(server_command("--tiny-random", "--bind", "tcp://0.0.0.0:*", "--curve-dir", str(tmp_path)),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "server.key_secret" in out.stderr
 
@@ -569,13 +569,13 @@ def test_curve_keys_and_encrypted_connection(tmp_path, ctx):
     import zmq.auth
 
     keys = tmp_path / "keys"
-    out = subprocess.run([SERVER_EXE, "--make-keys", str(keys)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(server_command("--make-keys", str(keys)), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for name in ("server.key", "server.key_secret", "client.key", "client.key_secret",
                  "authorized_clients/client.key"):
         assert (keys / name).is_file(), name
     assert (keys / "server.key_secret").stat().st_mode & 0o077 == 0
-    again = subprocess.run([SERVER_EXE, "--make-keys", str(keys)], capture_output=True, text=True, timeout=120)
+    again = subprocess.run(server_command("--make-keys", str(keys)), capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "already exists" in again.stderr
 
     srv = ServerProcess("--tiny-random", "--bind", "tcp://0.0.0.0:*", "--curve-dir", str(keys), "--log-level", "WARNING")
@@ -600,14 +600,14 @@ def test_curve_keys_and_encrypted_connection(tmp_path, ctx):
                 with pytest.raises(AssertionError, match="no reply"):
                     cl.recv(timeout=3)
             cl.close()
-        ping = subprocess.run([CLI_EXE, "ping", "--server", endpoint, "--curve-dir", str(keys)],
+        ping = subprocess.run(cli_command("ping", "--server", endpoint, "--curve-dir", str(keys)),
                               capture_output=True, text=True, timeout=120)
         assert ping.returncode == 0 and "protocol:     1" in ping.stdout, ping.stderr
         from server.keys import make_keys
 
         make_keys(tmp_path / "other")  # keys this server never authorized
-        bad = subprocess.run([CLI_EXE, "ping", "--server", endpoint, "--curve-dir", str(tmp_path / "other"),
-                              "--timeout", "3"], capture_output=True, text=True, timeout=120)
+        bad = subprocess.run(cli_command("ping", "--server", endpoint, "--curve-dir", str(tmp_path / "other"),
+                              "--timeout", "3"), capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1 and "CURVE keys" in bad.stderr, (bad.stdout, bad.stderr)
     finally:
         srv.stop()
