@@ -30,7 +30,7 @@ def _preset_prop(name: str, what: str):
 
 
 class StyleHEATAttribute(bpy.types.PropertyGroup):
-    # ``name`` (inherited) is the server's attribute name, e.g. "young", "beard"
+    # ``name`` (inherited) is the server's attribute name (from its hello), e.g. "age", "beard"
     value: FloatProperty(name="Strength", default=0.0, soft_min=-5.0, soft_max=5.0,
                          description="Attribute-edit strength sent to the server for this frame (keyframable)")
     min: FloatProperty(name="Min", default=-5.0, options={"HIDDEN"})
