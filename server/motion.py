@@ -5,7 +5,7 @@ Format (JSON, documented in docs/motion-format.md)::
     {"format": "styleheat-motion", "version": 1, "fps": 25.0, "first_frame": 0,
      "layout": ["exp", 64, "angle", 3, "trans", 3, "crop", 3],
      "rows": [[73 floats], ...],                      # one row per frame of a contiguous clip
-     "attributes": {"young": [one float per row], ...},   # optional
+     "attributes": {"age": [one float per row], ...},     # optional: the engine's names (hello)
      "source": {...}}                                 # optional, free-form provenance
 
 ``read_motion(path)`` validates everything and returns a :class:`Motion`; ``write_motion`` writes
