@@ -97,7 +97,7 @@ class Server:
         self.max_message_bytes = self.max_part_bytes * 4 // 3
         self.sched = Scheduler(settings.max_jobs, settings.max_jobs_per_client)
         self.aligner = find_aligner()
-        self.audio_converter = find_audio_converter()
+        self.audio_converter, self.audio_note = find_audio_converter()
         self.info = dict(engine.info())
         self.own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
@@ -242,7 +242,7 @@ class Server:
                                                      f"got [{values.min():.3g}, {values.max():.3g}]")
         if req.audio is not None and not self.audio_supported():
             why = ("the model has no audio warper weights" if not self.info.get("audio_warper")
-                   else "the server's audio module (server/audio.py) is not installed")
+                   else self.audio_note)
             raise P.ProtocolError(P.E_UNSUPPORTED, f"audio-driven rendering is not available: {why}; "
                                                    f"send 3DMM rows without audio")
         self.sched.submit(Job(client, req.id, "render", req, credit=req.credit))

@@ -3,6 +3,8 @@ collaborators, server/align.py and server/audio.py), and the bake models -- expr
 Deep3D extractor (``extract``) and Audio2Exp (``audio2exp``) -- with a note saying why one is missing."""
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -37,24 +39,45 @@ def find_aligner() -> Callable | None:
     return aligner
 
 
-def find_audio_converter() -> Callable | None:
-    """(samples, sample_rate, fps, n_rows, first_frame, frame_offset) -> (n_rows, 80, 32) float32, or None.
+#: what server/audio.py needs to compute mel windows and resample (librosa loads its submodules lazily,
+#: so ``import librosa`` alone proves little: the probe imports the parts the audio path calls)
+AUDIO_IMPORTS = ("librosa", "librosa.filters", "librosa.core.spectrum", "scipy.signal", "soxr")
 
+
+@functools.cache
+def audio_unavailable() -> str | None:
+    """None when the audio path's libraries import here; else why not, in words (probed once)."""
+    for name in AUDIO_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 -- ImportError, or a broken install failing on import
+            return (f"the audio library {name} cannot be imported here ({type(exc).__name__}: {exc}); install "
+                    f"the server's pinned dependencies (pip install -e . brings librosa==0.11.0)")
+    return None
+
+
+def find_audio_converter() -> tuple[Callable | None, str]:
+    """(converter, note); the converter is None, and the note says why, when audio cannot be converted here.
+
+    converter: (samples, sample_rate, fps, n_rows, first_frame, frame_offset) -> (n_rows, 80, 32) float32.
     Row ``i`` is scene frame ``first_frame + i``; ``samples[0]`` plays at scene frame ``frame_offset``;
     so row ``i`` shows audio time ``(first_frame + i - frame_offset) / fps``.
     """
     try:
         from server import audio as audio_mod
-    except ImportError:
-        return None
+    except ImportError as exc:
+        return None, f"the server's audio module (server/audio.py) cannot be imported ({exc})"
     fn = getattr(audio_mod, "audio_windows_for_frames", None)
     if not callable(fn):
-        return None
+        return None, "the server's audio module (server/audio.py) has no audio_windows_for_frames"
+    missing = audio_unavailable()
+    if missing is not None:
+        return None, missing
 
     def convert(samples, sample_rate, fps, n_rows, first_frame, frame_offset):
         return fn(samples, sample_rate, fps, n_rows, offset_frames=float(first_frame) - float(frame_offset))
 
-    return convert
+    return convert, "mel windows by server/audio.py"
 
 
 DEEP3D_FILE = "Deep3D/epoch_20.pth"
@@ -178,6 +201,16 @@ def find_audio2exp(directory: Path) -> Path | None:
 
 def load_bake_models(args, engine) -> BakeModels:
     """Presets (fatal if --presets is bad), Deep3D and Audio2Exp (a failure only disables the request)."""
+    bake = _load_bake_models(args, engine)
+    missing = audio_unavailable()
+    if bake.audio2exp is not None and missing is not None:   # it turns audio into mel spectrograms first
+        bake.audio2exp = None
+        bake.audio2exp_note = f"Audio2Exp cannot run here: {missing}"
+        log.warning("%s", bake.audio2exp_note)
+    return bake
+
+
+def _load_bake_models(args, engine) -> BakeModels:
     presets, pose, source = {}, {}, None
     checkpoints: Path | None = None
     if not args.tiny_random:

@@ -377,3 +377,38 @@ def test_real_mode_finds_checkpoints_and_survives_bad_deep3d(tmp_path, presets_f
     assert bake.extractor is None and "could not be loaded" in bake.extract_note
     assert "ResNet-50" in bake.extract_note
     assert set(bake.presets) == {"center", "mouth", "eyebrow", "eyes"} and len(bake.pose_presets) == 7
+
+
+def test_without_librosa_no_audio_is_advertised_and_audio_requests_say_why(ctx):
+    """A real server process in which ``import librosa`` fails as if it were not installed: hello says
+    no audio and no audio2exp, and an audio render or audio2exp gets 'unsupported' naming librosa (was:
+    advertised, then 'internal' when the mel spectrogram was computed). Renders without audio still work."""
+    from server_helpers import TINY_SERVER_ARGS, ServerProcess, collect_render, render_header
+
+    srv = ServerProcess(*TINY_SERVER_ARGS, block_imports=("librosa",))
+    srv.wait_ready()
+    c = Client(srv.endpoint, ctx)
+    try:
+        hello, _ = c.call(P.request(P.HELLO, "h"))
+        assert hello["audio"] is False, hello
+        assert hello["capabilities"]["audio"] is False and hello["capabilities"]["audio2exp"] is False
+        assert hello["capabilities"]["extract"] is True                 # the rest is unaffected
+        prepared, _ = c.call(P.request(P.PREPARE, "p", align=False), [png_bytes(portrait(3))])
+        parts: list = []
+        h = render_header("a", prepared["identity"], n_rows=4, frames=[0, 1], first=0, parts=parts, size=64)
+        h["audio"] = {"samples": P.array_field(np.zeros(16000, np.float32), parts), "sample_rate": 16000,
+                      "fps": 25.0, "frame_offset": 0.0}
+        e, _ = c.call(h, parts)
+        assert e["type"] == P.ERROR and e["code"] == P.E_UNSUPPORTED and "librosa" in e["message"], e
+        h, parts = P.audio2exp_request("x", np.zeros(1600, np.float32), 16000, 25.0, 2)
+        e, _ = c.call(h, parts)
+        assert e["type"] == P.ERROR and e["code"] == P.E_UNSUPPORTED and "librosa" in e["message"], e
+        parts = []
+        c.send(render_header("plain", prepared["identity"], n_rows=4, frames=[0, 1], first=0, parts=parts,
+                             size=64), parts)
+        _, got, _, end = collect_render(c, "plain")
+        assert end["type"] == P.DONE and len(got) == 2, end
+        assert srv.proc.poll() is None and "Traceback" not in "".join(srv.stderr)
+    finally:
+        c.close()
+        srv.stop()
