@@ -28,7 +28,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 
@@ -37,6 +38,9 @@ from server.bake import BakeModels, find_aligner, find_audio_converter, load_bak
 from server.keys import is_loopback_endpoint, load_server_keys, make_keys
 from server.scheduler import Job, Scheduler
 from server.worker import Worker
+
+if TYPE_CHECKING:
+    from server.engine import Engine
 
 log = logging.getLogger("styleheat.server")
 
@@ -166,7 +170,7 @@ class Server:
                         max_jobs_per_client=self.sched.max_per_client, batch_size=self.batch_size))
 
     def capabilities(self) -> dict[str, bool]:
-        return {"extract": self.bake.extractor is not None and self.aligner is not None,
+        return {"extract": self.bake.tracker is not None,
                 "audio2exp": self.bake.audio2exp is not None,
                 "align": self.aligner is not None, "audio": self.audio_supported()}
 
@@ -252,11 +256,8 @@ class Server:
 
     def on_extract(self, client, header, parts):
         req = P.validate_extract(header, parts)
-        if self.bake.extractor is None:
+        if self.bake.tracker is None:
             raise P.ProtocolError(P.E_UNSUPPORTED, f"extract is not available: {self.bake.extract_note}")
-        if self.aligner is None:
-            raise P.ProtocolError(P.E_UNSUPPORTED, "extract is not available: it needs the dlib face landmark "
-                                                   "detector (pip install dlib==20.0.1 face_recognition_models==0.3.0)")
         if req.path is not None:
             if not self.allow_path:
                 raise P.ProtocolError(P.E_UNSUPPORTED, "extract by 'path' is only allowed when the server is bound "
@@ -389,32 +390,56 @@ assert set(HANDLERS) == set(P.REQUEST_TYPES), "every request type needs a handle
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
-def load_engine(args):
-    from server.engine import Engine
-
+def find_model(args) -> Path | None:
+    """The checkpoint folder or bundle to serve (None for --tiny-random); SystemExit saying what to do."""
     if args.tiny_random:
-        return Engine.tiny_random(seed=args.seed, device=resolve_device(args.device))
+        return None
     from server.paths import resolve_checkpoint_dir
 
     path, source = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     source = "--checkpoints" if source == "--dir" else source
-    if path.is_file():
-        return Engine.from_bundle(path, device=args.device)
-    if not path.is_dir():
+    if not path.is_file() and not path.is_dir():
         raise SystemExit(f"styleheat-server: no checkpoints at {path} (from {source}); run 'styleheat download' "
                          f"or pass --checkpoints DIR, or use --tiny-random for a demo")
-    return Engine.from_checkpoints(path, device=args.device)
+    return path
+
+
+class StartupError(Exception):
+    """The server cannot start; the message (one or two sentences) says why and what to do."""
+
+
+def load_models(args) -> tuple["Engine", BakeModels]:
+    """The engine and the bake models of the command line ``args``, sharing one tracker: the
+    portraits' own 3DMM rows and ``extract`` run the same Deep3D (one ResNet-50 in memory).
+    --tiny-random engines get no tracker (their portraits keep no coefficients)."""
+    from server.commands._model_args import read_config
+    from server.engine import Engine, resolve_device
+
+    try:
+        path = find_model(args)
+    except SystemExit as exc:
+        raise StartupError(str(exc)) from None
+    hint = "" if args.tiny_random else " (check the files with 'styleheat doctor', or use --tiny-random for a demo)"
+    try:
+        device = resolve_device(args.device)
+        config = read_config(args.config)
+    except ValueError as exc:
+        raise StartupError(f"styleheat-server: cannot load the model: {exc}") from None
+    try:
+        bake = load_bake_models(args, str(device))
+    except ValueError as exc:
+        raise StartupError(f"styleheat-server: {exc}") from None
+    shared = dict(tracker=bake.tracker, tracker_note=bake.extract_note)
+    try:
+        if path is None:
+            engine = Engine.tiny_random(seed=args.seed, device=device)
+        elif path.is_file():
+            engine = Engine.from_bundle(path, device=device, **shared)
+        else:
+            engine = Engine.from_checkpoints(path, device=device, config=config, **shared)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        raise StartupError(f"styleheat-server: cannot load the model: {exc}{hint}") from None
+    return engine, bake
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", metavar="DIR",
                    help="checkpoint directory (official files) or a .safetensors bundle; default: "
                         "$STYLEHEAT_CHECKPOINTS or the per-user cache used by 'styleheat download'")
+    p.add_argument("--config", metavar="JSON",
+                   help="model config JSON (StyleHEATConfig.to_dict()) for checkpoints of a non-standard size "
+                        "(e.g. a model trained with 'styleheat train'); default: the official full-size model")
     p.add_argument("--tiny-random", action="store_true",
                    help="serve a tiny model with seeded random weights (tests and demos; every reply says so)")
     p.add_argument("--seed", type=int, default=0, help="seed for --tiny-random (default 0)")
@@ -485,18 +513,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"styleheat-server: {exc}", file=sys.stderr)
             return 2
     try:
-        engine = load_engine(args)
-    except SystemExit as exc:
+        engine, bake = load_models(args)
+    except StartupError as exc:
         print(exc, file=sys.stderr)
-        return 2
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        hint = "" if args.tiny_random else " (check the files with 'styleheat doctor', or use --tiny-random for a demo)"
-        print(f"styleheat-server: cannot load the model: {exc}{hint}", file=sys.stderr)
-        return 2
-    try:
-        bake = load_bake_models(args, engine)
-    except ValueError as exc:
-        print(f"styleheat-server: {exc}", file=sys.stderr)
         return 2
     try:
         server = Server(engine, ServerSettings.from_args(args), bake=bake)

@@ -14,7 +14,7 @@ listed: inference never reads them.
 
 Each asset also says what a healthy file looks like without any network definition (its
 top-level parts and a few key prefixes the official loaders index); ``styleheat doctor`` uses
-that when :func:`server.weights.expected_layout` is not available.
+that when :func:`models.weights.expected_layout` is not available.
 
 Asset names (``--only NAME``; the file name works too):
 ``styleheat``, ``hfgi``, ``e4e``, ``stylegan``, ``ganspace``, ``interfacegan``, ``deep3d``,

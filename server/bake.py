@@ -1,6 +1,7 @@
 """What the server needs besides the engine: the face aligner and the audio converter (optional
 collaborators, server/align.py and server/audio.py), and the bake models -- expression presets, the
-Deep3D extractor (``extract``) and Audio2Exp (``audio2exp``) -- with a note saying why one is missing."""
+tracker (``extract``; the engine shares it for the portraits' own rows) and Audio2Exp (``audio2exp``)
+-- with a note saying why one is missing."""
 from __future__ import annotations
 
 import functools
@@ -89,14 +90,14 @@ class BakeModels:
     """What the bake requests need; ``None`` models come with a note saying why (sent as ``unsupported``)."""
 
     def __init__(self, *, presets: dict | None = None, pose_presets: dict | None = None,
-                 presets_source: str | None = None, extractor=None,
-                 extract_note: str = "this server was started without a Deep3D extractor",
+                 presets_source: str | None = None, tracker=None,
+                 extract_note: str = "this server was started without a 3DMM tracker (Deep3D)",
                  audio2exp=None, audio2exp_note: str = "this server was started without an Audio2Exp model",
                  tiny: bool = False):
         self.presets = presets or {}
         self.pose_presets = pose_presets or {}
         self.presets_source = presets_source
-        self.extractor = extractor
+        self.tracker = tracker        # models.tracking.Tracker or None
         self.extract_note = extract_note
         self.audio2exp = audio2exp
         self.audio2exp_note = audio2exp_note
@@ -144,7 +145,7 @@ def load_presets(path: str | os.PathLike) -> tuple[dict, dict]:
             raise ValueError(f"{source}: 'pose_presets' must be a map name -> 6 numbers")
         exp = {str(k): _preset_vector(v, k, P.EXP_WIDTH, source) for k, v in obj["presets"].items()}
         return exp, {str(k): _preset_vector(v, k, P.POSE_WIDTH, source) for k, v in pose.items()}
-    from server.weights import torch_load
+    from models.weights import torch_load
 
     try:
         obj = torch_load(path)
@@ -163,6 +164,14 @@ def load_presets(path: str | os.PathLike) -> tuple[dict, dict]:
             exp[name[len("expression_"):] if name.startswith("expression_") else name] = \
                 _preset_vector(v, name, P.EXP_WIDTH, source)
     return exp, pose
+
+
+def tiny_tracker(seed: int = 0, device: str = "cpu"):
+    """The --tiny-random tracker: dlib landmarks and the seeded tiny Deep3D of :func:`tiny_deep3d`."""
+    from server.tracking import DlibDeep3DTracker, require_dlib
+
+    require_dlib()
+    return DlibDeep3DTracker(tiny_deep3d(seed, device), description=f"dlib + tiny random Deep3D (seed {seed})")
 
 
 def tiny_deep3d(seed: int = 0, device: str = "cpu"):
@@ -199,9 +208,10 @@ def find_audio2exp(directory: Path) -> Path | None:
     return None
 
 
-def load_bake_models(args, engine) -> BakeModels:
-    """Presets (fatal if --presets is bad), Deep3D and Audio2Exp (a failure only disables the request)."""
-    bake = _load_bake_models(args, engine)
+def load_bake_models(args, device: str = "cpu") -> BakeModels:
+    """Presets (fatal if --presets is bad), the tracker and Audio2Exp on ``device`` (a failure only
+    disables the request). The server hands ``bake.tracker`` to the engine too: one Deep3D in memory."""
+    bake = _load_bake_models(args, str(device))
     missing = audio_unavailable()
     if bake.audio2exp is not None and missing is not None:   # it turns audio into mel spectrograms first
         bake.audio2exp = None
@@ -210,7 +220,7 @@ def load_bake_models(args, engine) -> BakeModels:
     return bake
 
 
-def _load_bake_models(args, engine) -> BakeModels:
+def _load_bake_models(args, device: str) -> BakeModels:
     presets, pose, source = {}, {}, None
     checkpoints: Path | None = None
     if not args.tiny_random:
@@ -227,22 +237,24 @@ def _load_bake_models(args, engine) -> BakeModels:
                 presets, pose = load_presets(checkpoints / name)
                 source = str(checkpoints / name)
                 break
-    device = str(getattr(engine, "device", "cpu"))
     bake = BakeModels(presets=presets, pose_presets=pose, presets_source=source, tiny=args.tiny_random)
     if args.no_bake_models:
-        bake.extract_note = "this server was started with --no-bake-models (no Deep3D extractor)"
+        bake.extract_note = "this server was started with --no-bake-models (no 3DMM tracker, no Deep3D)"
         bake.audio2exp_note = ("this server was started with --no-bake-models (no Audio2Exp model); restart "
                                "it without that option, with --audio2exp PATH")
         return bake
     if args.tiny_random:
-        bake.extractor = tiny_deep3d(args.seed, device)
-        bake.extract_note = "tiny random Deep3D (seeded, not real weights): its coefficients are noise"
+        try:
+            bake.tracker = tiny_tracker(args.seed, device)
+            bake.extract_note = "tiny random Deep3D (seeded, not real weights): its coefficients are noise"
+        except RuntimeError as exc:  # no dlib
+            bake.extract_note = str(exc)
         bake.audio2exp = tiny_audio2exp(args.seed, device)
         bake.audio2exp_note = "tiny random Audio2Exp (seeded, not real weights): its expressions are noise"
         if args.audio2exp is None:
             return bake
     if not args.tiny_random:
-        from server.deep3d import Deep3DExtractor
+        from server.tracking import load_tracker
 
         deep3d = checkpoints / DEEP3D_FILE
         if not deep3d.is_file():
@@ -250,8 +262,11 @@ def _load_bake_models(args, engine) -> BakeModels:
                                  f"Deep3D/epoch_20.pth) or pass --checkpoints DIR holding it")
         else:
             try:
-                bake.extractor = Deep3DExtractor.from_checkpoints(checkpoints, device=device)
+                bake.tracker = load_tracker(checkpoints, device=device)
                 bake.extract_note = f"Deep3D from {deep3d}"
+            except RuntimeError as exc:  # no dlib: the message says what to install
+                bake.extract_note = str(exc)
+                log.warning("%s", bake.extract_note)
             except Exception as exc:  # noqa: BLE001 -- the server still renders without it
                 bake.extract_note = f"the Deep3D weights {deep3d} could not be loaded ({exc}); check them with 'styleheat doctor'"
                 log.warning("%s", bake.extract_note)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from models.fastpath import FoldedCache
+from models.tracking import Tracker
 from models.styleheat import INPUT_SIZE, Inversion, StyleHEAT, StyleHEATConfig
 
 #: how many identities stay cached, and how many edited variants per identity
@@ -97,14 +98,15 @@ class Engine:
     """See prompts/engine_api.md. Thread-safe for one render at a time (a lock serializes GPU work)."""
 
     def __init__(self, model: StyleHEAT, *, device: torch.device, real_weights: bool, model_name: str,
-                 checkpoints: str | Path | None = None,
-                 coefficient_fn: Callable[[np.ndarray], np.ndarray | None] | None = None,
+                 tracker: Tracker | None = None, tracker_note: str | None = None,
                  identity_cache_size: int = IDENTITY_CACHE_SIZE, edit_cache_size: int = EDIT_CACHE_SIZE,
                  fast: bool = True, precision: str = "float32", channels_last: bool = True):
         """``fast``: render through the per-identity folded synthesis (models.fastpath; float32 equals the
         reference path within the parity tolerance); ``fast=False`` runs Generator.synthesize_from_64.
         ``precision``: "float32" or "bfloat16" (the folded synthesis in bf16: fast on CUDA and AVX512-BF16
-        CPUs, emulated and slow elsewhere; accuracy bound in models.fastpath.BF16_MIN_PSNR_DB)."""
+        CPUs, emulated and slow elsewhere; accuracy bound in models.fastpath.BF16_MIN_PSNR_DB).
+        ``tracker`` (models.tracking.Tracker) gives each portrait its own 3DMM row; without one,
+        ``tracker_note`` says why (it becomes IdentityInfo.coefficient_note)."""
         if precision not in ("float32", "bfloat16"):
             raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
         self.model = model.to(device).eval()
@@ -113,8 +115,8 @@ class Engine:
         self.device = device
         self.real_weights = real_weights
         self.model_name = model_name
-        self.checkpoints = Path(checkpoints) if checkpoints is not None else None
-        self._coefficient_fn = coefficient_fn
+        self.tracker = tracker
+        self.tracker_note = tracker_note or "no 3DMM regressor (tracker) was given to this engine"
         self._identities: "OrderedDict[str, _Identity]" = OrderedDict()
         self._identity_cache_size = max(1, identity_cache_size)
         self._edit_cache_size = max(1, edit_cache_size)
@@ -131,28 +133,31 @@ class Engine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_checkpoints(cls, directory, device="auto", *, config: StyleHEATConfig | None = None) -> "Engine":
-        """The official files as users download them (see server.weights for the layout).
+    def from_checkpoints(cls, directory, device="auto", *, config: StyleHEATConfig | None = None,
+                         tracker: Tracker | None = None, tracker_note: str | None = None) -> "Engine":
+        """The official files as users download them (see models.weights for the layout).
 
         ``config``: only for non-standard model sizes (default: the official full-size model).
         """
-        from server import weights
+        from models import weights
 
         dev = resolve_device(device)
         model, report = weights.load_official(directory, config, device="cpu")
         eng = cls(model, device=dev, real_weights=True, model_name="StyleHEAT (official checkpoints)",
-                  checkpoints=weights.resolve_directory(directory))
+                  tracker=tracker, tracker_note=tracker_note)
         eng.load_notes = report.lines()
         return eng
 
     @classmethod
-    def from_bundle(cls, path, device="auto") -> "Engine":
+    def from_bundle(cls, path, device="auto", *, tracker: Tracker | None = None,
+                    tracker_note: str | None = None) -> "Engine":
         """A safetensors bundle written by ``styleheat convert``."""
-        from server import weights
+        from models import weights
 
         dev = resolve_device(device)
         model, meta = weights.load_bundle(path, device="cpu")
-        eng = cls(model, device=dev, real_weights=True, model_name=f"StyleHEAT (bundle {Path(path).name})")
+        eng = cls(model, device=dev, real_weights=True, model_name=f"StyleHEAT (bundle {Path(path).name})",
+                  tracker=tracker, tracker_note=tracker_note)
         eng.load_notes = [f"{k:<13s} <- {v}" for k, v in meta.get("sources", {}).items()]
         return eng
 
@@ -228,17 +233,12 @@ class Engine:
 
     def _coefficients(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """(73,) float32 3DMM row of the portrait or None, and why it is None (when known)."""
-        if self._coefficient_fn is not None:
-            row, reason = self._coefficient_fn(image), None
-        elif self.checkpoints is None:
-            row, reason = None, "no checkpoints folder (tiny or bundle weights): no 3DMM regressor"
-        else:
-            try:
-                from server.deep3d import portrait_coefficients
-
-                row, reason = portrait_coefficients(image, self.checkpoints)
-            except Exception as e:  # optional feature (Deep3D weights, landmark detector): never block inversion
-                row, reason = None, f"{type(e).__name__}: {e}"
+        if self.tracker is None:
+            return None, self.tracker_note
+        try:
+            row, reason = self.tracker.portrait_row(image)
+        except Exception as e:  # optional feature (weights, landmark detector): never block inversion
+            row, reason = None, f"{type(e).__name__}: {e}"
         return (None if row is None else np.asarray(row, dtype=np.float32).reshape(73)), reason
 
     def forget_identity(self, identity_id: str) -> None:

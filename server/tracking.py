@@ -32,18 +32,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from models.tracking import Cancelled, ProgressFn, VideoError  # noqa: F401  (the seam's; re-exported)
 from server import align
-from server.deep3d import WORK_SIZE, Deep3DExtractor, row73
-
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); total 0 when unknown
-
-
-class VideoError(ValueError):
-    """The driving video cannot be used; the message says why and what to do."""
-
-
-class Cancelled(Exception):
-    """``should_stop()`` returned True during :func:`track_video`."""
+from server.deep3d import WORK_SIZE, Deep3DExtractor, resize_nearest_256, row73
 
 
 @dataclass
@@ -142,10 +133,18 @@ class TrackResult:
     coeff_257: np.ndarray        # (N, 257) float32
     trans_params: np.ndarray     # (N, 5) float32
     warnings: list[str] = field(default_factory=list)
+    video: str | os.PathLike = ""
 
     @property
     def num_frames(self) -> int:
         return int(self.rows.shape[0])
+
+    def crops(self, size: int) -> Iterator[np.ndarray]:
+        """The frames cut with the fixed crop square at ``size`` (the video is decoded again)."""
+        return (self.crop.crop(f, size) for f in iter_frames(self.video, self.num_frames))
+
+    def landmarks_at(self, size: int) -> np.ndarray:
+        return self.landmarks.astype(np.float32) * (size / WORK_SIZE)
 
     def provenance(self, video: str | os.PathLike) -> dict:
         return {"tool": "styleheat extract", "video": os.path.basename(str(video)),
@@ -240,7 +239,7 @@ def track_video(path: str | os.PathLike, extractor: Deep3DExtractor, *, landmark
     rows = row73(coeff, trans_arr[:, 2:5])
     if curve_sigma > 0:
         rows = smooth_curves(rows, curve_sigma)
-    return TrackResult(rows, info.fps, smooth, raw, found_arr, square, coeff, trans_arr, warnings)
+    return TrackResult(rows, info.fps, smooth, raw, found_arr, square, coeff, trans_arr, warnings, video=path)
 
 
 def smooth_curves(rows: np.ndarray, sigma: float) -> np.ndarray:
@@ -266,3 +265,55 @@ def resample_rows(rows: np.ndarray, src_fps: float, dst_fps: float) -> np.ndarra
     t_in = np.arange(n) / src_fps
     out = np.stack([np.interp(t_out, t_in, rows[:, j]) for j in range(rows.shape[1])], axis=1)
     return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped tracker (models.tracking.Tracker)
+# --------------------------------------------------------------------------------------------
+class DlibDeep3DTracker:
+    """dlib 68 landmarks + Deep3DFaceRecon's ResNet-50 (:class:`Deep3DExtractor`): the official
+    preprocessing of driving videos (:func:`track_video`) and of the source portrait (:meth:`portrait_row`).
+    One instance, so one ResNet-50 in memory, serves both the engine and the server's ``extract``."""
+
+    def __init__(self, extractor: Deep3DExtractor, *, landmark_sigma: float = 1.0,
+                 description: str = "dlib 68 landmarks + Deep3DFaceRecon (ResNet-50)"):
+        self.extractor = extractor
+        self.landmark_sigma = float(landmark_sigma)
+        self.description = description
+
+    def track(self, video, *, curve_sigma: float = 0.0, max_frames: int | None = None,
+              progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> TrackResult:
+        return track_video(video, self.extractor, landmark_sigma=self.landmark_sigma, curve_sigma=curve_sigma,
+                           max_frames=max_frames, progress=progress, should_stop=should_stop)
+
+    def portrait_row(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """The portrait's own row as StyleHEAT's ``ImageDataset`` computes it: NEAREST to 256, dlib
+        landmarks, ``align_img``, the regressor. (None, why) when no face is found or dlib is missing."""
+        img256 = resize_nearest_256(image)
+        try:
+            found = align.detect_landmarks(img256)
+        except RuntimeError as exc:  # dlib not installed
+            return None, str(exc)
+        if found is None:
+            return None, "no face found in the portrait at 256x256 (dlib); cannot extract its 3DMM coefficients"
+        return self.extractor.rows([img256], found.landmarks[None])[0], None
+
+
+def require_dlib() -> None:
+    """RuntimeError saying what to install when the dlib landmark detector cannot run here."""
+    if not align.dlib_available():
+        raise RuntimeError("the tracker needs the dlib face landmark detector: "
+                           "pip install dlib==20.0.1 face_recognition_models==0.3.0")
+
+
+def load_tracker(checkpoints: str | os.PathLike, device: str = "cpu", *,
+                 landmark_sigma: float = 1.0) -> DlibDeep3DTracker:
+    """The shipped tracker from ``<checkpoints>/Deep3D/epoch_20.pth`` (and the BFM landmarks when present).
+
+    Raises :class:`server.deep3d.CheckpointError` (weights missing, unreadable, wrong layout) and
+    RuntimeError when the dlib landmark detector cannot run here; both messages say what to do.
+    """
+    require_dlib()
+    extractor = Deep3DExtractor.from_checkpoints(checkpoints, device=device)
+    return DlibDeep3DTracker(extractor, landmark_sigma=landmark_sigma,
+                             description=f"dlib 68 landmarks + Deep3DFaceRecon from {Path(checkpoints)}")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import numpy as np
 import zmq
 
+from models.tracking import Cancelled, VideoError
 from server import protocol as P
 from server.images import decode_image, encode_png
 from server.scheduler import Job
@@ -197,7 +198,7 @@ class Worker(threading.Thread):
     def do_extract(self, job: Job) -> None:
         import tempfile
 
-        from server import tracking
+        from server.tracking import resample_rows
 
         req: P.ExtractRequest = job.payload
         tmp = None
@@ -220,23 +221,23 @@ class Worker(threading.Thread):
                     path = tmp
                 else:
                     path = req.path
-                result = tracking.track_video(path, self.server.bake.extractor, curve_sigma=req.smooth,
-                                              progress=progress, should_stop=lambda: job.abort is not None)
+                result = self.server.bake.tracker.track(path, curve_sigma=req.smooth, progress=progress,
+                                                        should_stop=lambda: job.abort is not None)
             finally:  # the copy is gone before any reply leaves
                 if tmp is not None:
                     try:
                         os.unlink(tmp)
                     except OSError:
                         log.warning("could not delete the temporary video %s", tmp)
-            rows, fps = result.rows, float(result.fps)
+            rows, fps = np.asarray(result.rows, dtype=np.float32), float(result.fps)
             if req.fps is not None and abs(req.fps - fps) > 1e-6:
-                rows, fps = tracking.resample_rows(rows, fps, req.fps), float(req.fps)
+                rows, fps = resample_rows(rows, fps, req.fps), float(req.fps)
             if not np.isfinite(rows).all():
                 raise RuntimeError("the 3DMM regressor produced non-finite coefficients")
-        except tracking.Cancelled:
+        except Cancelled:
             self._finish_or_abort(job)
             return
-        except tracking.VideoError as exc:
+        except VideoError as exc:
             if not self._finish_or_abort(job):
                 self.send(job.client, P.error_reply(job.id, P.E_BAD_VIDEO, str(exc)))
             return

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from server import cli, weights
+from models import weights
+from server import cli
 from server.engine import Engine
 from server.motion import write_motion
 

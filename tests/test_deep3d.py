@@ -171,26 +171,27 @@ def test_checkpoint_errors_are_clear(tmp_path, seeded_state):
         deep3d.Deep3DExtractor.from_checkpoints(tmp_path)
 
 
-def test_portrait_coefficients_reason_without_weights(fixtures_dir, tmp_path):
-    from PIL import Image
+def test_the_tracker_needs_the_weights_and_says_which(tmp_path):
+    from server.tracking import load_tracker
 
-    img = np.asarray(Image.open(fixtures_dir / "portrait_100.jpg").convert("RGB"))
-    row, reason = deep3d.portrait_coefficients(img, tmp_path)
-    assert row is None and "epoch_20.pth" in reason
-    row, reason = deep3d.portrait_coefficients(img, None)
-    assert row is None and reason
+    with pytest.raises(deep3d.CheckpointError, match="epoch_20.pth"):
+        load_tracker(tmp_path)
 
 
-def test_portrait_coefficients_reproduce_the_official_source_row(fixtures_dir, checkpoint_dir, vectors):
+def test_the_tracker_reproduces_the_official_source_row(fixtures_dir, checkpoint_dir, vectors):
     """portrait_100.jpg -> NEAREST 256 -> dlib -> align_img -> ResNet: the reference's own row_73."""
     from PIL import Image
 
+    from server.tracking import load_tracker
+
     img = np.asarray(Image.open(fixtures_dir / "portrait_100.jpg").convert("RGB"))
-    row, reason = deep3d.portrait_coefficients(img, checkpoint_dir)
+    row, reason = load_tracker(checkpoint_dir).portrait_row(img)
     assert reason is None
     assert row.shape == (73,) and row.dtype == np.float32
     np.testing.assert_allclose(row[:70], vectors["row_73"][0, :70], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(row[70:], vectors["row_73"][0, 70:], rtol=1e-6)
+    row, reason = load_tracker(checkpoint_dir).portrait_row(np.zeros((256, 256, 3), np.uint8))
+    assert row is None and "no face" in reason
 
 
 def test_meta_seed_is_zero(vectors):

@@ -248,11 +248,11 @@ def test_layout_latent_avg_forms(tmp_path):
 def _real_source():
     source = doctor.find_layout_source()
     if source is None:
-        pytest.skip("server.weights.expected_layout not available yet")
+        pytest.skip("models.weights.expected_layout not available yet")
     try:
         layout = source.required("hfgi")
     except Exception as err:  # the model definitions are still being written
-        pytest.skip(f"server.weights.expected_layout('hfgi') does not build yet: {err}")
+        pytest.skip(f"models.weights.expected_layout('hfgi') does not build yet: {err}")
     return source, layout
 
 

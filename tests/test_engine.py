@@ -227,7 +227,7 @@ def test_forget_and_lru(portrait):
 
 
 def test_seeded_and_bundle_round_trip(tmp_path, engine, portrait, rows):
-    from server import weights
+    from models import weights
 
     path = weights.save_bundle(tmp_path / "tiny.safetensors", engine.model)
     other = Engine.from_bundle(path, device="cpu")

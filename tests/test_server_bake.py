@@ -348,13 +348,13 @@ def test_real_mode_names_missing_weights(tmp_path):
     torch.save({"expression_mouth": torch.arange(64, dtype=torch.float32)}, tmp_path / "expression.pth")
     args = argparse.Namespace(tiny_random=False, checkpoints=str(tmp_path), presets=None, audio2exp=None,
                               no_bake_models=False, seed=0)
-    bake = server_bake.load_bake_models(args, engine=None)
-    assert bake.extractor is None and "Deep3D/epoch_20.pth" in bake.extract_note and "missing" in bake.extract_note
+    bake = server_bake.load_bake_models(args)
+    assert bake.tracker is None and "Deep3D/epoch_20.pth" in bake.extract_note and "missing" in bake.extract_note
     assert bake.audio2exp is None and "--audio2exp PATH" in bake.audio2exp_note
     assert bake.presets == {"mouth": [float(i) for i in range(64)]} and bake.presets_source.endswith("expression.pth")
     args.audio2exp = str(tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="--audio2exp"):
-        server_bake.load_bake_models(args, engine=None)
+        server_bake.load_bake_models(args)
 
 
 def test_real_mode_finds_checkpoints_and_survives_bad_deep3d(tmp_path, presets_file):
@@ -370,11 +370,11 @@ def test_real_mode_finds_checkpoints_and_survives_bad_deep3d(tmp_path, presets_f
     shutil.copy(presets_file, tmp_path / "expression_presets.json")  # a user's checkpoint folder, in tmp
     args = argparse.Namespace(tiny_random=False, checkpoints=str(tmp_path), presets=None, audio2exp=None,
                               no_bake_models=False, seed=0)
-    bake = server_bake.load_bake_models(args, engine=None)
+    bake = server_bake.load_bake_models(args)
     assert bake.audio2exp is not None and "audio2exp_tiny.pth" in bake.audio2exp_note
     for k, v in a2e.state_dict().items():
         torch.testing.assert_close(bake.audio2exp.state_dict()[k], v)
-    assert bake.extractor is None and "could not be loaded" in bake.extract_note
+    assert bake.tracker is None and "could not be loaded" in bake.extract_note
     assert "ResNet-50" in bake.extract_note
     assert set(bake.presets) == {"center", "mouth", "eyebrow", "eyes"} and len(bake.pose_presets) == 7
 
@@ -412,3 +412,48 @@ def test_without_librosa_no_audio_is_advertised_and_audio_requests_say_why(ctx):
     finally:
         c.close()
         srv.stop()
+
+
+def test_one_deep3d_in_memory_serves_the_portraits_and_extract(tmp_path, reference_dir, fixtures_dir, video):
+    """The server's loading path (app.load_models, what main() runs) on a checkpoints folder with
+    StyleHEAT files and Deep3D/epoch_20.pth: the engine (portrait coefficients) and extract share one
+    tracker, so exactly one ResNet-50 is loaded, even after a portrait and a video went through it.
+    (Before, the bake models loaded one and the engine's first prepare loaded a second.)"""
+    import gc
+
+    from models import weights
+    from models.deep3d import ReconNet
+    from server.engine import Engine
+    from server.reference import load_layout, seeded_part
+
+    tiny = Engine.tiny_random(seed=0).model      # tiny StyleHEAT files in the official layout
+    weights.write_official(tmp_path, tiny)
+    (tmp_path / "config.json").write_text(json.dumps(tiny.config.to_dict()))
+    state = seeded_part(load_layout(reference_dir / "deep3d_checkpoints.json"),
+                        "checkpoints/Deep3D/epoch_20.pth", "net_recon", seed=0)
+    (tmp_path / "Deep3D").mkdir()
+    torch.save({"net_recon": state}, tmp_path / "Deep3D" / "epoch_20.pth")
+
+    def resnets() -> list:
+        gc.collect()
+        found = []
+        for o in gc.get_objects():
+            try:
+                if type(o) is ReconNet:      # type(), not isinstance(): dead weak proxies raise on __class__
+                    found.append(o)
+            except ReferenceError:
+                pass
+        return found
+
+    before = {id(o) for o in resnets()}          # other tests' regressors may still be alive
+    args = server_app.build_parser().parse_args(["--checkpoints", str(tmp_path), "--config",
+                                                 str(tmp_path / "config.json"), "--device", "cpu"])
+    engine, bake = server_app.load_models(args)
+    assert bake.tracker is not None and engine.tracker is bake.tracker
+    portrait = np.asarray(Image.open(fixtures_dir / "portrait_100.jpg").convert("RGB"))
+    info = engine.prepare_identity(portrait)
+    assert info.coefficients is not None and info.coefficients.shape == (73,), info.coefficient_note
+    track = bake.tracker.track(video)
+    assert track.rows.shape == (len(SHIFTS), 73)
+    new = [o for o in resnets() if id(o) not in before]
+    assert len(new) == 1, f"{len(new)} Deep3D ResNet-50s loaded"

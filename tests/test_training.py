@@ -89,7 +89,7 @@ def ds128(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     """A tiny StyleHEAT with demo-random weights (server.engine's) saved as a bundle and as official files."""
-    from server import weights
+    from models import weights
     from server.engine import Engine
 
     eng = Engine.tiny_random(seed=0, audio=False, edits=False)
@@ -269,7 +269,7 @@ def test_stage1a_loss_down_checkpoint_resume(tmp_path, ds256):
 
 
 def test_stage2_loss_down_export_loads_into_engine(tmp_path, ds128, tiny_bundle):
-    from server import weights
+    from models import weights
     from server.engine import Engine
     from models.styleheat import StyleHEATConfig
 
@@ -282,7 +282,7 @@ def test_stage2_loss_down_export_loads_into_engine(tmp_path, ds128, tiny_bundle)
     assert torch.equal(tr.model.generator.state_dict()["conv1.conv.weight"],
                        init_model.generator.state_dict()["conv1.conv.weight"].to(tr.device))
     exp = tmp_path / "run" / "export"
-    # 1) the official layout, loaded by server.weights next to the other official files
+    # 1) the official layout, loaded by models.weights next to the other official files
     net = torch.load(exp / "StyleHEAT_visual.pt", map_location="cpu", weights_only=True)["net_G_ema"]
     official_keys = weights.official_files(init_model)[weights.VISUAL][weights.NET]
     assert list(net) == list(official_keys)                     # the official key layout, in order

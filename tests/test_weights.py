@@ -1,11 +1,11 @@
-"""server.weights: official files -> our modules (strict, one error naming key and file), layouts, bundle."""
+"""models.weights: official files -> our modules (strict, one error naming key and file), layouts, bundle."""
 import dataclasses
 
 import pytest
 import torch
 
 from models.styleheat import StyleHEAT, StyleHEATConfig
-from server import weights
+from models import weights
 
 CFG = StyleHEATConfig.tiny(audio=True)
 

@@ -1,13 +1,14 @@
 """VoxCeleb-style / HDTF-style talking-head videos -> clips of the training dataset (docs/training.md).
 
-Per video (the preprocessing of the inference path, ``server.tracking``):
+Per video, with the tracker passed in (a ``models.tracking.Tracker``; ``styleheat prepare-data`` passes
+the inference path's own, ``server.tracking.load_tracker``: dlib + Deep3D):
 
-1. the FFHQ crop square of the first frame with a face is fixed for the whole clip and every frame is
-   cropped with it -- faces are NOT aligned per frame, the head moves freely inside the box (paper);
-2. dlib landmarks on the 256 crops (smoothed), Deep3D coefficients -> 73-value rows;
-3. the frames are cropped again at the dataset resolution (256 for VoxCeleb-style, 512 for HDTF-style)
-   and the landmarks scaled to it;
-4. audio (optional): a sidecar file next to the video (same name, .wav/.flac/.ogg/.mp3) -> 16 kHz mono ->
+1. the tracker gives 73-value rows per frame -- the shipped one fixes the FFHQ crop square of the first
+   frame with a face for the whole clip and crops every frame with it: faces are NOT aligned per
+   frame, the head moves freely inside the box (paper);
+2. the frames are cropped again at the dataset resolution (256 for VoxCeleb-style, 512 for HDTF-style)
+   (``Track.crops``) with the landmarks in those crops (``Track.landmarks_at``);
+3. audio (optional): a sidecar file next to the video (same name, .wav/.flac/.ogg/.mp3) -> 16 kHz mono ->
    AudioWarper windows and mel spectrogram (``server.audio``). Extract it once with
    ``ffmpeg -i VIDEO.mp4 -ac 1 -ar 16000 VIDEO.wav``.
 """
@@ -19,6 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from models.tracking import Tracker
 from training import data as D
 
 STYLES = {"voxceleb": 256, "hdtf": 512}
@@ -59,22 +61,22 @@ def sidecar_audio(video: Path) -> Path | None:
     return None
 
 
-def prepare_video(video: str | os.PathLike, out: str | os.PathLike, extractor, *, style: str = "voxceleb",
+def prepare_video(video: str | os.PathLike, out: str | os.PathLike, tracker: Tracker, *, style: str = "voxceleb",
                   resolution: int | None = None, max_frames: int | None = None, audio: bool = True,
                   clip_id: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Add one video to the dataset at ``out``; returns a summary dict (id, frames, audio, warnings)."""
+    """Add one video to the dataset at ``out``; returns a summary dict (id, frames, audio, warnings).
+
+    The tracker's :class:`models.tracking.VideoError` (and the dataset's ``DatasetError``) propagate."""
     from server import audio as au
-    from server import tracking
-    from server.deep3d import WORK_SIZE
 
     video = Path(video)
     if style not in STYLES:
         raise D.DatasetError(f"style must be one of {sorted(STYLES)}, got {style!r}")
     res = int(resolution or STYLES[style])
-    track = tracking.track_video(video, extractor, max_frames=max_frames, progress=progress)
-    n = track.num_frames
-    frames = (track.crop.crop(f, res) for f in tracking.iter_frames(video, n))
-    lms = track.landmarks.astype(np.float32) * (res / WORK_SIZE)
+    track = tracker.track(video, max_frames=max_frames, progress=progress)
+    n = len(track.rows)
+    frames = track.crops(res)
+    lms = np.asarray(track.landmarks_at(res), dtype=np.float32)
     cid, person = clip_identity(video, style)
     cid = clip_id or cid
     wav = None

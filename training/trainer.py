@@ -13,7 +13,7 @@ Checkpoint (``OUT/checkpoints/step_XXXXXXX.pt``, loadable with ``weights_only=Tr
 
 Export (``OUT/export/``, written at every checkpoint and at the end, from the EMA weights):
 ``StyleHEAT_visual.pt`` = ``{"net_G_ema": {"video_warper.*", "calibrator.*", ["audio_warper.*"]}}`` -- the
-official layout the engine's ``server.weights`` loads -- and ``styleheat.safetensors`` (a bundle for
+official layout ``models.weights`` loads for the engine -- and ``styleheat.safetensors`` (a bundle for
 ``Engine.from_bundle``) when the whole network is known (``init`` given).
 """
 from __future__ import annotations
@@ -214,7 +214,7 @@ class Trainer:
         warm = [(path, read_net_g_ema(path)) for path in cfg.warm_start]
         self.model: StyleHEAT | None = None
         if cfg.init:
-            from server import weights
+            from models import weights
 
             p = Path(cfg.init)
             if p.is_file():
@@ -540,7 +540,7 @@ class Trainer:
         torch.save({NET: net}, path)
         written["official"] = path
         if self.model is not None:
-            from server import weights
+            from models import weights
 
             # swap the EMA weights in for the save (no copy of the frozen multi-GB parts), then restore
             live = {n: _cpu(self.parts[n].state_dict()) for n in self.ema}

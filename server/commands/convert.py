@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server import weights
+    from models import weights
 
     out = Path(args.out)
     if reject_output_file(NAME, out, ".safetensors", "bundle file"):

@@ -5,7 +5,7 @@ whether it loads safely (``torch.load(weights_only=True)``: tensors and plain co
 never code; ``scipy.io.loadmat`` for the BFM ``.mat``), and whether its contents have the layout
 the loaders expect:
 
-* when :func:`server.weights.expected_layout` exists (our own model definitions), every part's
+* when :func:`models.weights.expected_layout` exists (our own model definitions), every part's
   keys and tensor shapes are compared with it;
 * otherwise (or for assets it does not describe) the network-independent checks of the
   registry apply: the top-level parts the official loaders read, a few key prefixes, tensor
@@ -32,7 +32,7 @@ DESCRIPTION = (
 )
 
 LayoutFn = Callable[[str], Mapping[str, Mapping[str, Any]]]
-AUTO = object()  # check_dir(layouts=AUTO): use server.weights.expected_layout if it can
+AUTO = object()  # check_dir(layouts=AUTO): use models.weights.expected_layout if it can
 
 MAX_LISTED = 4  # how many key names a problem line shows
 
@@ -66,10 +66,10 @@ class AssetReport:
 # --------------------------------------------------------------------------- loading
 
 def load_torch(path: Path) -> Any:
-    """The loader's own ``server.weights.torch_load`` (weights_only=True); raises ``CheckFailed``."""
+    """The loader's own ``models.weights.torch_load`` (weights_only=True); raises ``CheckFailed``."""
     import pickle
 
-    from server.weights import torch_load
+    from models.weights import torch_load
 
     try:
         return torch_load(path)
@@ -186,9 +186,9 @@ class LayoutSource:
 
 
 def find_layout_source() -> LayoutSource | None:
-    """Our model definitions (``server.weights.expected_layout``) when that module provides them."""
+    """Our model definitions (``models.weights.expected_layout``) when that module provides them."""
     try:
-        from server import weights
+        from models import weights
     except Exception:  # not written yet, or its model imports are incomplete
         return None
     fn = getattr(weights, "expected_layout", None)
@@ -359,7 +359,7 @@ _LABEL = {"ok": "OK", "missing": "MISSING", "unreadable": "DAMAGED", "refused": 
 def run(args: argparse.Namespace) -> int:
     from server.download import read_manifest
     from server.paths import resolve_checkpoint_dir
-    from server.weights import official_folder
+    from models.weights import official_folder
 
     root, origin = resolve_checkpoint_dir(args.dir)
     folder = official_folder(root)

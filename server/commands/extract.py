@@ -37,10 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.deep3d import CheckpointError, Deep3DExtractor
+    from models.tracking import VideoError
+    from server.deep3d import CheckpointError
     from server.motion import write_motion
     from server.paths import resolve_checkpoint_dir
-    from server.tracking import VideoError, probe_video, resample_rows, track_video
+    from server.tracking import load_tracker, probe_video, resample_rows
 
     out = Path(args.out)
     if reject_output_file(NAME, out, ".json", "motion file"):
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     root, origin = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     try:
         probe_video(args.video)  # fail early on a missing or undecodable file
-        extractor = Deep3DExtractor.from_checkpoints(root, device=args.device)
-    except (VideoError, CheckpointError) as exc:
+        tracker = load_tracker(root, device=args.device, landmark_sigma=args.landmark_sigma)
+    except (VideoError, CheckpointError, RuntimeError) as exc:
         print(f"styleheat extract: {exc}", file=sys.stderr)
         if isinstance(exc, CheckpointError):
             print(f"(checkpoint directory {root}, from {origin}; `styleheat download` fetches the weights)",
@@ -80,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        result = track_video(args.video, extractor, landmark_sigma=args.landmark_sigma,
-                             curve_sigma=args.smooth, max_frames=args.max_frames, progress=progress)
+        result = tracker.track(args.video, curve_sigma=args.smooth, max_frames=args.max_frames, progress=progress)
     except VideoError as exc:
         print(f"styleheat extract: {exc}", file=sys.stderr)
         return 1
@@ -97,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
         rows, fps = resample_rows(rows, fps, args.fps), args.fps
         source["resampled_to_fps"] = fps
     write_motion(out, rows, fps=fps, source=source)
-    print(f"{args.video}: {result.num_frames} frames at {result.fps:g} fps -> {len(rows)} rows at {fps:g} fps -> {out}")
+    print(f"{args.video}: {len(result.rows)} frames at {result.fps:g} fps -> {len(rows)} rows at {fps:g} fps -> {out}")
     return 0

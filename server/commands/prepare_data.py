@@ -32,9 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from server.deep3d import CheckpointError, Deep3DExtractor
+    from models.tracking import VideoError
+    from server.deep3d import CheckpointError
     from server.paths import resolve_checkpoint_dir
-    from server.tracking import VideoError
+    from server.tracking import load_tracker
     from training import prepare
     from training.data import DatasetError, read_meta
 
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     root, origin = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     try:
-        extractor = Deep3DExtractor.from_checkpoints(root, device=args.device)
-    except CheckpointError as exc:
+        tracker = load_tracker(root, device=args.device)
+    except (CheckpointError, RuntimeError) as exc:
         print(f"styleheat prepare-data: {exc}\n(checkpoint directory {root}, from {origin}; "
               "`styleheat download` fetches the weights)", file=sys.stderr)
         return 1
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{i}/{len(videos)}] {video}: already in the dataset, skipped")
             continue
         try:
-            info = prepare.prepare_video(video, args.out, extractor, style=args.style, resolution=args.resolution,
+            info = prepare.prepare_video(video, args.out, tracker, style=args.style, resolution=args.resolution,
                                          max_frames=args.max_frames, audio=not args.no_audio)
         except (VideoError, DatasetError) as exc:
             print(f"[{i}/{len(videos)}] {video}: skipped: {exc}", file=sys.stderr)

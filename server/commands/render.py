@@ -65,7 +65,7 @@ def write_png_atomic(path: Path, rgb) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from server import weights
+    from models import weights
     from server.engine import Engine
     from server.motion import MotionError, read_motion
 

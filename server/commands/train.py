@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.weights import WeightsError
+    from models.weights import WeightsError
     from training.config import ConfigError, TrainConfig, defaults_for
     from training.data import DatasetError
     from training.losses import HelperWeightsError

@@ -2,7 +2,7 @@
 
 For a StyleHEAT vector file (``vectors_seed*.npz``: has ``e4e_wx``) the weights are rebuilt from the
 layout JSON with the seeded-weight rule (server.reference) for the file's ``meta_seed``, loaded through
-server.weights' prefix mapping, and the stored ``in_*`` inputs go through every stage, each stage fed
+models.weights' prefix mapping, and the stored ``in_*`` inputs go through every stage, each stage fed
 with OUR previous outputs (end to end):
 
   e4e -> HFGI inversion -> VideoWarper -> fx_warp -> CalibrationNet -> final 1024 image
@@ -178,7 +178,8 @@ def _compute(v: dict[str, np.ndarray], layout_path: Path) -> dict[str, np.ndarra
     import torch
 
     from models.styleheat import INPUT_SIZE, StyleHEAT, StyleHEATConfig, resize
-    from server import reference, weights
+    from models import weights
+    from server import reference
 
     for name in ("in_source_image", "in_driving_3dmm", "meta_seed"):
         if name not in v:

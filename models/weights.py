@@ -1,6 +1,8 @@
 """Official checkpoints -> our modules, and our safetensors bundle.
 
-This is the ONLY module that knows the official file names, top-level keys and key prefixes.
+This is the ONLY module that knows the official file names, top-level keys and key prefixes, and the
+one module of ``models/`` that reads files: the loader/converter sits here, below ``server/`` and
+``training/`` (both load weights), so those layers import downwards only.
 Each of our modules' own state-dict keys equal the official keys with the file / prefix stripped
 (see prompts/interfaces.md), so mapping is prefix bookkeeping:
 
