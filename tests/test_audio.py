@@ -158,7 +158,7 @@ def test_windows_at_25fps_equal_the_official_cut(vec):
     x = vec["waveform"]
     mel = audio.melspectrogram(x)
     w = audio.audio_windows_for_frames(x, SR, 25, 80)
-    wc = audio.audio_windows_for_frames(x, SR, 25, 80, official_start_clamp=True)
+    wc = audio.audio_windows_for_frames(x, SR, 25, 80, official=True)
     assert w.shape == (80, 80, 32) and w.dtype == np.float32
     for i in range(80):
         ref = official_cut32(mel, i)
