@@ -23,6 +23,7 @@ import torch
 from models.fastpath import FoldedCache
 from models.tracking import Tracker
 from models.styleheat import INPUT_SIZE, Inversion, StyleHEAT, StyleHEATConfig
+from models.windows import window_indices
 
 #: how many identities stay cached, and how many edited variants per identity
 IDENTITY_CACHE_SIZE = 8
@@ -86,12 +87,6 @@ def _runs(keys: Sequence) -> list[list[int]]:
         else:
             runs.append([j])
     return runs
-
-
-def window_indices(frame: int, num_rows: int, length: int = 27) -> np.ndarray:
-    """Rows of frame ``frame``'s driving window [i - r, i + r] (r = length // 2), clamped to the clip."""
-    r = length // 2
-    return np.clip(np.arange(frame - r, frame + r + 1), 0, num_rows - 1)
 
 
 class Engine:

@@ -5,9 +5,13 @@
 the seeded weights rebuilt from ``sadtalker_checkpoints.json`` and returns one
 :class:`server.reference.Comparison` per array, with the tolerances that README suggests:
 mel atol 1e-9, ``indiv_mels`` atol 1e-6, network outputs atol 1e-5 + rtol 1e-5, integer
-arrays (frame counts, window starts/lengths, blink ratios) exact. The AudioWarper window spots are
-float64 in the file and float32 from :func:`server.audio.audio_windows_for_frames`, hence atol 1e-6.
-Audio2Pose (head pose) is not implemented here and not compared.
+arrays (frame counts, window starts/lengths, 3DMM window rows, blink ratios) exact. The AudioWarper
+window spots are float64 in the file and float32 from the official-parity path
+(:func:`models.windows.audio_windows_for_frames` with ``official=True``), hence atol 1e-6; the steps
+the official window lacks (NaN in the file) must be exactly those our cut of our mel lacks.
+Every array is recomputed from the file's own waveform, seed and spot frames (any length, any seed:
+the reference rule, not the seed-0 example). Audio2Pose (head pose) is not implemented here and not
+compared.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.windows import window_indices
 from server import audio
 from server.reference import Comparison, load_layout, max_abs_error, seeded_part
 
@@ -60,7 +65,7 @@ def verify_audio_vectors(npz_path: str | Path, layout_dir: str | Path) -> list[C
     out.append(_abs("audio.waveform", wav, v["waveform"], 0.0))
     n = audio.sadtalker_num_frames(wav.shape[0])
     out.append(_abs("audio.num_frames", n, v["num_frames"], 0.0))
-    used = wav[:n * (audio.SAMPLE_RATE // audio.TRAIN_FPS)]
+    used = audio.sadtalker_crop(wav)
     out.append(_abs("audio.waveform_used", used, v["waveform_used"], 0.0))
 
     # mel and SadTalker windows
@@ -94,18 +99,28 @@ def verify_audio_vectors(npz_path: str | Path, layout_dir: str | Path) -> list[C
     if "coeff_3dmm_70" in v:
         out.append(_net("audio.coeff_3dmm_70[:, :64]", exp, v["coeff_3dmm_70"][:, :64]))
 
-    # StyleHEAT AudioDataset cut (paper path)
-    ref_mel = np.asarray(v["mel"])
+    # StyleHEAT: the 27-row 3DMM windows and the AudioDataset cut (paper path), on OUR mel
+    if "styleheat_window_index" in v:
+        rows = np.stack([window_indices(i, n, 27) for i in range(n)]) if n else np.zeros((0, 27), np.int64)
+        out.append(_abs("audio.styleheat_window_index", rows, v["styleheat_window_index"], 0.0))
     for step in (16, 32, 48, 80):
         if f"styleheat_audio_start{step}" not in v:
             continue
         starts = [audio.styleheat_window_start(i, step) for i in range(n)]
-        lengths = [audio.styleheat_cut(ref_mel, i, step).shape[1] for i in range(n)]
+        lengths = [audio.styleheat_cut(mel, i, step).shape[1] for i in range(n)]
         out.append(_abs(f"audio.styleheat_audio_start{step}", starts, v[f"styleheat_audio_start{step}"], 0.0))
         out.append(_abs(f"audio.styleheat_audio_len{step}", lengths, v[f"styleheat_audio_len{step}"], 0.0))
-    spots = np.asarray(v["styleheat_audio_spot_frames"], dtype=np.int64)
+    spots = np.asarray(v["styleheat_audio_spot_frames"], dtype=np.int64).reshape(-1)
     ref_spot = np.asarray(v["styleheat_audio_window32_spot"])
-    aw = audio.audio_windows_for_frames(wav, audio.SAMPLE_RATE, 25, n, official_start_clamp=True)[spots]
+    aw = np.concatenate([audio.audio_windows_for_frames(wav, audio.SAMPLE_RATE, audio.TRAIN_FPS, 1,
+                                                        offset_frames=int(f), official=True) for f in spots])
+    official_len = np.array([audio.styleheat_cut(mel, int(f), 32).shape[1] for f in spots], dtype=np.int64)
+    missing = np.arange(32)[None, None, :] >= official_len[:, None, None]
+    missing = np.broadcast_to(missing, aw.shape)
     known = ~np.isnan(ref_spot)
-    out.append(_abs("audio.styleheat_audio_window32_spot", aw[known], ref_spot[known], 1e-6))
+    if known.shape != aw.shape:
+        out.append(_abs("audio.styleheat_audio_window32_spot", aw, ref_spot, 1e-6))
+        return out
+    out.append(_abs("audio.styleheat_audio_window32_spot[missing steps]", np.count_nonzero(missing == known), 0, 0.0))
+    out.append(_abs("audio.styleheat_audio_window32_spot", aw[known & ~missing], ref_spot[known & ~missing], 1e-6))
     return out

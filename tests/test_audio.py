@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from audio_reference_cases import official_transform_audio
 from server import audio
 
 SR = 16000
@@ -149,16 +150,15 @@ def test_styleheat_cut_matches_reference(vec):
 
 # ------------------------------------------------------------------ AudioWarper windows and alignment
 def official_cut32(mel, i):
-    """data/audio_dataset.py transform_audio, step 32, written out."""
-    start = int(80. * max(0, i - 4) / 25.)
-    return mel[start:start + 32].T
+    """data/audio_dataset.py transform_audio, step 32 (written out in audio_reference_cases)."""
+    return official_transform_audio(mel, i, 32)
 
 
 def test_windows_at_25fps_equal_the_official_cut(vec):
     x = vec["waveform"]
     mel = audio.melspectrogram(x)
     w = audio.audio_windows_for_frames(x, SR, 25, 80)
-    wc = audio.audio_windows_for_frames(x, SR, 25, 80, official_start_clamp=True)
+    wc = audio.audio_windows_for_frames(x, SR, 25, 80, official=True)
     assert w.shape == (80, 80, 32) and w.dtype == np.float32
     for i in range(80):
         ref = official_cut32(mel, i)

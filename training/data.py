@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from models import audio_features as au
 from models.warper import WarperConfig
-from server import audio as au
-from server.engine import window_indices
+from models.windows import audio_windows_for_frames, window_indices
 
 FORMAT = "styleheat-dataset"
 VERSION = 1
@@ -53,7 +53,7 @@ def write_clip(root: str | os.PathLike, clip_id: str, frames: Iterable[np.ndarra
     """Write one clip (frames: N images (R,R,3) uint8 RGB, any iterable; coeffs (N,73); landmarks (N,68,2)
     in pixels of R) and register it in ``dataset.json`` (created on first use; all clips share one R).
 
-    Audio: pass ``wav16k`` (16 kHz mono float) and the windows and mel are computed with ``server.audio``
+    Audio: pass ``wav16k`` (16 kHz mono float) and the windows and mel are computed with ``models.windows``
     (exactly what inference feeds the AudioWarper), or pass ``audio_windows``/``mel`` directly.
     """
     import cv2
@@ -99,7 +99,7 @@ def write_clip(root: str | os.PathLike, clip_id: str, frames: Iterable[np.ndarra
             soundfile.write(str(d / "audio.wav"), wav, au.SAMPLE_RATE, subtype="PCM_16")
         except Exception:  # noqa: BLE001 - provenance only; the arrays below are what training reads
             pass
-        audio_windows = au.audio_windows_for_frames(wav, au.SAMPLE_RATE, fps, n)
+        audio_windows = audio_windows_for_frames(wav, au.SAMPLE_RATE, fps, n)
         mel = au.melspectrogram(wav).astype(np.float32)
     if audio_windows is not None:
         audio_windows = np.asarray(audio_windows, np.float32)

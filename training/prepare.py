@@ -9,7 +9,7 @@ the inference path's own, ``server.tracking.load_tracker``: dlib + Deep3D):
 2. the frames are cropped again at the dataset resolution (256 for VoxCeleb-style, 512 for HDTF-style)
    (``Track.crops``) with the landmarks in those crops (``Track.landmarks_at``);
 3. audio (optional): a sidecar file next to the video (same name, .wav/.flac/.ogg/.mp3) -> 16 kHz mono ->
-   AudioWarper windows and mel spectrogram (``server.audio``). Extract it once with
+   AudioWarper windows and mel spectrogram (``models.windows``, ``models.audio_features``). Extract it once with
    ``ffmpeg -i VIDEO.mp4 -ac 1 -ar 16000 VIDEO.wav``.
 """
 from __future__ import annotations
@@ -61,13 +61,27 @@ def sidecar_audio(video: Path) -> Path | None:
     return None
 
 
+def read_sidecar_audio(path: Path) -> np.ndarray:
+    """A sidecar audio file -> 16 kHz mono float32 (a DatasetError naming the file when it is unusable)."""
+    import soundfile
+
+    from models.audio_features import AudioError, to_mono_16k
+
+    try:
+        samples, sr = soundfile.read(str(path), dtype="float32", always_2d=False)
+        return to_mono_16k(samples, sr)
+    except (soundfile.SoundFileError, RuntimeError, AudioError) as e:
+        raise D.DatasetError(f"{path}: cannot use this audio file ({e}); re-extract it with "
+                             f"'ffmpeg -i VIDEO -ac 1 -ar 16000 {path.with_suffix('.wav').name}' or pass "
+                             f"--no-audio") from None
+
+
 def prepare_video(video: str | os.PathLike, out: str | os.PathLike, tracker: Tracker, *, style: str = "voxceleb",
                   resolution: int | None = None, max_frames: int | None = None, audio: bool = True,
                   clip_id: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Add one video to the dataset at ``out``; returns a summary dict (id, frames, audio, warnings).
 
     The tracker's :class:`models.tracking.VideoError` (and the dataset's ``DatasetError``) propagate."""
-    from server import audio as au
 
     video = Path(video)
     if style not in STYLES:
@@ -86,8 +100,7 @@ def prepare_video(video: str | os.PathLike, out: str | os.PathLike, tracker: Tra
         warnings.append(f"no audio next to {video.name} (expected {video.with_suffix('.wav').name}); "
                         "the clip can train stages 1a and 2 (video) only")
     if side is not None:
-        samples, sr = au.read_audio(side)
-        wav = au.to_mono_16k(samples, sr)
+        wav = read_sidecar_audio(side)
     if abs(track.fps - 25.0) > 0.01:
         warnings.append(f"{video.name} runs at {track.fps:.3f} fps; the networks were trained at 25 fps "
                         "(resample with ffmpeg -r 25 for best results)")
