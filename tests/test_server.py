@@ -776,3 +776,62 @@ def test_a_cancel_between_the_last_frame_and_done_is_answered_by_done(ctx):
         cl.close()
         worker.out.close(linger=0)
         srv._close_sockets()
+
+
+KILLED_CLIENT = r"""
+import sys, time
+import zmq
+sys.path.insert(0, sys.argv[3])
+from server import protocol as P
+from server_helpers import Client, render_header
+c = Client(sys.argv[1], zmq.Context())
+parts = []
+c.send(render_header("doomed", sys.argv[2], n_rows=5000, first=0, parts=parts, size=int(sys.argv[4]),
+                     credit=P.MAX_CREDIT), parts)
+n = 0
+while n < 2:
+    h, _ = c.recv()
+    n += h["type"] == P.FRAME
+print("streaming", flush=True)
+time.sleep(600)       # never reads again: only SIGKILL ends it
+"""
+
+
+def test_a_client_killed_mid_stream_frees_its_job_within_two_heartbeats(server, ctx, identity, hello):
+    """Reliability figure (docs/protocol.md): a client process SIGKILLed while its render streams is
+    noticed at the next unsolicited heartbeat (ROUTER_MANDATORY -> EHOSTUNREACH) and its job dropped."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    from server.app import HEARTBEAT_INTERVAL
+
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.endpoint, identity,
+                              str(Path(__file__).parent), str(hello["sizes"][0])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = Client(server.endpoint, ctx)
+    try:
+        line = child.stdout.readline()
+        assert line.strip() == "streaming", child.stderr.read()
+        h, _ = watcher.call(P.request(P.HELLO, watcher.new_id()))
+        assert h["jobs"] >= 1, h                      # the 5000-frame render is running
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        t0 = time.monotonic()
+        while True:
+            h, _ = watcher.call(P.request(P.HELLO, watcher.new_id()))
+            freed = time.monotonic() - t0
+            if h["jobs"] == 0 or freed > 30:
+                break
+            time.sleep(0.05)
+        print(f"killed client's job freed after {freed:.2f} s (heartbeat interval {HEARTBEAT_INTERVAL} s)")
+        assert h["jobs"] == 0, f"the killed client's render still holds the server after {freed:.1f} s"
+        assert freed <= 2 * HEARTBEAT_INTERVAL + 0.5, f"freed after {freed:.2f} s"
+        assert_server_ok(watcher)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()
+        child.stderr.close()
+        watcher.close()

@@ -294,3 +294,78 @@ def test_generators_are_seeded():
     a = [make_message(random.Random(5), k) for k in KINDS]
     b = [make_message(random.Random(5), k) for k in KINDS]
     assert a == b
+
+
+# --------------------------------------------------------------------------------------------
+# the reliability figure (docs/protocol.md): 10,000 malformed messages, one error reply each
+# --------------------------------------------------------------------------------------------
+#: kinds that can never be a valid request (undecodable, wrong envelope, missing or short parts,
+#: too many parts, a part over --max-part-bytes): each must be answered by exactly one error
+MALFORMED_KINDS = ["random_bytes", "wrong_msgpack_type", "truncated", "huge_declared", "truncated_multipart"]
+MALFORMED_COUNT = 10_000
+
+
+def test_ten_thousand_malformed_messages_from_several_clients_each_get_one_error(server, ctx):
+    import threading
+
+    per_client = -(-MALFORMED_COUNT // N_CLIENTS)
+    results: list[dict] = [{} for _ in range(N_CLIENTS)]
+
+    def client(i: int) -> None:
+        r = random.Random(FUZZ_SEED + 1 + i)
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDTIMEO, 10_000)
+        s.connect(server.endpoint)
+        res = results[i]
+        res.update(sent=0, errors=0, codes={}, bad=[])
+        try:
+            for n in range(per_client):
+                kind = "over_limit_part" if n % 500 == 250 else r.choice(MALFORMED_KINDS)
+                s.send_multipart(make_message(r, kind))
+                res["sent"] += 1
+                if not s.poll(20_000):
+                    res["bad"].append(f"no reply to message {n} ({kind})")
+                    return
+                try:
+                    h, _ = P.unpack(s.recv_multipart())
+                except P.ProtocolError as exc:
+                    res["bad"].append(f"undecodable reply to {kind}: {exc}")
+                    continue
+                if h.get("type") != P.ERROR or h.get("code") not in P.ERROR_CODES or h["code"] == P.E_INTERNAL \
+                        or not h.get("message"):
+                    res["bad"].append(f"{kind}: {h}")
+                    continue
+                res["errors"] += 1
+                res["codes"][h["code"]] = res["codes"].get(h["code"], 0) + 1
+            if s.poll(300):          # exactly one reply per message: nothing else may arrive
+                res["bad"].append(f"an extra reply: {P.unpack(s.recv_multipart())[0]}")
+        finally:
+            s.close(linger=0)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(N_CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    elapsed = time.monotonic() - t0
+    sent = sum(x.get("sent", 0) for x in results)
+    errors = sum(x.get("errors", 0) for x in results)
+    bad = [b for x in results for b in x.get("bad", [])]
+    codes: dict = {}
+    for x in results:
+        for k, v in x.get("codes", {}).items():
+            codes[k] = codes.get(k, 0) + v
+    print(f"malformed: {sent} messages from {N_CLIENTS} clients in {elapsed:.1f} s, {errors} error replies {codes}")
+    assert not any(t.is_alive() for t in threads)
+    assert server.proc.poll() is None, "the server died:\n" + "".join(server.stderr)[-3000:]
+    assert not bad, bad[:5]
+    assert sent >= MALFORMED_COUNT and errors == sent
+    assert "Traceback" not in "".join(server.stderr), "".join(server.stderr)[-3000:]
+    c = Client(server.endpoint, ctx)      # and it still answers
+    try:
+        h, _ = c.call(P.request(P.HELLO, "after-malformed"))
+        assert h["type"] == P.HELLO
+    finally:
+        c.close()
