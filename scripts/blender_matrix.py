@@ -122,8 +122,8 @@ def junit_summary(xml_path: Path) -> dict:
     return {**counts, "failed_tests": failed, "skipped_reasons": sorted(set(reasons))}
 
 
-def run_version(root: Path, bpy_version: str, python: str, note: str, given: dict[str, str], extra: list[str],
-                timeout: float, log) -> dict:
+def run_version(root: Path, results: Path, bpy_version: str, python: str, note: str, given: dict[str, str],
+                extra: list[str], timeout: float, log) -> dict:
     import test_addon_helpers as H
 
     t0 = time.monotonic()
@@ -142,7 +142,7 @@ def run_version(root: Path, bpy_version: str, python: str, note: str, given: dic
     build = H.bpy_build(str(exe))
     row.update(blender=build["version"], python=build["python"], audio=build["audio"],
                setup_s=round(time.monotonic() - t0, 1))
-    out = root / "results" / bpy_version
+    out = results / bpy_version
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     xml_path = out / "junit.xml"
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--versions", nargs="+", default=[v for v, _, _ in MATRIX], metavar="BPY",
                     help="bpy versions to test (default: all of %s)" % ", ".join(v for v, _, _ in MATRIX))
     ap.add_argument("--venv-root", default=str(REPO / ".tmp" / "bpy-venvs"), help="where the bpy venvs live")
+    ap.add_argument("--results", default=None, help="where each version's junit.xml, pytest.log and tmp go "
+                    "(default: VENV_ROOT/results)")
     ap.add_argument("--python", action="append", default=[], metavar="X.Y=PATH",
                     help="interpreter to create the Python X.Y venvs from")
     ap.add_argument("--markdown", default=None, help="also write the results table to this file")
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{sys.executable} has no pytest: run this with the project's .venv/bin/python")
     root = Path(a.venv_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    results = Path(a.results).resolve() if a.results else root / "results"
 
     def log(msg: str) -> None:
         print(f"[blender-matrix] {msg}", flush=True)
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in a.versions:
         py, note = known[v]
         try:
-            rows.append(run_version(root, v, py, note, given, ["-k", a.k] if a.k else [], a.timeout, log))
+            rows.append(run_version(root, results, v, py, note, given, ["-k", a.k] if a.k else [], a.timeout, log))
         except (MatrixError, AssertionError, subprocess.CalledProcessError) as exc:
             rows.append({"bpy": v, "note": note, "error": str(exc), "ok": False})
         log(f"bpy {v}: {'ok' if rows[-1]['ok'] else 'FAILED'}")

@@ -124,7 +124,7 @@ def test_matrix_runs_one_lts(tmp_path):
         pytest.skip("already inside a matrix run")
     results = tmp_path / "results.json"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "blender_matrix.py"), "--versions", CI_LTS,
-                        "--json", str(results)], capture_output=True, text=True, timeout=3000)
+                        "--json", str(results), "--results", str(tmp_path / "runs")], capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     (row,) = json.loads(results.read_text())
     assert row["bpy"] == CI_LTS and row["blender"].startswith("4.2.") and row["python"].startswith("3.11")
