@@ -4,7 +4,8 @@
 The zip holds one folder ``styleheat/`` with the add-on sources from ``blender_addon/``, a copy of
 ``server/protocol.py`` as ``styleheat/protocol.py`` (the single source of the wire protocol: never
 edit the copy), ``blender_manifest.toml`` with the bundled wheels listed, and ``wheels/`` with
-pyzmq and msgpack for Blender's Python 3.11 on Linux, Windows and macOS, downloaded unmodified
+pyzmq and msgpack for Blender's Pythons (3.11: Blender 4.2 .. 5.0; 3.13: 5.1+) on Linux, Windows and
+macOS, downloaded unmodified
 from PyPI with ``pip download --only-binary=:all:`` as Blender's extension docs prescribe. The same
 zip installs as a Blender 4.2+ extension and as a legacy add-on (``bl_info``; the add-on unpacks
 the matching wheel itself). The result is checked with the extension validator that ships inside
@@ -26,10 +27,12 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+from blender_addon import deps as addon_deps  # noqa: E402  (bpy-free: wheel tags)
 SOURCE = REPO / "blender_addon"
 PROTOCOL = REPO / "server" / "protocol.py"
 PACKAGE = "styleheat"
-PYTHON_VERSION = "3.11"            # Blender 4.2 .. 5.x
+PYTHON_VERSIONS = ("3.11", "3.13")  # Blender 4.2 .. 5.0, Blender 5.1+
 # (blender platform, pip --platform tags tried in order)
 PLATFORMS = (
     ("linux-x64", ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")),
@@ -90,56 +93,34 @@ def check_versions_agree() -> None:
 
 
 def download_wheels(dest: Path, cache: Path | None) -> dict[str, list[str]]:
-    """pip download the pinned wheels for every platform; returns {blender platform: [wheel files]}."""
+    """pip download the pinned wheels for every platform and every Blender Python; returns
+    {blender platform: [wheel files]} (a platform counts only with wheels for all PYTHON_VERSIONS)."""
     versions = pinned_versions()
     dest.mkdir(parents=True, exist_ok=True)
     found: dict[str, list[str]] = {}
     errors = []
-    for bl_platform, tags in PLATFORMS:
-        for tag in tags:
-            tmp = Path(tempfile.mkdtemp(prefix="styleheat_whl_"))
-            try:
-                names = []
-                ok = True
-                for pkg, ver in versions.items():
-                    cached = _cached(cache, pkg, ver, tag)
-                    if cached is not None:
-                        names.append(cached)
-                        continue
-                    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                           "--only-binary=:all:", "--no-deps", "--python-version", PYTHON_VERSION,
-                           "--implementation", "cp", "--platform", tag, "--dest", str(tmp), f"{pkg}=={ver}"]
-                    r = subprocess.run(cmd, capture_output=True, text=True)
-                    if r.returncode != 0:
-                        err = r.stderr.lower()
-                        last = r.stderr.strip().splitlines()[-1:] or [""]
-                        first_try = not found and not names and bl_platform == PLATFORMS[0][0]
-                        if (first_try and "from versions: none" in err) or any(
-                                s in err for s in ("connection refused", "network is unreachable",
-                                                   "name or service not known", "max retries")):
-                            # no version at all of a pinned package that has linux-x64 wheels: no registry
-                            raise BuildError("could not download pyzmq/msgpack wheels: the package registry is "
-                                             f"not reachable (pip: {last[0]}). Retry online, pass --wheel-cache "
-                                             "DIR with downloaded wheels, or build with --no-wheels (then "
-                                             "Blender's Python must already have pyzmq and msgpack)")
-                        ok = False
-                        errors.append((bl_platform, tag, pkg, last))
+    first = True
+    store = cache if cache is not None else Path(tempfile.mkdtemp(prefix="styleheat_whl_"))
+    try:
+        for bl_platform, tags in PLATFORMS:
+            names: list[Path] = []
+            for python in PYTHON_VERSIONS:
+                got = None
+                for tag in tags:
+                    got = _wheels_for(tag, python, versions, cache, store, errors, first)
+                    first = False
+                    if got is not None:
                         break
-                    got = sorted(tmp.glob(f"{pkg}-*.whl"))
-                    if not got:
-                        ok = False
-                        break
-                    names.append(got[-1])
-                    if cache is not None:
-                        cache.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(got[-1], cache / got[-1].name)
-                if ok:
-                    for n in names:
-                        shutil.copy2(n, dest / n.name)
-                    found[bl_platform] = sorted({n.name for n in names})
+                if got is None:
                     break
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                names += got
+            else:  # every Python has its wheels for this platform
+                for n in names:
+                    shutil.copy2(n, dest / n.name)
+                found[bl_platform] = sorted({n.name for n in names})
+    finally:
+        if cache is None:
+            shutil.rmtree(store, ignore_errors=True)
     missing = [p for p in REQUIRED_PLATFORMS if p not in found]
     if missing:
         unreachable = any("connection" in " ".join(e[3]).lower() or "resolve" in " ".join(e[3]).lower()
@@ -154,12 +135,55 @@ def download_wheels(dest: Path, cache: Path | None) -> dict[str, list[str]]:
     return found
 
 
-def _cached(cache: Path | None, pkg: str, ver: str, tag: str) -> Path | None:
+def _wheels_for(tag: str, python: str, versions: dict[str, str], cache: Path | None, store: Path, errors: list,
+                first: bool) -> list[Path] | None:
+    """The pinned wheels for one pip platform tag and Python version (from the cache, or downloaded
+    into ``store``), or None when one of them has no such wheel; ``first``: the very first download,
+    where "no version at all" means the registry is not reachable."""
+    tmp = Path(tempfile.mkdtemp(prefix="styleheat_whl_"))
+    try:
+        names = []
+        for pkg, ver in versions.items():
+            cached = _cached(cache, pkg, ver, tag, python)
+            if cached is not None:
+                names.append(cached)
+                continue
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                   "--only-binary=:all:", "--no-deps", "--python-version", python,
+                   "--implementation", "cp", "--platform", tag, "--dest", str(tmp), f"{pkg}=={ver}"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                err = r.stderr.lower()
+                last = r.stderr.strip().splitlines()[-1:] or [""]
+                if (first and not names and "from versions: none" in err) or any(
+                        s in err for s in ("connection refused", "network is unreachable",
+                                           "name or service not known", "max retries")):
+                    # no version at all of a pinned package that has linux-x64 wheels: no registry
+                    raise BuildError("could not download pyzmq/msgpack wheels: the package registry is "
+                                     f"not reachable (pip: {last[0]}). Retry online, pass --wheel-cache "
+                                     "DIR with downloaded wheels, or build with --no-wheels (then "
+                                     "Blender's Python must already have pyzmq and msgpack)")
+                errors.append((f"py{python}", tag, pkg, last))
+                return None
+            got = sorted(tmp.glob(f"{pkg}-*.whl"))
+            if not got:
+                return None
+            store.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(got[-1], store / got[-1].name)
+            names.append(store / got[-1].name)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached(cache: Path | None, pkg: str, ver: str, tag: str, python: str) -> Path | None:
     if cache is None or not cache.is_dir():
         return None
     stem = pkg.replace("-", "_")
+    want = tuple(int(x) for x in python.split("."))
     for p in sorted(cache.glob(f"{stem}-{ver}-*.whl")):
-        if tag in p.name[:-4].split("-")[-1].split("."):
+        py_tag, abi_tag, plat = p.name[:-4].split("-")[-3:]
+        if tag in plat.split(".") and addon_deps.python_fits(py_tag, abi_tag, want):
             return p
     return None
 

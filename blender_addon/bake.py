@@ -280,6 +280,7 @@ def bake_audio(scene, obj, address: str, timeout: float = 5.0, *, strip: str = "
     """Key ``styleheat.expression`` over the strip's frames with the server's Audio2Exp rows:
     ``scale * (exp - e0)`` (``blend``: added to what the curves give there, else replacing it)."""
     _check_rig(obj)
+    audio_mod.require()
     first, last = sound_range(scene, strip)
     client, _, base = _connect_for(obj, address, timeout, "audio2exp", "This StyleHEAT server has no Audio2Exp "
                                    "network; restart it with --audio2exp PATH (SadTalker's checkpoint).")

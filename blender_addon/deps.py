@@ -27,14 +27,23 @@ def _platform_ok(tag: str) -> bool:
     return False
 
 
+def python_fits(py_tag: str, abi_tag: str, version: tuple[int, int]) -> bool:
+    """Whether a wheel with these python/abi tags runs on CPython ``version``: built for it, pure
+    Python, or the stable ABI (abi3) of that version or an older one (pyzmq ships cp312-abi3 for
+    Blender 5.1+'s Python 3.13)."""
+    tags = py_tag.split(".")
+    if f"cp{version[0]}{version[1]}" in tags or py_tag in ("py3", "py2.py3"):
+        return True
+    return abi_tag == "abi3" and any(t.startswith("cp3") and t[3:].isdigit() and (3, int(t[3:])) <= version
+                                     for t in tags)
+
+
 def compatible(wheel_name: str) -> bool:
     parts = wheel_name[:-4].split("-")
     if len(parts) < 5:
         return False
     py, abi, plat = parts[-3], parts[-2], parts[-1]
-    cp = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    py_ok = cp in py.split(".") or py in ("py3", "py2.py3") or abi == "abi3"
-    return py_ok and (plat == "any" or any(_platform_ok(t) for t in plat.split(".")))
+    return python_fits(py, abi, sys.version_info[:2]) and (plat == "any" or any(_platform_ok(t) for t in plat.split(".")))
 
 
 def missing() -> list[str]:

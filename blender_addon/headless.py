@@ -15,6 +15,7 @@ every rig rendered, 1 on a user/server error (the message says what to do), 2 on
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import sys
@@ -35,7 +36,12 @@ def ensure_registered() -> None:
     import bpy
 
     if not hasattr(bpy.types.Object, "styleheat"):
-        _package().register()
+        pkg = _package()
+        pkg.register()
+        # what register() added must be gone before the bpy module shuts down: bpy 4.2 crashes
+        # (SIGSEGV) and 4.5 hangs at interpreter exit otherwise (add-ons that Blender itself
+        # enabled are unregistered by Blender)
+        atexit.register(pkg.unregister)
 
 
 def render_blend(blend_path: str | None = None, *, server: str | None = None, rigs: list[str] | None = None,

@@ -21,13 +21,10 @@ import numpy as np
 from . import audio as audio_mod
 from . import compat, frames as F, rig as rig_mod
 from .client import Client, ClientError, ServerError, ServerUnavailable
+from .errors import UserError
 
 OUTPUT_ROOT = "//styleheat"
 PREVIEW_IMAGE = "StyleHEAT Preview"
-
-
-class UserError(Exception):
-    """A problem the user must fix; the message says what and how."""
 
 
 # --- server state shared by operators ------------------------------------------------------
@@ -222,6 +219,8 @@ def plan_render(scene, obj, identity: str, info: dict, start: int, end: int, dir
         clip.attributes = {n: v for n, v in clip.attributes.items() if n in known}
     if rig.use_audio and info_field(info, "audio", False) is False and audio_mod.audible_sound_strips(scene):
         warnings.append("this server has no audio path, so the sound strips do not drive the lips")
+    elif rig.use_audio and not audio_mod.available() and audio_mod.audible_sound_strips(scene):
+        warnings.append(audio_mod.NO_AUDIO + ", so the sound strips do not drive the lips")
     elif rig.use_audio:
         samples = audio_mod.mixdown(scene, clip.first, clip.last)
         if samples is not None:

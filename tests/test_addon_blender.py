@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_addon_helpers import build_zip, run_bpy
+from test_addon_helpers import build_zip, require_audio, run_bpy
 
 pytestmark = pytest.mark.blender
 
@@ -172,6 +172,7 @@ def _write_wav(path: Path, samples: np.ndarray, rate: int) -> np.ndarray:
 def test_sound_strip_offset_trim_volume_key_mute(tmp_path, addon_zip):
     """The PCM sent for a frame range is what plays there: strip offset, start trim, a keyed volume
     step and mute, compared with the source WAV written here."""
+    require_audio()
     rate, fps = 16000, 25
     t = np.arange(rate * 3) / rate
     rng = np.random.default_rng(3)
@@ -197,7 +198,8 @@ def test_sound_strip_offset_trim_volume_key_mute(tmp_path, addon_zip):
         c = strips.new_sound("content", {str(tmp_path / 'voice.wav')!r}, channel=3, frame_start=90)
         compat.set_sound_trim(c, 3, 0)
         OUT["trim_read"] = list(compat.sound_trim(c))
-        OUT["content"] = audio.mixdown(scene, 90, 99).tolist()
+        OUT["content_at"] = [c.frame_start, c.frame_final_start]
+        OUT["content"] = audio.mixdown(scene, c.frame_final_start, c.frame_final_start + 9).tolist()
         m = strips.new_sound("muted", {str(tmp_path / 'other.wav')!r}, channel=2, frame_start=1)
         m.mute = True
         pcm = audio.mixdown(scene, {first}, {last})
@@ -228,13 +230,51 @@ def test_sound_strip_offset_trim_volume_key_mute(tmp_path, addon_zip):
     late = frame_time >= step + 3
     ratio = (pcm[late] @ src[src_index[late]]) / (src[src_index[late]] @ src[src_index[late]])
     assert abs(ratio - 0.5) < 1e-3
-    # the content-trimmed strip starts playing its source 3 frames in, right at its start frame
+    # the content-trimmed strip starts playing its source 3 frames in, at its first frame. Where that
+    # frame is depends on the version: up to 5.0 the content slides and the strip stays at 90; from 5.1
+    # on the strip's start moves to 93 and the content stays. Either way source frame 0 sits at
+    # frame_start - 3.
     assert out["trim_read"] == [3.0, 0.0]
+    frame_start, first_frame = out["content_at"]
+    assert first_frame - (frame_start - 3) == 3 and first_frame in (90, 93)
     content = np.asarray(out["content"])
     np.testing.assert_allclose(content, src[3 * spf: 3 * spf + content.size], atol=2e-4)
     # unmuting the second strip changes what is sent; no strips -> no audio
     assert np.abs(np.asarray(out["with_unmuted"]) - pcm[:200]).max() > 0.2
     assert out["no_strips"] is True
+
+
+def test_a_mixdown_that_writes_nothing_is_a_clear_error(tmp_path, addon_zip):
+    """Blender's mixdown really fails here (its output path is in a folder that does not exist): the
+    add-on says so instead of reading a missing file (5.2 returns FINISHED and only reports the
+    failure; Audaspace aborts the process on 4.5/5.0 when it reads a file that holds no audio);
+    the next mixdown works."""
+    require_audio()
+    _write_wav(tmp_path / "voice.wav", 0.3 * np.ones(16000), 16000)
+    out = run_bpy(tmp_path, f"""
+        import tempfile
+        audio = sub("audio"); compat = sub("compat"); render = sub("render")
+        scene = bpy.context.scene
+        scene.render.fps, scene.render.fps_base = 25, 1.0
+        compat.top_strips(scene).new_sound("voice", {str(tmp_path / 'voice.wav')!r}, channel=1, frame_start=1)
+        real = tempfile.mkstemp
+        def into_a_missing_folder(**kw):
+            fd, path = real(**kw)
+            return fd, os.path.join(os.path.dirname(path), "no-such-folder", os.path.basename(path))
+        tempfile.mkstemp = into_a_missing_folder
+        try:
+            audio.mixdown(scene, 1, 10)
+            OUT["error"] = None
+        except render.UserError as exc:
+            OUT["error"] = str(exc)
+        tempfile.mkstemp = real
+        OUT["range_after"] = [scene.frame_start, scene.frame_end]
+        OUT["next"] = audio.mixdown(scene, 1, 10).tolist()
+    """, addon_zip)
+    assert out["error"] is not None and out["error"].startswith("Blender's audio mixdown")
+    assert out["range_after"] == [1, 250]
+    next_pcm = np.asarray(out["next"])
+    assert next_pcm.shape == (6400,) and abs(float(np.median(next_pcm[100:])) - 0.3) < 1e-3
 
 
 def test_server_down_gives_clear_error(tmp_path, addon_zip):

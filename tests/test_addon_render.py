@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from test_addon_helpers import PY, Server, blender_env, build_staged, build_zip, run_bpy
+from test_addon_helpers import BPY_PY, PY, Server, blender_env, build_staged, build_zip, require_audio, run_bpy
 
 pytestmark = pytest.mark.blender
 
@@ -170,7 +170,7 @@ def test_headless_entry_point_renders_saved_blend(tmp_path, addon_zip, server, f
     env = blender_env(tmp_path / "headless")
     env["PYTHONPATH"] = str(staged.parent)
     # python -m, with the bpy module
-    r = subprocess.run([PY, "-m", "styleheat.headless", str(blend), "--server", server.address],
+    r = subprocess.run([BPY_PY, "-m", "styleheat.headless", str(blend), "--server", server.address],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rendered 3" in r.stdout
@@ -183,19 +183,19 @@ def test_headless_entry_point_renders_saved_blend(tmp_path, addon_zip, server, f
             "code = h.main(); import styleheat.compat as c; "
             "print('STRIPS', [(s.name, s.frame_final_start, len(s.elements)) for s in c.all_strips(bpy.context.scene)]); "
             "sys.exit(code)") % (str(blend), server.address)
-    r = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([BPY_PY, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rendered 0, unchanged 3" in r.stdout
     assert "STRIPS [('StyleHEAT Face', 3, 3)]" in r.stdout
     # as a plain script path (what `blender -b x.blend --python .../styleheat/headless.py -- ...` runs)
     script_env = dict(env)
     script_env.pop("PYTHONPATH")
-    r = subprocess.run([PY, str(staged / "headless.py"), str(blend), "--server", server.address],
+    r = subprocess.run([BPY_PY, str(staged / "headless.py"), str(blend), "--server", server.address],
                        env=script_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rendered 0, unchanged 3" in r.stdout
     # a bad server address fails with exit code 1 and a sentence
-    r = subprocess.run([PY, "-m", "styleheat.headless", str(blend), "--server", "tcp://127.0.0.1:9",
+    r = subprocess.run([BPY_PY, "-m", "styleheat.headless", str(blend), "--server", "tcp://127.0.0.1:9",
                         "--timeout", "1"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "No StyleHEAT server answered" in r.stderr
 
@@ -203,6 +203,7 @@ def test_headless_entry_point_renders_saved_blend(tmp_path, addon_zip, server, f
 def test_sound_strip_drives_the_render_and_its_changes_rerender(tmp_path, addon_zip, server, fixtures_dir):
     """The server accepts the mixed-down PCM; muting the strip changes the audio of every frame
     (re-rendered), moving nothing else changes nothing (not re-rendered)."""
+    require_audio()
     import wave
 
     rate = 16000
