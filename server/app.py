@@ -390,8 +390,12 @@ assert set(HANDLERS) == set(P.REQUEST_TYPES), "every request type needs a handle
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+class StartupError(Exception):
+    """The server cannot start; the message (one or two sentences) says why and what to do."""
+
+
 def find_model(args) -> Path | None:
-    """The checkpoint folder or bundle to serve (None for --tiny-random); SystemExit saying what to do."""
+    """The checkpoint folder or bundle to serve (None for --tiny-random); StartupError saying what to do."""
     if args.tiny_random:
         return None
     from server.paths import resolve_checkpoint_dir
@@ -399,13 +403,9 @@ def find_model(args) -> Path | None:
     path, source = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     source = "--checkpoints" if source == "--dir" else source
     if not path.is_file() and not path.is_dir():
-        raise SystemExit(f"styleheat-server: no checkpoints at {path} (from {source}); run 'styleheat download' "
-                         f"or pass --checkpoints DIR, or use --tiny-random for a demo")
+        raise StartupError(f"styleheat-server: no checkpoints at {path} (from {source}); run 'styleheat download' "
+                           f"or pass --checkpoints DIR, or use --tiny-random for a demo")
     return path
-
-
-class StartupError(Exception):
-    """The server cannot start; the message (one or two sentences) says why and what to do."""
 
 
 def load_models(args) -> tuple["Engine", BakeModels]:
@@ -415,10 +415,7 @@ def load_models(args) -> tuple["Engine", BakeModels]:
     from server.commands._model_args import read_config
     from server.engine import Engine, resolve_device
 
-    try:
-        path = find_model(args)
-    except SystemExit as exc:
-        raise StartupError(str(exc)) from None
+    path = find_model(args)
     hint = "" if args.tiny_random else " (check the files with 'styleheat doctor', or use --tiny-random for a demo)"
     try:
         device = resolve_device(args.device)
