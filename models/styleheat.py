@@ -21,7 +21,10 @@ Inputs are float32 NCHW in [-1, 1]; this module does no file I/O.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -146,6 +149,101 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     return hfgi.resize(x, size)
+
+
+#: render qualities: name -> what it computes (the engine and the protocol advertise these sentences)
+FULL = "full"
+PREVIEW = "preview"
+QUALITIES: dict[str, str] = {
+    FULL: "every network, as the official inference: VideoWarper, warp, CalibrationNet, StyleGAN2 synthesis "
+          "(stopped at the requested size when it is below the native one)",
+    PREVIEW: "scrub preview: VideoWarper, warp and the StyleGAN2 synthesis stopped at the requested size; the "
+             "CalibrationNet (the warp repair) is skipped, and with audio the AudioWarper sees the preview-size "
+             "image instead of a full-size one",
+}
+#: lower bounds the tests assert for a 256^2 preview against the full 1024^2 frame downscaled (INTER_AREA) on
+#: the seeded reference weights (tests/test_fast_path_full.py); the measured values are in benchmarks/README.md.
+#: Seeded weights are random, so the CalibrationNet's repair is large and these bounds are loose; with the real
+#: weights the skipped repair is a small correction.
+PREVIEW_MIN_PSNR_DB = 15.0
+PREVIEW_MIN_SSIM = 0.1
+
+
+class _StageClock:
+    """``with clock("warper"): ...`` adds the block's seconds to ``timings["warper"]`` (no-op without a dict)."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.cuda = timings, device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        if self.timings is None:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+
+class FrameNets:
+    """The per-frame networks (VideoWarper, CalibrationNet, AudioWarper) in one precision and memory layout.
+
+    ``FrameNets.of(model)`` wraps the model's own float32 modules (no copy). ``FrameNets.build(model,
+    dtype=torch.bfloat16, channels_last=True)`` makes converted copies once (the engine keeps them): every
+    weight in ``dtype``, 4-D weights and activations channels_last, so the whole frame runs in bfloat16 from
+    the warper input to the synthesis output (only the 64x64 grid sampling stays float32, see
+    :meth:`StyleHEAT.render`). Inputs are cast once with :meth:`image` / :meth:`feature`.
+    """
+
+    def __init__(self, video_warper, calibrator, audio_warper, dtype: torch.dtype, channels_last: bool):
+        self.video_warper, self.calibrator, self.audio_warper = video_warper, calibrator, audio_warper
+        self.dtype, self.channels_last = dtype, bool(channels_last)
+
+    @classmethod
+    def of(cls, model: "StyleHEAT") -> "FrameNets":
+        return cls(model.video_warper, model.calibrator, model.audio_warper, torch.float32, False)
+
+    @classmethod
+    def build(cls, model: "StyleHEAT", *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+              device: torch.device | str | None = None) -> "FrameNets":
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        dev = torch.device(device) if device is not None else model.latent_avg.device
+
+        def convert(m):
+            if m is None:
+                return None
+            m = copy.deepcopy(m).to(device=dev, dtype=dtype)
+            if channels_last:
+                m = m.to(memory_format=torch.channels_last)
+            for p in m.parameters():
+                p.requires_grad_(False)
+            return m.eval()
+
+        return cls(convert(model.video_warper), convert(model.calibrator), convert(model.audio_warper), dtype,
+                   channels_last)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 256, 256) warper input in this precision / layout."""
+        return self._cast(x)
+
+    def feature(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, 64, 64) feature in this precision / layout."""
+        return self._cast(x)
+
+    def weight_dtypes(self) -> set[torch.dtype]:
+        mods = [m for m in (self.video_warper, self.calibrator, self.audio_warper) if m is not None]
+        return {t.dtype for m in mods for t in m.parameters()}
 
 
 class StyleHEAT(nn.Module):
@@ -341,33 +439,58 @@ class StyleHEAT(nn.Module):
         return self.prepare_from_codes(wx_edit, hfgi.reconstruct(self.generator, wx_edit), base.res)
 
     def render(self, inv: Inversion | Sequence[Inversion], coeffs: torch.Tensor, mel: torch.Tensor | None = None,
-               out_size: int | None = None, synthesize: Callable | None = None) -> torch.Tensor:
+               out_size: int | None = None, synthesize: Callable | None = None, *, quality: str = FULL,
+               nets: "FrameNets | None" = None, timings: dict | None = None) -> torch.Tensor:
         """Frames for a batch of driving windows: coeffs (B,73,27), mel (B,80,32) or None.
 
         ``inv``: one Inversion for all frames, or a sequence of B (per-frame edited identities).
-        Returns (B, 3, out_size, out_size), not clamped. One generator pass per frame without audio
-        (two with audio: the AudioWarper's input image is a full pass, as in the official code).
+        Returns (B, 3, out_size, out_size) float32, not clamped. One generator pass per frame without audio
+        (two with audio at ``quality="full"``: the AudioWarper's input image is a full pass, as in the
+        official code).
         ``synthesize(feat64, skip32, wx, out_size) -> image``: the 64 -> image synthesis to use (default
         :meth:`Generator.synthesize_from_64`; the engine passes the per-identity folded fast path, which
         is only valid when every frame of the batch shares one W+ code).
+        ``quality``: :data:`FULL` or :data:`PREVIEW` (see :data:`QUALITIES`: the preview skips the
+        CalibrationNet and, with audio, feeds the AudioWarper the ``out_size`` synthesis instead of a full one).
+        ``nets``: the per-frame networks in another precision / layout (:class:`FrameNets`, e.g. bfloat16
+        channels_last); default: this module's own float32 ones.
+        ``timings``: a dict that gets the seconds spent per stage added (warper, warp, calibration, synthesis;
+        CUDA is synchronised at each stage boundary, so only pass it when measuring).
         """
+        if quality not in QUALITIES:
+            raise ValueError(f"quality must be one of {sorted(QUALITIES)}, got {quality!r}")
         if synthesize is None:
             synthesize = self._synthesize_reference
+        nets = nets or FrameNets.of(self)
+        size = out_size or self.config.size
+        clock = _StageClock(timings, coeffs.device)
         b = coeffs.shape[0]
         ix, wx, fx, skip32 = self._batched(inv, b)
-        video = self.video_warper(ix, coeffs, with_warp_image=False)
-        deformation = flow.flow_to_deformation(video["flow_field"])
-        fx_warp = flow.warp(fx, deformation)
+        with clock("warper"):
+            video = nets.video_warper(nets.image(ix), coeffs.to(nets.dtype), with_warp_image=False)
+        with clock("warp"):
+            # grid_sample stays float32 whatever the precision: on CPU its bfloat16 kernel misreads
+            # channels_last input, and a bfloat16 grid moves samples by up to 1/4 of a 64-grid pixel
+            deformation = flow.flow_to_deformation(video["flow_field"].float())
+            fx_warp = flow.warp(fx, deformation)
         if mel is not None:
-            if self.audio_warper is None:
+            if nets.audio_warper is None:
                 raise ValueError("render: audio given but this model has no AudioWarper weights")
-            preview = synthesize(fx_warp, skip32, wx, self.config.size)
-            audio_flow = self.audio_warper(resize(preview, INPUT_SIZE), mel, with_warp_image=False)["flow_field"]
-            zero_upper_flow_(audio_flow)
-            fx_warp = flow.warp(fx_warp, flow.flow_to_deformation(audio_flow))
-        refining = self.calibrator(fx_warp, video["descriptor"], last_only=True)
-        feat = fx_warp * (1 + refining[6]) + refining[7]
-        return synthesize(feat, skip32, wx, out_size or self.config.size)
+            with clock("synthesis"):
+                first = synthesize(nets.feature(fx_warp), skip32, wx, self.config.size if quality == FULL else size)
+            with clock("warper"):
+                audio_flow = nets.audio_warper(nets.image(resize(first.float(), INPUT_SIZE)), mel.to(nets.dtype),
+                                               with_warp_image=False)["flow_field"].float()
+            with clock("warp"):
+                zero_upper_flow_(audio_flow)
+                fx_warp = flow.warp(fx_warp, flow.flow_to_deformation(audio_flow))
+        feat = nets.feature(fx_warp)
+        if quality == FULL:
+            with clock("calibration"):
+                refining = nets.calibrator(feat, video["descriptor"], last_only=True)
+                feat = feat * (1 + refining[6]) + refining[7]
+        with clock("synthesis"):
+            return synthesize(feat, skip32, wx, size).float()
 
     def _synthesize_reference(self, feat, skip32, wx, out_size):
         return self.generator.synthesize_from_64(feat, skip32, wx, out_size=out_size)
