@@ -11,7 +11,9 @@ Frame conversion follows the official saving code: clamp(-1, 1) -> (x + 1) / 2 *
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from models.fastpath import FoldedCache
+from models.fastpath import FoldedCache, bf16_supported
 from models.tracking import Tracker
-from models.styleheat import INPUT_SIZE, Inversion, StyleHEAT, StyleHEATConfig
+from models.styleheat import FULL, INPUT_SIZE, PREVIEW, QUALITIES, FrameNets, Inversion, StyleHEAT, StyleHEATConfig
 from models.windows import window_indices
 
 #: how many identities stay cached, and how many edited variants per identity
@@ -31,6 +33,51 @@ EDIT_CACHE_SIZE = 32
 FOLDED_CACHE_SIZE = 16   # folded synthesis modules (identity x edit x output size)
 #: attribute strengths are quantized to this fraction of their (max - min) range before caching
 ATTRIBUTE_QUANTUM = 1.0 / 200.0
+#: bytes of uint8 preview frames kept so that scrubbing back to a frame already seen costs nothing
+PREVIEW_CACHE_BYTES = 256 * 2 ** 20
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once); os.cpu_count() if unknown."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = set(range(os.cpu_count() or 1))
+    cores, cpu, phys = set(), None, "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    cpu = int(value)
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id" and cpu in allowed:
+                    cores.add((phys, value))
+    except (OSError, ValueError):
+        cores = set()
+    return max(1, len(cores) or len(allowed))
+
+
+def configure_threads(device: torch.device) -> int:
+    """On CPU, one torch thread per physical core (hyper-threads share the FMA units and slow convolutions
+    down) unless the user chose (OMP_NUM_THREADS / torch.set_num_threads before). Returns the thread count."""
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        n = physical_cores()
+        if torch.get_num_threads() > n:
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bfloat16' where it is native (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else 'float32'."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if bf16_supported(device) else "float32"
+    return precision
 
 
 @dataclass(frozen=True)
@@ -95,15 +142,20 @@ class Engine:
     def __init__(self, model: StyleHEAT, *, device: torch.device, real_weights: bool, model_name: str,
                  tracker: Tracker | None = None, tracker_note: str | None = None,
                  identity_cache_size: int = IDENTITY_CACHE_SIZE, edit_cache_size: int = EDIT_CACHE_SIZE,
-                 fast: bool = True, precision: str = "float32", channels_last: bool = True):
+                 fast: bool = True, precision: str = "float32", channels_last: bool = True,
+                 preview_cache_bytes: int = PREVIEW_CACHE_BYTES):
         """``fast``: render through the per-identity folded synthesis (models.fastpath; float32 equals the
         reference path within the parity tolerance); ``fast=False`` runs Generator.synthesize_from_64.
-        ``precision``: "float32" or "bfloat16" (the folded synthesis in bf16: fast on CUDA and AVX512-BF16
-        CPUs, emulated and slow elsewhere; accuracy bound in models.fastpath.BF16_MIN_PSNR_DB).
+        ``precision``: "float32", "bfloat16" (VideoWarper, CalibrationNet, AudioWarper and the folded synthesis
+        in bf16 channels_last: fast on CUDA and AVX512-BF16 / AMX CPUs, emulated and slow elsewhere; accuracy
+        bound in models.fastpath.BF16_MIN_PSNR_DB) or "auto" (bfloat16 only where it is native).
+        ``preview_cache_bytes``: budget of the cache of rendered ``quality="preview"`` frames (0: off).
         ``tracker`` (models.tracking.Tracker) gives each portrait its own 3DMM row; without one,
         ``tracker_note`` says why (it becomes IdentityInfo.coefficient_note)."""
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
+        precision = resolve_precision(precision, device)
+        if precision == "bfloat16" and not fast:
+            raise ValueError("precision='bfloat16' needs the fast path (fast=True); the reference synthesis is float32")
+        self.threads = configure_threads(device)
         self.model = model.to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -125,11 +177,19 @@ class Engine:
         self.precision = precision
         self.channels_last = bool(channels_last)
         self._folded = FoldedCache(capacity=FOLDED_CACHE_SIZE)
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        self._nets = (FrameNets.build(self.model, dtype=dtype, channels_last=self.channels_last, device=device)
+                      if dtype != torch.float32 else FrameNets.of(self.model))
+        self._preview_cache: "OrderedDict[bytes, np.ndarray]" = OrderedDict()
+        self._preview_cache_bytes = max(0, int(preview_cache_bytes))
+        self._preview_cache_used = 0
+        self.preview_hits = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoints(cls, directory, device="auto", *, config: StyleHEATConfig | None = None,
-                         tracker: Tracker | None = None, tracker_note: str | None = None) -> "Engine":
+                         tracker: Tracker | None = None, tracker_note: str | None = None,
+                         precision: str = "auto") -> "Engine":
         """The official files as users download them (see models.weights for the layout).
 
         ``config``: only for non-standard model sizes (default: the official full-size model).
@@ -139,26 +199,28 @@ class Engine:
         dev = resolve_device(device)
         model, report = weights.load_official(directory, config, device="cpu")
         eng = cls(model, device=dev, real_weights=True, model_name="StyleHEAT (official checkpoints)",
-                  tracker=tracker, tracker_note=tracker_note)
+                  tracker=tracker, tracker_note=tracker_note, precision=precision)
         eng.load_notes = report.lines()
         return eng
 
     @classmethod
     def from_bundle(cls, path, device="auto", *, tracker: Tracker | None = None,
-                    tracker_note: str | None = None) -> "Engine":
+                    tracker_note: str | None = None, precision: str = "auto") -> "Engine":
         """A safetensors bundle written by ``styleheat convert``."""
         from models import weights
 
         dev = resolve_device(device)
         model, meta = weights.load_bundle(path, device="cpu")
         eng = cls(model, device=dev, real_weights=True, model_name=f"StyleHEAT (bundle {Path(path).name})",
-                  tracker=tracker, tracker_note=tracker_note)
+                  tracker=tracker, tracker_note=tracker_note, precision=precision)
         eng.load_notes = [f"{k:<13s} <- {v}" for k, v in meta.get("sources", {}).items()]
         return eng
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, device="cpu", *, audio: bool = True, edits: bool = True) -> "Engine":
-        """Tiny config, seeded random weights (tests / demos); renders in milliseconds per frame on CPU."""
+    def tiny_random(cls, seed: int = 0, device="cpu", *, audio: bool = True, edits: bool = True,
+                    **options) -> "Engine":
+        """Tiny config, seeded random weights (tests / demos); renders in milliseconds per frame on CPU.
+        ``options``: further Engine arguments (precision, preview_cache_bytes, ...)."""
         dev = resolve_device(device)
         cfg = StyleHEATConfig.tiny(audio=audio)
         gen = torch.Generator().manual_seed(seed)
@@ -176,7 +238,7 @@ class Engine:
             model.set_edit_assets(age=age / age.norm(), pose=pose / pose.norm(),
                                   pca={"mean": 0.1 * torch.randn(1, d, generator=gen), "comp": comp,
                                        "std": 1 + torch.rand(k, generator=gen)})
-        return cls(model, device=dev, real_weights=False, model_name=f"tiny-random (seed {seed})")
+        return cls(model, device=dev, real_weights=False, model_name=f"tiny-random (seed {seed})", **options)
 
     # ------------------------------------------------------------------ info
     @property
@@ -200,7 +262,8 @@ class Engine:
     def info(self) -> dict:
         return {"model": self.model_name, "device": str(self.device), "real_weights": self.real_weights,
                 "sizes": self.sizes, "native_size": self.native_size, "attributes": self.attributes(),
-                "audio_warper": self.model.has_audio}
+                "audio_warper": self.model.has_audio, "qualities": dict(QUALITIES), "precision": self.precision,
+                "threads": self.threads}
 
     # ------------------------------------------------------------------ identities
     def prepare_identity(self, image: np.ndarray) -> IdentityInfo:
@@ -251,8 +314,13 @@ class Engine:
     def render(self, identity_id: str, rows: np.ndarray, frames: Sequence[int], *,
                audio: np.ndarray | None = None, attributes: Mapping[str, np.ndarray] | None = None,
                size: int | None = None, batch_size: int | None = None,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+               should_stop: Callable[[], bool] | None = None, quality: str = FULL,
+               timings: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (frame_index, (size, size, 3) uint8) for ``frames`` in order, batch by batch.
+
+        ``quality``: "full" or "preview" (models.styleheat.QUALITIES; previews skip the CalibrationNet and are
+        cached, so scrubbing back to a frame costs nothing). ``timings``: dict that gets seconds per stage
+        added (warper, warp, calibration, synthesis, encode).
 
         Input is validated before anything runs (ValueError with a clear sentence); see engine_api.md.
         """
@@ -263,33 +331,70 @@ class Engine:
         mel = self._check_audio(audio, n)
         attrs = self._check_attributes(attributes, n)
         size = self._check_size(size)
+        if quality not in QUALITIES:
+            raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
         if batch_size is None:
             batch_size = 8 if self.device.type == "cuda" else 2
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return self._render_iter(ident, rows, frames, mel, attrs, size, int(batch_size), should_stop)
+        return self._render_iter(ident, rows, frames, mel, attrs, size, int(batch_size), should_stop, quality,
+                                 timings)
 
-    def _render_iter(self, ident, rows, frames, mel, attrs, size, batch_size, should_stop):
+    def _render_iter(self, ident, rows, frames, mel, attrs, size, batch_size, should_stop, quality, timings):
         for start in range(0, len(frames), batch_size):
             if should_stop is not None and should_stop():
                 return
             chunk = frames[start:start + batch_size]
             with self._lock, torch.inference_mode():
                 keys = [self._quantize({k: float(v[i]) for k, v in attrs.items()}) for i in chunk]
-                out = []
+                windows = {i: rows[window_indices(i, len(rows), self.window)].T for i in chunk}
+                cache_keys = ({i: self._preview_key(ident, keys[j], windows[i], mel, i, size)
+                               for j, i in enumerate(chunk)} if quality == PREVIEW else {})
+                out: dict[int, np.ndarray] = {}
+                for i, ck in cache_keys.items():
+                    hit = self._preview_cache.get(ck)
+                    if hit is not None:
+                        self._preview_cache.move_to_end(ck)
+                        self.preview_hits += 1
+                        out[i] = hit
+                todo = [j for j, i in enumerate(chunk) if i not in out]
                 # frames that share one W+ code (same quantized edit) run together through one folded synthesis
-                for run in _runs(keys):
-                    sub = [chunk[j] for j in run]
-                    key = keys[run[0]]
+                for run in _runs([keys[j] for j in todo]):
+                    sub = [chunk[todo[j]] for j in run]
+                    key = keys[todo[run[0]]]
                     inv = self._inversion_for(ident, key)
-                    windows = np.stack([rows[window_indices(i, len(rows), self.window)].T for i in sub])
-                    coeffs = torch.from_numpy(windows).to(self.device)
+                    coeffs = torch.from_numpy(np.stack([windows[i] for i in sub])).to(self.device)
                     mel_t = torch.from_numpy(mel[sub]).to(self.device) if mel is not None else None
                     synth = self._synthesizer(ident, key, inv) if self.fast else None
-                    images = self.model.render(inv, coeffs, mel_t, out_size=size, synthesize=synth)
-                    out.extend(to_uint8(images))
-            for i, img in zip(chunk, out):
-                yield int(i), img
+                    images = self.model.render(inv, coeffs, mel_t, out_size=size, synthesize=synth, quality=quality,
+                                               nets=self._nets, timings=timings)
+                    t0 = time.perf_counter()
+                    for i, img in zip(sub, to_uint8(images)):
+                        out[i] = img
+                        if i in cache_keys:
+                            self._remember_preview(cache_keys[i], img)
+                    if timings is not None:
+                        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+            for i in chunk:
+                yield int(i), out[i]
+
+    @staticmethod
+    def _preview_key(ident: _Identity, edit_key: tuple, window: np.ndarray, mel, i: int, size: int) -> bytes:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(f"{ident.info.id}|{edit_key!r}|{size}|".encode())
+        h.update(np.ascontiguousarray(window).tobytes())
+        if mel is not None:
+            h.update(mel[i].tobytes())
+        return h.digest()
+
+    def _remember_preview(self, key: bytes, img: np.ndarray) -> None:
+        if img.nbytes > self._preview_cache_bytes:
+            return
+        self._preview_cache[key] = img
+        self._preview_cache_used += img.nbytes
+        while self._preview_cache_used > self._preview_cache_bytes:
+            _, old = self._preview_cache.popitem(last=False)
+            self._preview_cache_used -= old.nbytes
 
     def _synthesizer(self, ident: _Identity, key: tuple, inv: Inversion) -> Callable:
         """The folded 64 -> image synthesis for one (identity, edit) W+ code, built once per output size."""

@@ -287,3 +287,88 @@ def test_forget_identity_drops_folded_modules(engine, portrait, rows):
 def test_precision_must_be_known(engine):
     with pytest.raises(ValueError, match="precision"):
         Engine(engine.model, device=engine.device, real_weights=False, model_name="x", precision="fp8")
+
+
+# ---------------------------------------------------------------- quality="preview", bfloat16, threads
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
+
+
+def test_preview_skips_calibration_and_is_what_the_model_computes(engine, ident, rows):
+    full = dict(engine.render(ident.id, rows, range(N), size=64))
+    prev = dict(engine.render(ident.id, rows, range(N), size=64, quality="preview"))
+    assert all(prev[i].shape == (64, 64, 3) for i in range(N))
+    assert any(not np.array_equal(full[i], prev[i]) for i in range(N))        # the calibration is really skipped
+    # the preview is the model's preview computation (not e.g. a resized full frame)
+    inv = engine._identities[ident.id].inv
+    win = torch.from_numpy(np.stack([rows[window_indices(i, N, engine.window)].T for i in range(N)]))
+    with torch.inference_mode():
+        ref = to_uint8(engine.model.render(inv, win, out_size=64, quality="preview"))
+    for i in range(N):
+        assert np.abs(prev[i].astype(int) - ref[i].astype(int)).max() <= 1
+
+
+def test_preview_cache_returns_the_same_frames_without_rendering(portrait, rows):
+    eng = Engine.tiny_random(seed=0)
+    ident = eng.prepare_identity(portrait)
+    first = dict(eng.render(ident.id, rows, range(N), size=64, quality="preview"))
+    counter = PassCounter(eng.model)
+    again = dict(eng.render(ident.id, rows, [2, 3], size=64, quality="preview"))
+    assert counter.rows == 0 and eng.preview_hits == 2
+    assert all(np.array_equal(again[i], first[i]) for i in (2, 3))
+    # another driving row is another frame: rendered, not served from the cache
+    moved = rows.copy()
+    moved[:, :64] += 0.5
+    dict(eng.render(ident.id, moved, [2], size=64, quality="preview"))
+    counter.close()
+    assert counter.rows == 1
+    off = Engine.tiny_random(seed=0, preview_cache_bytes=0)
+    ident2 = off.prepare_identity(portrait)
+    a = dict(off.render(ident2.id, rows, [1], size=64, quality="preview"))
+    b = dict(off.render(ident2.id, rows, [1], size=64, quality="preview"))
+    assert off.preview_hits == 0 and np.array_equal(a[1], b[1])
+
+
+def test_unknown_quality_is_a_clear_error(engine, ident, rows):
+    with pytest.raises(ValueError, match="quality.*full.*preview"):
+        engine.render(ident.id, rows, range(N), quality="draft")
+
+
+def test_bfloat16_engine_runs_every_frame_network_in_bf16_within_bound(portrait, rows):
+    from models.fastpath import BF16_MIN_PSNR_DB
+    fp32 = Engine.tiny_random(seed=0)
+    bf16 = Engine.tiny_random(seed=0, precision="bfloat16")
+    assert bf16._nets.weight_dtypes() == {torch.bfloat16} and fp32._nets.weight_dtypes() == {torch.float32}
+    ia, ib = fp32.prepare_identity(portrait), bf16.prepare_identity(portrait)
+    a = np.stack([f for _, f in fp32.render(ia.id, rows, range(N))])
+    b = np.stack([f for _, f in bf16.render(ib.id, rows, range(N))])
+    p = _psnr(a, b)
+    # tiny random networks are ill-conditioned (the CalibrationNet amplifies rounding): 25 dB here, while the
+    # full-size seeded network meets BF16_MIN_PSNR_DB (tests/test_fast_path_full.py)
+    assert 25.0 <= p < 120.0, p
+    assert BF16_MIN_PSNR_DB > 25.0
+
+
+def test_auto_precision_is_bfloat16_only_where_native():
+    from models.fastpath import bf16_supported
+    from server.engine import resolve_precision
+    want = "bfloat16" if bf16_supported("cpu") else "float32"
+    assert resolve_precision("auto", torch.device("cpu")) == want
+    assert resolve_precision("float32", torch.device("cpu")) == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_threads_are_one_per_physical_core(monkeypatch):
+    import os
+    from server.engine import configure_threads, physical_cores
+    n = physical_cores()
+    assert 1 <= n <= (os.cpu_count() or 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(before, os.cpu_count() or 1))
+        assert configure_threads(torch.device("cpu")) <= n
+    finally:
+        torch.set_num_threads(before)
