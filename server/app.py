@@ -163,6 +163,7 @@ class Server:
             presets={k: list(v) for k, v in self.bake.presets.items()},
             pose_presets={k: list(v) for k, v in self.bake.pose_presets.items()},
             capabilities=self.capabilities(),
+            qualities={str(k): str(v) for k, v in info.get("qualities", {"full": "every network"}).items()},
             limits=dict(max_message_bytes=self.max_message_bytes, max_header_bytes=self.max_header_bytes,
                         max_part_bytes=self.max_part_bytes, max_parts=P.MAX_PARTS, max_rows=P.MAX_ROWS,
                         max_frames=P.MAX_FRAMES, max_credit=P.MAX_CREDIT, default_credit=P.DEFAULT_CREDIT,
@@ -233,6 +234,10 @@ class Server:
             raise P.ProtocolError(P.E_UNKNOWN_IDENTITY,
                                   f"identity {req.identity!r} is not known to this server (never prepared here, "
                                   f"forgotten, or evicted from the cache of recent portraits); send 'prepare' first")
+        qualities = self.info.get("qualities", {"full": ""})
+        if req.quality not in qualities:
+            raise P.ProtocolError(P.E_UNSUPPORTED, f"quality {req.quality!r} is not offered by this engine; "
+                                                   f"choose one of {sorted(qualities)}")
         sizes = [int(s) for s in self.info.get("sizes", [])]
         if req.size is not None and sizes and req.size not in sizes:
             raise P.ProtocolError(P.E_BAD_FIELD, f"size {req.size} is not available; choose one of {sizes}")
@@ -252,7 +257,7 @@ class Server:
         self.sched.submit(Job(client, req.id, "render", req, credit=req.credit))
         self.reply_to(client, P.reply(P.ACCEPTED, req.id, total=len(req.frames), size=req.size or
                                       int(self.info.get("native_size", 0)), encoding=req.encoding,
-                                      credit=req.credit))
+                                      credit=req.credit, quality=req.quality))
 
     def on_extract(self, client, header, parts):
         req = P.validate_extract(header, parts)

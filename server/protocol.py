@@ -63,6 +63,8 @@ CAPABILITIES = ("extract", "audio2exp", "align", "audio")
 ROW_WIDTH = 73                     # exp 64 | angles 3 | trans 3 | crop 3
 ROW_LAYOUT = ("exp", 64, "angle", 3, "trans", 3, "crop", 3)
 ENCODINGS = ("raw", "png")
+#: render qualities (models.styleheat.QUALITIES says what each computes; the hello carries those sentences)
+QUALITIES = ("full", "preview")
 
 # --------------------------------------------------------------------------------------------
 # Message types
@@ -127,7 +129,8 @@ ARRAY_FIELDS = ("dtype", "shape", "data", "part")
 REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     HELLO: ("client",),
     PREPARE: ("align",),
-    RENDER: ("identity", "rows", "first_frame", "frames", "size", "encoding", "credit", "attributes", "audio"),
+    RENDER: ("identity", "rows", "first_frame", "frames", "size", "encoding", "credit", "attributes", "audio",
+             "quality"),
     CREDIT: ("frames",),
     CANCEL: (),
     FORGET: ("identity",),
@@ -139,10 +142,10 @@ REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
 REPLY_FIELDS: dict[str, tuple[str, ...]] = {
     HELLO: ("protocol", "server", "device", "model", "real_weights", "tiny_random", "sizes", "native_size",
             "attributes", "audio", "align", "encodings", "limits", "jobs", "presets", "pose_presets",
-            "capabilities"),
+            "capabilities", "qualities"),
     PREPARED: ("identity", "aligned", "align_note", "coefficients", "coefficient_note", "width", "height",
                "encoding"),
-    ACCEPTED: ("total", "size", "encoding", "credit"),
+    ACCEPTED: ("total", "size", "encoding", "credit", "quality"),
     PROGRESS: ("done", "total", "stage", "message", "batch_size"),
     FRAME: ("frame", "index", "total", "width", "height", "channels", "dtype", "encoding"),
     DONE: ("sent", "total", "cancelled"),
@@ -467,6 +470,7 @@ class RenderRequest:
     credit: int = DEFAULT_CREDIT
     attributes: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (N,) float32
     audio: AudioInput | None = None
+    quality: str = "full"        # one of the hello's ``qualities``
 
     @property
     def indices(self) -> list[int]:
@@ -532,8 +536,11 @@ def validate_render(h: Mapping, parts: Sequence) -> RenderRequest:
     audio = None
     if h.get("audio") is not None:
         audio = decode_audio(h["audio"], parts)
+    quality = h.get("quality", "full")
+    if quality not in QUALITIES:
+        raise ProtocolError(E_BAD_FIELD, f"quality must be one of {list(QUALITIES)}, got {quality!r:.40}")
     return RenderRequest(id=rid, identity=identity, rows=rows, first_frame=first, frames=frames, size=size,
-                         encoding=enc, credit=credit, attributes=attrs, audio=audio)
+                         encoding=enc, credit=credit, attributes=attrs, audio=audio, quality=quality)
 
 
 def decode_audio(a: Any, parts: Sequence = (), fps_required: bool = True) -> AudioInput:

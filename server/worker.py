@@ -294,7 +294,7 @@ class Worker(threading.Thread):
         req: P.RenderRequest = job.payload
         return iter(self.engine.render(
             req.identity, req.rows, indices, audio=job.audio, attributes=req.attributes or None,
-            size=req.size, batch_size=job.batch, should_stop=lambda: job.abort is not None))
+            size=req.size, batch_size=job.batch, should_stop=lambda: job.abort is not None, quality=req.quality))
 
     def _progress(self, job: Job, stage: str, message: str, **extra) -> None:
         self.send(job.client, P.reply(P.PROGRESS, job.id, done=job.produced, total=len(job.indices),

@@ -71,6 +71,35 @@ def test_hello_reports_what_is_served(hello):
         assert spec["min"] <= spec["default"] <= spec["max"]
 
 
+def test_hello_lists_the_qualities_with_what_they_compute(hello):
+    from models.styleheat import QUALITIES
+    assert set(hello["qualities"]) == set(P.QUALITIES) == set(QUALITIES)
+    assert "CalibrationNet" in hello["qualities"]["preview"]
+
+
+def test_preview_render_has_the_size_asked_and_differs_from_full(client, identity, hello):
+    size = hello["sizes"][0]
+    images = {}
+    for quality in ("full", "preview"):
+        rid = f"quality-{quality}"
+        parts: list = []
+        client.send(render_header(rid, identity, n_rows=6, frames=[101, 102], parts=parts, size=size,
+                                  credit=8, quality=quality), parts)
+        accepted, got, _, end = collect_render(client, rid)
+        assert end["type"] == P.DONE and end["sent"] == 2, end
+        assert accepted["quality"] == quality and accepted["size"] == size
+        images[quality] = [P.decode_raw_frame(h, p[0]) for h, p in got]
+        assert all(img.shape == (size, size, 3) for img in images[quality])
+    assert any(not np.array_equal(a, b) for a, b in zip(images["full"], images["preview"]))
+    # without the field a render is full quality (older clients keep working)
+    parts = []
+    client.send(render_header("quality-default", identity, n_rows=6, frames=[101, 102], parts=parts, size=size,
+                              credit=8), parts)
+    accepted, got, _, end = collect_render(client, "quality-default")
+    assert accepted["quality"] == "full"
+    assert all(np.array_equal(P.decode_raw_frame(h, p[0]), f) for (h, p), f in zip(got, images["full"]))
+
+
 def test_heartbeat(client):
     h, _ = client.call(P.request(P.HEARTBEAT, "hb1"))
     assert h["type"] == P.HEARTBEAT and h["id"] == "hb1"
@@ -395,6 +424,8 @@ BAD_RENDER = {
     "size negative": (dict(size=-5), P.E_BAD_FIELD, "size"),
     "size wrong type": (dict(size="big"), P.E_BAD_FIELD, "size"),
     "encoding unknown": (dict(encoding="jpeg"), P.E_BAD_FIELD, "encoding"),
+    "quality unknown": (dict(quality="draft"), P.E_BAD_FIELD, "quality"),
+    "quality wrong type": (dict(quality=3), P.E_BAD_FIELD, "quality"),
     "credit out of range": (dict(credit=1000), P.E_BAD_FIELD, "credit"),
     "unknown field": (dict(colour="red"), P.E_BAD_FIELD, "unknown field"),
     "unknown identity": (dict(identity="0123456789abcdef0123"), P.E_UNKNOWN_IDENTITY, "prepare"),
