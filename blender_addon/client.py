@@ -248,8 +248,9 @@ class Client:
     def render(self, identity: str, rows: np.ndarray, first_frame: int, frames: Sequence[int], *,
                size: int | None = None, encoding: str = "png", credit: int = P.DEFAULT_CREDIT,
                attributes: Mapping[str, np.ndarray] | None = None, audio: Mapping[str, Any] | None = None,
-               frame_timeout: float = 300.0) -> "RenderStream":
-        """Start a render; ``audio`` is {"samples": (S,) float32, "sample_rate", "fps", "frame_offset"}."""
+               frame_timeout: float = 300.0, quality: str | None = None) -> "RenderStream":
+        """Start a render; ``audio`` is {"samples": (S,) float32, "sample_rate", "fps", "frame_offset"}.
+        ``quality``: one of the hello's ``qualities`` (None: the server's default, full)."""
         rid = _new_id("render")
         parts: list = []
         fields: dict[str, Any] = {
@@ -259,6 +260,8 @@ class Client:
         }
         if size is not None:
             fields["size"] = int(size)
+        if quality is not None:
+            fields["quality"] = str(quality)
         if attributes:
             fields["attributes"] = {k: P.array_field(np.asarray(v, dtype=np.float32)) for k, v in attributes.items()}
         if audio is not None:

@@ -110,6 +110,7 @@ class STYLEHEAT_PT_output(_RigChild, bpy.types.Panel):
         row = layout.row()
         row.prop(rig, "size")
         row.prop(rig, "preview_size")
+        layout.prop(rig, "preview_quality")
         layout.prop(rig, "strip_channel")
         row = layout.row()
         row.operator("styleheat.preview", icon="IMAGE_DATA")

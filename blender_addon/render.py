@@ -109,6 +109,13 @@ def pick_size(info: dict, want: int | None) -> int | None:
     return bigger[0] if bigger else sizes[-1]
 
 
+def pick_quality(info: dict, want: str) -> str | None:
+    """The render quality to send: ``want`` ("preview" / "full") when the server lists it in its hello's
+    ``qualities``, else None (the server's default, full; older servers know no other)."""
+    offered = info_field(info, "qualities", None) or {}
+    return want if want in offered else None
+
+
 def explain(exc: Exception) -> str:
     """One sentence for the user, with what to do."""
     if isinstance(exc, ServerError):
@@ -249,7 +256,7 @@ class RenderSession:
     """Drives one render request. ``step()`` is the modal timer body; ``run()`` the blocking loop."""
 
     def __init__(self, client: Client, plan: RenderPlan, encoding: str = "png", credit: int = 4,
-                 frame_timeout: float = 300.0, on_frame=None):
+                 frame_timeout: float = 300.0, on_frame=None, quality: str | None = None):
         self.client, self.plan = client, plan
         self.encoding = encoding
         self.written: list[int] = []
@@ -266,7 +273,7 @@ class RenderSession:
                 os.makedirs(plan.directory, exist_ok=True)
             self.stream = client.render(plan.identity, plan.clip.rows, plan.clip.first, plan.todo, size=plan.size,
                                         encoding=encoding, credit=credit, attributes=plan.clip.attributes or None,
-                                        audio=plan.audio, frame_timeout=frame_timeout)
+                                        audio=plan.audio, frame_timeout=frame_timeout, quality=quality)
 
     @property
     def total(self) -> int:
@@ -461,14 +468,18 @@ def render_range(context_scene, obj, address: str, timeout: float = 5.0, start: 
 
 
 def preview_frame(scene, obj, address: str, timeout: float = 5.0, frame: int | None = None):
-    """Render one frame at the rig's preview size into the preview image; returns the image."""
+    """Render one frame at the rig's preview size into the preview image; returns the image.
+
+    The rig's ``preview_quality`` "PREVIEW" asks for the server's cheap scrub quality (CalibrationNet skipped,
+    cached per frame: see the hello's ``qualities``); "FULL" for exactly what a render gives."""
     frame = scene.frame_current if frame is None else frame
     client = get_client(address, timeout)
     info = connect(address, timeout)
     identity = ensure_identity(client, obj)
     plan = plan_render(scene, obj, identity, info, frame, frame, None,
                        size=pick_size(info, obj.styleheat.preview_size))
-    session = RenderSession(client, plan, encoding="raw").run()
+    quality = pick_quality(info, "preview" if obj.styleheat.preview_quality == "PREVIEW" else "full")
+    session = RenderSession(client, plan, encoding="raw", quality=quality).run()
     if frame not in session.images:
         raise ClientError("the server finished without sending the preview frame")
     return show_preview(session.images[frame])

@@ -11,8 +11,8 @@ import math
 
 import bpy
 import numpy as np
-from bpy.props import (BoolProperty, CollectionProperty, FloatProperty, FloatVectorProperty, IntProperty,
-                       PointerProperty, StringProperty)
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, FloatVectorProperty,
+                       IntProperty, PointerProperty, StringProperty)
 
 from . import compat
 from .frames import PRESET_NAMES, RigSample, clip_range, rows_from_samples
@@ -69,6 +69,12 @@ class StyleHEATRig(bpy.types.PropertyGroup):
                       description="Output side in pixels (0 = the model's native size)")
     preview_size: IntProperty(name="Preview Size", default=256, min=16, max=1024,
                               description="Side of the preview image")
+    preview_quality: EnumProperty(
+        name="Preview Quality", default="PREVIEW",
+        items=[("PREVIEW", "Fast", "Scrub quality: skips the calibration network (the warp repair) and caches "
+                                   "frames already seen; several times cheaper than a full frame"),
+               ("FULL", "Full", "Exactly the frame a render gives (every network)")],
+        description="What the Preview button renders")
     strip_channel: IntProperty(name="Strip Channel", default=0, min=0, max=128,
                                description="Sequencer channel of the rendered image strip (0 = first free)")
 

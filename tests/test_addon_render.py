@@ -70,6 +70,21 @@ def test_render_ten_frames_into_image_strip(tmp_path, addon_zip, server, fixture
         obj.styleheat.preview_size = 50     # -> the smallest advertised size >= 50: 64
         OUT["preview"] = sorted(bpy.ops.styleheat.preview())
         OUT["preview_size"] = list(bpy.data.images[render.PREVIEW_IMAGE].size)
+        # the Preview button's two qualities at frame 5 (64 px, the rendered size): "Full" is exactly the
+        # rendered frame, "Fast" (the default) is the server's cheaper preview and differs from it
+        obj.styleheat.preview_size = 64
+        def preview_pixels():
+            img = bpy.data.images[render.PREVIEW_IMAGE]
+            px = np.empty(len(img.pixels), np.float32)
+            img.pixels.foreach_get(px)
+            return (px.reshape(64, 64, 4)[::-1, :, :3] * 255).round().astype(np.uint8).tolist()
+        scene.frame_set(5)
+        OUT["default_quality"] = obj.styleheat.preview_quality
+        bpy.ops.styleheat.preview()
+        OUT["fast_pixels"] = preview_pixels()
+        obj.styleheat.preview_quality = "FULL"
+        bpy.ops.styleheat.preview()
+        OUT["full_pixels"] = preview_pixels()
         OUT["torch"] = "torch" in sys.modules
     """, addon_zip, server.address)
     assert out["connect"] == ["FINISHED"] and out["render"] == ["FINISHED"]
@@ -86,6 +101,11 @@ def test_render_ten_frames_into_image_strip(tmp_path, addon_zip, server, fixture
     assert out["status"]["state"] == "ok" and out["status"]["device"] == "cpu"
     assert "tiny-random" in out["status"]["model"]
     assert out["preview"] == ["FINISHED"] and out["preview_size"] == [64, 64]
+    assert out["default_quality"] == "PREVIEW"
+    rendered = cv2.imread(str(Path(out["outdir"]) / "StyleHEAT_Face_0005.png"))[..., ::-1]
+    full, fast = np.array(out["full_pixels"]), np.array(out["fast_pixels"])
+    assert np.abs(full.astype(int) - rendered.astype(int)).max() <= 1
+    assert np.abs(fast.astype(int) - rendered.astype(int)).max() > 8
     assert out["torch"] is False
 
 
