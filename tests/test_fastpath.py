@@ -175,3 +175,26 @@ def test_folded_cache_builds_once_per_key_and_size_and_evicts(tiny):
     assert len(cache) == 1
     with pytest.raises(ValueError, match="capacity"):
         FoldedCache(0)
+
+
+def test_winograd_blocks_equal_the_direct_convolution():
+    from models.fastpath import WINOGRAD_MIN_CHANNELS, winograd_available
+    if not winograd_available("cpu"):
+        pytest.skip("this torch has no NNPACK")
+    torch.manual_seed(0)
+    gen = Generator(StyleGAN2Config(size=256, style_dim=64, n_mlp=2, uniform_channels=WINOGRAD_MIN_CHANNELS)).eval()
+    w = 0.5 * torch.randn(1, gen.n_latent, gen.style_dim)
+    feat = torch.randn(2, gen.config.fx_channels, 64, 64)
+    skip = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for size in (256, 128):
+            ref = gen.synthesize_from_64(feat, skip, w.expand(2, -1, -1), out_size=size)
+            wino = FoldedSynthesis.build(gen, w, out_size=size, channels_last=True)        # default: on
+            direct = FoldedSynthesis.build(gen, w, out_size=size, channels_last=True, winograd=False)
+            assert wino.winograd_res and not direct.winograd_res
+            a, b = wino(feat, skip), direct(feat, skip)
+            scale = float(ref.abs().max())
+            assert float((a - ref).abs().max()) <= 1e-5 * max(1.0, scale)
+            assert float((b - ref).abs().max()) <= 1e-5 * max(1.0, scale)
+    with pytest.raises(ValueError, match="winograd"):
+        FoldedSynthesis.build(gen, w, dtype=torch.bfloat16, winograd=True)
