@@ -44,9 +44,9 @@ import torch  # noqa: E402
 
 from models import flow  # noqa: E402
 from models.calibration import CalibrationConfig, CalibrationNet  # noqa: E402
-from models.fastpath import FoldedSynthesis, bf16_supported, synthesis_macs  # noqa: E402
+from models.fastpath import FoldedSynthesis, bf16_supported, synthesis_macs, winograd_available  # noqa: E402
 from models.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
-from models.styleheat import Inversion, StyleHEAT, StyleHEATConfig  # noqa: E402
+from models.styleheat import FULL, PREVIEW, QUALITIES, FrameNets, Inversion, StyleHEAT, StyleHEATConfig  # noqa: E402
 from models.warper import VideoWarper, WarperConfig  # noqa: E402
 from server import reference  # noqa: E402
 
@@ -139,13 +139,20 @@ def official_runner(s: Setup, sh: StyleHEAT):
     return run
 
 
-def engine_runner(s: Setup, sh: StyleHEAT, folded: FoldedSynthesis):
-    """(b) the engine's render path (``StyleHEAT.render``: warper -> warp -> calibration ``last_only`` -> refine)
-    through the folded synthesis from the cached 64x64 state."""
-    inv = Inversion(s.ix, s.wx, s.fx, s.skip32, s.cond, res=torch.zeros_like(s.ix))   # res: for edits only
+def inversion_of(s: Setup) -> Inversion:
+    return Inversion(s.ix, s.wx, s.fx, s.skip32, s.cond, res=torch.zeros_like(s.ix))   # res: for edits only
 
-    def run(coeffs):
-        return sh.render(inv, coeffs, synthesize=lambda feat, skip32, wx, out_size: folded(feat, skip32))
+
+def engine_runner(s: Setup, sh: StyleHEAT, folded: FoldedSynthesis, nets: FrameNets | None = None,
+                  quality: str = FULL):
+    """(b) the engine's render path (``StyleHEAT.render``: warper -> warp -> calibration ``last_only`` -> refine,
+    or the preview without the calibration) through the folded synthesis from the cached 64x64 state, with
+    the per-frame networks ``nets`` (bfloat16 copies for the bf16 rows). ``run(coeffs, timings)``."""
+    inv = inversion_of(s)
+
+    def run(coeffs, timings=None):
+        return sh.render(inv, coeffs, synthesize=lambda feat, skip32, wx, out_size: folded(feat, skip32),
+                         quality=quality, nets=nets, timings=timings)
     return run
 
 
@@ -180,13 +187,19 @@ def peak_mb(device) -> float | None:
     return None
 
 
-def timed(fn, arg, device):
-    """(wall seconds, CPU seconds of this process (all threads), output)."""
+def timed(fn, arg, device, timings: dict | None = None):
+    """(wall seconds, CPU seconds of this process (all threads), output); ``timings`` gets the stage seconds
+    (warper, warp, calibration, synthesis, encode = the uint8 conversion the engine does per frame)."""
+    from server.engine import to_uint8
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
-        out = fn(arg)
+        out = fn(arg) if timings is None else fn(arg, timings)
+        t1 = time.perf_counter()
+        to_uint8(out)
     sync(device)
+    if timings is not None:
+        timings["encode"] = time.perf_counter() - t1
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
@@ -361,15 +374,120 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+STAGES = ("warper", "warp", "calibration", "synthesis", "encode")
+
+
+def cpu_flags() -> list[str]:
+    want = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in want if f in have]
+    except OSError:
+        pass
+    return []
+
+
+_ONEDNN_PROBE = """
+import torch, torch.nn.functional as F
+x = torch.randn(1, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+w = torch.randn(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+for dt in (torch.float32, torch.bfloat16):
+    print("PROBE", str(dt), flush=True)
+    F.conv2d(x.to(dt), w.to(dt), padding=1)
+"""
+
+
+def onednn_kernels(timeout: float = 120.0) -> dict:
+    """Which oneDNN convolution implementation runs for a channels_last 3x3 conv, per dtype, from
+    ONEDNN_VERBOSE in a subprocess (e.g. ``brg_conv_fwd:avx512_core_amx``; ``none (ATen fallback)`` when oneDNN
+    was not used, which is what emulated bfloat16 looks like)."""
+    env = dict(os.environ, ONEDNN_VERBOSE="1", DNNL_VERBOSE="1")
+    try:
+        out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE], capture_output=True, text=True, env=env,
+                             timeout=timeout).stdout
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        return {"error": str(exc)}
+    res: dict = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("PROBE "):
+            current = line.split()[1].replace("torch.", "")
+            res[current] = "none (ATen fallback, not oneDNN)"
+        elif current and ",exec," in line and "convolution" in line:
+            fields = line.split(",")
+            i = fields.index("convolution") if "convolution" in fields else -1
+            res[current] = fields[i + 1] if 0 <= i < len(fields) - 1 else line[-80:]
+    return res
+
+
+def engine_of(s: Setup, sh: StyleHEAT, precision: str):
+    """A server.engine.Engine around the benchmark's networks (inversion networks materialised empty: the
+    benchmark registers the seeded inversion directly) holding the seeded identity."""
+    from server.engine import Engine
+    for name, module in list(sh.named_children()):
+        if module is not None and any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+            module.to_empty(device=s.device)
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    t.zero_()
+    if sh.latent_avg.is_meta:
+        sh.latent_avg = torch.zeros(sh.latent_avg.shape, device=s.device)
+    eng = Engine(sh, device=s.device, real_weights=False, model_name="seeded reference weights",
+                 precision=precision)
+    ident = eng.add_inversion(inversion_of(s)).id
+    return eng, ident
+
+
+def engine_render_fps(eng, ident: str, rows: np.ndarray, frames: int, size: int, quality: str) -> dict:
+    """frames/s of ``Engine.render`` over ``frames`` consecutive frames (its default batch size), with the
+    stage seconds; the preview cache is cleared first (a first scrub, not a re-scrub)."""
+    eng._preview_cache.clear()
+    eng._preview_cache_used = 0
+    timings: dict = {}
+    t0 = time.perf_counter()
+    n = sum(1 for _ in eng.render(ident, rows, range(frames), size=size, quality=quality, timings=timings))
+    dt = time.perf_counter() - t0
+    assert n == frames
+    batch = eng.default_batch_size
+    return {"frames": frames, "size": size, "quality": quality, "precision": eng.precision, "seconds": dt,
+            "fps": frames / dt, "batch_size": batch, "threads": eng.threads,
+            "stage_s_per_frame": {k: v / frames for k, v in timings.items()}}
+
+
+def image_quality(frames: torch.Tensor, full: torch.Tensor) -> dict:
+    """PSNR (dB, uint8 peak 255) and SSIM (scikit-image, Gaussian 11x11 sigma 1.5) of frames (B,3,S,S) against
+    the full-size frames (B,3,N,N) downscaled to S with OpenCV INTER_AREA (what a viewer shows at S)."""
+    import cv2
+    from skimage.metrics import structural_similarity
+
+    from server.engine import to_uint8
+    a, ref = to_uint8(frames), to_uint8(full)
+    side = a.shape[1]
+    psnrs, ssims = [], []
+    for x, r in zip(a, ref):
+        small = cv2.resize(r, (side, side), interpolation=cv2.INTER_AREA)
+        mse = float(np.mean((x.astype(np.float64) - small.astype(np.float64)) ** 2))
+        psnrs.append(10 * math.log10(255.0 ** 2 / mse) if mse > 0 else float("inf"))
+        ssims.append(float(structural_similarity(x, small, channel_axis=2, data_range=255, gaussian_weights=True,
+                                                 sigma=1.5, use_sample_covariance=False)))
+    return {"psnr_db": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "frames": len(psnrs)}
+
+
 def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:
+        from server.engine import configure_threads
+        configure_threads(device)                 # what the engine does: one thread per physical core
     t_start = time.perf_counter()
     log(f"building {'tiny' if args.tiny else 'full-size seeded'} networks on {device}")
     s = Setup(args.tiny, device)
     native = s.size
     sizes = [x for x in (native, native // 2, native // 4) if x >= 64]   # 1024, 512, 256 (tiny: 128, 64)
+    small = sizes[-1]
     rounds = args.rounds or (1 if args.tiny else 2 if args.quick else 3)
     batches = list(args.batches) if args.batches else [1, 2] if (args.quick or args.tiny) else [1, 2, 4]
     if 1 not in batches:
@@ -383,6 +501,7 @@ def run(args) -> dict:
     peak_start = measure_peak(device, args.quick or args.tiny)   # again at the end; the max is reported
     sh = styleheat_of(s)
     official = official_runner(s, sh)
+    nets = {"fp32": None, "bf16": FrameNets.build(sh, dtype=torch.bfloat16, channels_last=cl, device=device)}
 
     folded: dict = {}
     t0 = time.perf_counter()
@@ -393,14 +512,23 @@ def run(args) -> dict:
         folded[(size, "bf16")] = FoldedSynthesis.build(s.gen, s.wx, out_size=size, dtype=torch.bfloat16,
                                                        channels_last=cl, compile=args.compile,
                                                        cuda_graphs=args.cuda_graphs)
+    if (small, "bf16") not in folded:     # the bf16 preview's quality is measured once even where emulated
+        folded[(small, "bf16")] = FoldedSynthesis.build(s.gen, s.wx, out_size=small, dtype=torch.bfloat16,
+                                                        channels_last=cl)
     fold_s = (time.perf_counter() - t0) / len(folded)
-    configs = [(size, "fp32", b) for size in sizes for b in batches]
-    configs += [(size, "bf16", b) for size in bf16_sizes for b in bf16_batches]
-    runners = {k: engine_runner(s, sh, f) for k, f in folded.items()}
+    # (size, dtype, batch, quality)
+    configs = [(size, "fp32", b, FULL) for size in sizes for b in batches]
+    configs += [(small, "fp32", b, PREVIEW) for b in batches]
+    configs += [(size, "bf16", b, FULL) for size in bf16_sizes for b in bf16_batches]
+    if bf16_native or args.tiny:
+        configs += [(small, "bf16", b, PREVIEW) for b in batches]
+    runners = {(size, dtn, q): engine_runner(s, sh, f, nets[dtn], q) for (size, dtn), f in folded.items()
+               for q in (FULL, PREVIEW)}
 
     times: dict = {"official": []}
     times.update({c: [] for c in configs})
     cpu_times: dict = {k: [] for k in times}
+    stages: dict = {}
     peaks: dict = {}
     outputs: dict = {}
     for r in range(rounds):
@@ -412,25 +540,32 @@ def run(args) -> dict:
         cpu_times["official"].append(ct)
         outputs.setdefault("official", img)
         for c in configs:
-            size, dtn, b = c
+            size, dtn, b, q = c
             if dtn == "bf16" and not (bf16_native or args.tiny) and r > 0:
                 continue                                           # emulated bf16: one sample only
-            log(f"round {r + 1}/{rounds}: engine {size}^2 {dtn} batch {b}")
+            log(f"round {r + 1}/{rounds}: engine {size}^2 {dtn} batch {b} {q}")
             reset_peak(device)
-            dt, ct, img = timed(runners[(size, dtn)], s.coeff_batch(b), device)
+            st: dict = {}
+            dt, ct, img = timed(runners[(size, dtn, q)], s.coeff_batch(b), device, st)
             peaks[c] = max(peaks.get(c) or 0, peak_mb(device) or 0)
+            if not times[c] or dt / b < min(times[c]):
+                stages[c] = {k: v / b for k, v in st.items()}
             times[c].append(dt / b)
             cpu_times[c].append(ct / b)
             if b == 1:
-                outputs.setdefault((size, dtn), img)
+                outputs.setdefault((size, dtn, q), img)
 
     best = {k: min(v) for k, v in times.items() if v}
     best_cpu = {k: min(v) for k, v in cpu_times.items() if v}
     t_off = best["official"]
 
-    def best_batch(size, dtn):
-        cands = [(best[(size, dtn, b)], b) for b in batches if (size, dtn, b) in best]
+    def best_batch(size, dtn, q=FULL):
+        cands = [(best[(size, dtn, b, q)], b) for b in batches if (size, dtn, b, q) in best]
         return min(cands) if cands else (None, None)
+
+    def best_cpu_of(size, dtn, q=FULL):
+        cands = [best_cpu[(size, dtn, b, q)] for b in batches if (size, dtn, b, q) in best_cpu]
+        return min(cands) if cands else None
 
     wc_flops = per_frame_flops_warper_calib(s)
     wc_flops_engine = per_frame_flops_warper_calib(s, last_only=True)
@@ -441,35 +576,77 @@ def run(args) -> dict:
     peak_for = {"fp32": peak["fp32"], "bf16": peak["bf16"] if bf16_native else peak["fp32"]}
 
     rows = []
-    for size in sizes:
-        for dtn in ("fp32", "bf16"):
-            for b in batches:
-                c = (size, dtn, b)
-                if c not in best:
-                    continue
-                flops = 2 * synthesis_macs(s.gen, size)["total"] + wc_flops_engine
-                rows.append({"size": size, "dtype": dtn, "batch": b, "s_per_frame": best[c],
-                             "wall_samples_s": times[c], "cpu_s_per_frame": best_cpu[c],
-                             "speedup_vs_official_cpu_time": best_cpu["official"] / best_cpu[c],
-                             "samples": len(times[c]), "speedup_vs_official": t_off / best[c],
-                             "gflop_per_frame": flops / 1e9, "gflops": flops / best[c] / 1e9,
-                             "pct_of_peak": 100 * flops / best[c] / 1e9 / peak_for[dtn],
-                             "peak_mb": peaks.get(c)})
+    for c in configs:
+        if c not in best:
+            continue
+        size, dtn, b, q = c
+        # preview: no calibration (the warper's FLOPs only: counted with the calibration heads dropped)
+        flops = 2 * synthesis_macs(s.gen, size)["total"] + (wc_flops_engine if q == FULL else 0.0)
+        st = stages.get(c, {})
+        total = sum(st.values()) or 1.0
+        rows.append({"size": size, "dtype": dtn, "batch": b, "quality": q, "s_per_frame": best[c],
+                     "wall_samples_s": times[c], "cpu_s_per_frame": best_cpu[c],
+                     "speedup_vs_official_cpu_time": best_cpu["official"] / best_cpu[c],
+                     "samples": len(times[c]), "speedup_vs_official": t_off / best[c],
+                     "gflop_per_frame": flops / 1e9, "gflops": flops / best[c] / 1e9,
+                     "pct_of_peak": 100 * flops / best[c] / 1e9 / peak_for[dtn],
+                     "stage_s_per_frame": st, "stage_share": {k: v / total for k, v in st.items()},
+                     "peak_mb": peaks.get(c)})
 
     # correctness of what was timed
     ref_img = outputs["official"]
-    fp32_img = outputs[(native, "fp32")]
+    fp32_img = outputs[(native, "fp32", FULL)]
     cmp_off = reference.compare("engine_fp32_vs_official", fp32_img, ref_img.cpu().numpy())
     checks = {"engine_fp32_vs_official": {"max_abs": cmp_off.max_abs, "tol": cmp_off.tolerance, "ok": cmp_off.ok}}
     if s.vectors is not None:
         for name, img in (("official_vs_vector", ref_img), ("engine_fp32_vs_vector", fp32_img)):
             c = reference.compare(name, img, s.vectors["fake_image_1024_f16"])
             checks[name] = {"max_abs": c.max_abs, "tol": c.tolerance, "ok": c.ok}
-    psnr_bf16 = psnr(outputs[(native, "bf16")], fp32_img)
+    psnr_bf16 = psnr(outputs[(native, "bf16", FULL)], fp32_img)
+
+    # preview quality against the full native frame downscaled (seeded weights; a few frames)
+    log(f"preview quality: {small}^2 preview vs {native}^2 full frame downscaled")
+    qb = 1 if args.tiny else 2
+    coeffs = s.coeff_batch(qb)
+    with torch.no_grad():
+        full_frames = torch.cat([runners[(native, "fp32", FULL)](coeffs[i:i + 1]) for i in range(qb)])
+        pq = {"preview_fp32": image_quality(torch.cat([runners[(small, "fp32", PREVIEW)](coeffs[i:i + 1])
+                                                       for i in range(qb)]), full_frames),
+              "full_synthesis_stopped_fp32": image_quality(torch.cat([runners[(small, "fp32", FULL)](coeffs[i:i + 1])
+                                                                      for i in range(qb)]), full_frames),
+              "preview_bf16": image_quality(torch.cat([runners[(small, "bf16", PREVIEW)](coeffs[i:i + 1])
+                                                       for i in range(qb)]), full_frames)}
+    pq["reference"] = f"{native}^2 float32 full frame (engine = official within tolerance) downscaled INTER_AREA"
+    pq["weights"] = "tiny random" if args.tiny else "seeded reference weights (random: the calibration's repair is large)"
+
+    # frames/s of a many-frame render through server.engine.Engine (its default batch size)
+    render = {}
+    n_render = args.render_frames or (6 if args.tiny else 32)
+    eng, ident = engine_of(s, sh, "float32")
+    base = s.coeffs[0].T.cpu().numpy()                        # (27, 73): the base window's rows
+    g = np.random.default_rng(0)
+    reps = int(math.ceil(n_render / base.shape[0]))
+    rows_np = (np.tile(base, (reps, 1))[:n_render] + 0.02 * g.standard_normal((n_render, 73))).astype(np.float32)
+    for q, size in ((FULL, native), (PREVIEW, small)):
+        log(f"engine render: {n_render} frames {size}^2 {q}")
+        render[f"{q}_{size}_fp32"] = engine_render_fps(eng, ident, rows_np, n_render, size, q)
+    if bf16_native:
+        eng_b, ident_b = engine_of(s, sh, "bfloat16")
+        for q, size in ((FULL, native), (PREVIEW, small)):
+            render[f"{q}_{size}_bf16"] = engine_render_fps(eng_b, ident_b, rows_np, n_render, size, q)
+    else:
+        render["bf16"] = "skipped: bfloat16 is emulated on this machine (see kernels)"
+    del eng
 
     t1, b1 = best_batch(native, "fp32")
     t2, b2 = best_batch(native, "bf16")
-    t3, b3 = best_batch(sizes[-1], "fp32")
+    t3, b3 = best_batch(small, "fp32")
+    t4, b4 = best_batch(small, "fp32", PREVIEW)
+    kernels = {"cpu_flags": cpu_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "mkldnn": torch.backends.mkldnn.is_available(), "bf16_native": bf16_native,
+               "nnpack": winograd_available("cpu"),
+               "winograd_blocks": {f"{size}_fp32": sorted(folded[(size, "fp32")].winograd_res) for size in sizes},
+               "onednn_conv": onednn_kernels() if device.type == "cpu" else "n/a (CUDA)"}
     result = {
         "config": "tiny (random weights)" if args.tiny else "full-size seeded reference weights",
         "native_size": native, "sizes": sizes,
@@ -480,17 +657,21 @@ def run(args) -> dict:
         "official_gflops": flops_off / t_off / 1e9, "official_pct_of_peak_fp32": 100 * flops_off / t_off / 1e9 / peak["fp32"],
         "official_peak_mb": peaks.get("official"),
         "speedup_1024_fp32": t_off / t1, "speedup_1024_fp32_batch": b1,
-        "speedup_1024_fp32_batch1": t_off / best[(native, "fp32", 1)],
+        "speedup_1024_fp32_batch1": t_off / best[(native, "fp32", 1, FULL)],
         "speedup_1024_bf16": t_off / t2, "speedup_1024_bf16_batch": b2,
         "speedup_256_vs_official_1024": t_off / t3, "speedup_256_batch": b3,
+        "speedup_preview_256_vs_official_1024": t_off / t4, "speedup_preview_batch": b4,
         # the same ratios from process CPU time (robust to other processes sharing the cores; CPU only)
-        "cpu_time_speedups": {"1024_fp32": best_cpu["official"] / min(best_cpu[(native, "fp32", b)] for b in batches),
-                              "1024_bf16": best_cpu["official"] / min(best_cpu[(native, "bf16", b)] for b in batches
-                                                                      if (native, "bf16", b) in best_cpu),
-                              "256_vs_official_1024": best_cpu["official"] / min(best_cpu[(sizes[-1], "fp32", b)]
-                                                                                 for b in batches)},
+        "cpu_time_speedups": {"1024_fp32": best_cpu["official"] / best_cpu_of(native, "fp32"),
+                              "1024_bf16": best_cpu["official"] / best_cpu_of(native, "bf16"),
+                              "256_vs_official_1024": best_cpu["official"] / best_cpu_of(small, "fp32"),
+                              "preview_256_vs_official_1024": best_cpu["official"] / best_cpu_of(small, "fp32", PREVIEW)},
         "psnr_bf16_vs_fp32_1024": psnr_bf16,
         "bf16_native": bf16_native,
+        "kernels": kernels,
+        "preview_quality": pq,
+        "qualities": dict(QUALITIES),
+        "render": render,
         "peak_gflops": peak,
         "warper_calibration_gflop_per_frame": wc_flops / 1e9,
         "warper_calibration_gflop_per_frame_engine": wc_flops_engine / 1e9,
@@ -541,10 +722,16 @@ def print_table(r: dict) -> None:
     print(f"(a) official ({r['official_procedure']}): {r['official_s_per_frame']:.3f} s/frame at "
           f"{r['native_size']}^2, {r['official_gflop_per_frame']:.0f} GFLOP/frame, {r['official_gflops']:.1f} GFLOP/s "
           f"({r['official_pct_of_peak_fp32']:.0f}% of fp32 peak), peak mem {r['official_peak_mb'] or 0:.0f} MB")
-    print("(b) engine: size dtype batch   s/frame  speed-up  GFLOP/frame  GFLOP/s  %peak  peak MB")
+    k = r["kernels"]
+    print(f"kernels: cpu {k['cpu_capability']} flags {','.join(k['cpu_flags']) or '-'}; oneDNN conv {k['onednn_conv']}; "
+          f"NNPACK Winograd blocks {k['winograd_blocks']}")
+    print("(b) engine: size dtype batch quality  s/frame  speed-up  GFLOP/frame  GFLOP/s  %peak  peak MB  "
+          "stage shares (warper/warp/calibration/synthesis/encode)")
     for e in r["engine"]:
-        print(f"    {e['size']:>9d} {e['dtype']:>5s} {e['batch']:>5d} {e['s_per_frame']:9.3f} {e['speedup_vs_official']:8.2f}x"
-              f" {e['gflop_per_frame']:11.1f} {e['gflops']:8.1f} {e['pct_of_peak']:5.0f}% {e['peak_mb'] or 0:8.0f}")
+        sh = "/".join(f"{100 * e['stage_share'].get(x, 0):.0f}" for x in STAGES)
+        print(f"    {e['size']:>9d} {e['dtype']:>5s} {e['batch']:>5d} {e['quality']:>7s} {e['s_per_frame']:8.3f} "
+              f"{e['speedup_vs_official']:8.2f}x {e['gflop_per_frame']:11.1f} {e['gflops']:8.1f} {e['pct_of_peak']:5.0f}% "
+              f"{e['peak_mb'] or 0:8.0f}  {sh}%")
     print(f"speed-ups: {r['native_size']}^2 fp32 {r['speedup_1024_fp32']:.2f}x (batch {r['speedup_1024_fp32_batch']}), "
           f"bf16 {r['speedup_1024_bf16']:.2f}x, {r['sizes'][-1]}^2 preview vs official {r['native_size']}^2 "
           f"{r['speedup_256_vs_official_1024']:.2f}x")
@@ -552,6 +739,17 @@ def print_table(r: dict) -> None:
     print(f"same ratios from process CPU time: fp32 {cs['1024_fp32']:.2f}x, bf16 {cs['1024_bf16']:.2f}x, "
           f"preview {cs['256_vs_official_1024']:.2f}x")
     print(f"bf16 vs fp32 PSNR at {r['native_size']}^2: {r['psnr_bf16_vs_fp32_1024']:.1f} dB")
+    print(f"preview {r['sizes'][-1]}^2: {r['speedup_preview_256_vs_official_1024']:.2f}x the official frame; quality vs "
+          f"the full frame downscaled ({r['preview_quality']['weights']}):")
+    for name in ("preview_fp32", "preview_bf16", "full_synthesis_stopped_fp32"):
+        v = r["preview_quality"][name]
+        print(f"    {name:28s} PSNR {v['psnr_db']:.2f} dB  SSIM {v['ssim']:.3f}")
+    for name, v in r["render"].items():
+        if isinstance(v, dict):
+            print(f"Engine.render {v['frames']} frames {v['size']}^2 {v['quality']} {v['precision']}: {v['fps']:.2f} "
+                  f"frames/s (batch {v['batch_size']}, {v['threads']} threads)")
+        else:
+            print(f"Engine.render {name}: {v}")
     for k, v in r["checks"].items():
         print(f"check {k}: max|a-b| {v['max_abs']:.2e} (tol {v['tol']:.1e}) {'ok' if v['ok'] else 'FAIL'}")
     if isinstance(r["transport"], dict) and "error" not in r["transport"]:
@@ -588,10 +786,13 @@ def main(argv=None) -> int:
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA only: replay the folded synthesis as CUDA graphs")
     p.add_argument("--no-server", action="store_true", help="skip the transport measurement")
     p.add_argument("--transport-frames", type=int, default=None, help="frames per transport round (16, 6 rounds; tiny 4, 1 round)")
+    p.add_argument("--render-frames", type=int, default=None, help="frames of the Engine.render frames/s run (32; tiny 6)")
     p.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.render_frames is not None and args.render_frames < 1:
+        p.error("--render-frames must be >= 1")
     if args.transport_frames is not None and args.transport_frames < 1:
         p.error("--transport-frames must be >= 1")
     result = run(args)

@@ -254,6 +254,13 @@ class Engine:
             s //= 2
         return sorted(out)
 
+    @property
+    def default_batch_size(self) -> int:
+        """Frames per generator pass when the caller does not say: 8 on CUDA; 2 on CPU (measured on 2 AVX2 cores,
+        benchmarks/README.md: batch 2 is as fast per frame as batch 1 at 1024^2, within noise, and faster at the
+        smaller sizes, while a larger batch only adds memory)."""
+        return 8 if self.device.type == "cuda" else 2
+
     def attributes(self) -> dict[str, dict[str, float]]:
         """{name: {"min", "max", "default": 0.0}} of the attribute edits these weights support."""
         return {name: {"min": float(lo), "max": float(hi), "default": 0.0}
@@ -283,11 +290,31 @@ class Engine:
             info = IdentityInfo(id=ident, image_256=to_uint8(inv.ix)[0], coefficients=coeffs,
                                 coefficient_note=self.coefficient_note)
             self._identities[ident] = _Identity(inv=inv, info=info)
-            while len(self._identities) > self._identity_cache_size:
-                _, evicted = self._identities.popitem(last=False)
-                for key in evicted.folded_keys:
-                    self._folded.forget(key)
+            self._evict()
             return info
+
+    def add_inversion(self, inv: Inversion, note: str = "added as an Inversion (no portrait)") -> IdentityInfo:
+        """Register an already computed :class:`models.styleheat.Inversion` (benchmarks, tests); the id is a hash
+        of its W+ code and 64x64 feature."""
+        if not isinstance(inv, Inversion):
+            raise TypeError(f"inv must be a models.styleheat.Inversion, got {type(inv).__name__}")
+        h = hashlib.sha256()
+        for t in (inv.wx, inv.fx):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        ident = "inv-" + h.hexdigest()[:16]
+        with self._lock:
+            if ident not in self._identities:
+                info = IdentityInfo(id=ident, image_256=to_uint8(inv.ix)[0], coefficients=None, coefficient_note=note)
+                self._identities[ident] = _Identity(inv=inv, info=info)
+                self._evict()
+            self._identities.move_to_end(ident)
+            return self._identities[ident].info
+
+    def _evict(self) -> None:
+        while len(self._identities) > self._identity_cache_size:
+            _, evicted = self._identities.popitem(last=False)
+            for key in evicted.folded_keys:
+                self._folded.forget(key)
 
     def _coefficients(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """(73,) float32 3DMM row of the portrait or None, and why it is None (when known)."""
@@ -334,7 +361,7 @@ class Engine:
         if quality not in QUALITIES:
             raise ValueError(f"unknown quality {quality!r}; choose one of {', '.join(QUALITIES)}")
         if batch_size is None:
-            batch_size = 8 if self.device.type == "cuda" else 2
+            batch_size = self.default_batch_size
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         return self._render_iter(ident, rows, frames, mel, attrs, size, int(batch_size), should_stop, quality,

@@ -14,7 +14,7 @@ from server.commands import verify_reference as vr
 
 STAGES = ["e4e_wx", "e4e_ix_256", "hfgi_ix_256", "hfgi_fx", "hfgi_inversion_condition_0_scale",
           "vw_descriptor", "vw_flow_field", "vw_warp_image_256", "vw_deformation", "fx_warp_f16",
-          "refining_condition_6", "refining_condition_7", "fake_image_1024_f16", "product_path_1024",
+          "refining_condition_6", "refining_condition_7", "fake_image_1024_f16", "product_path_1024", "fast_path_1024",
           "stylegan_plain_1024_f16", "aw_input_256", "aw_flow_field", "edit_young_wx", "edit_young_ix_256",
           "edit_lip_wx", "edit_lip_ix_256"]
 

@@ -158,7 +158,7 @@ def verify_styleheat_vectors(npz_path: str | Path, layout_path: str | Path):
     outputs = compute_styleheat_outputs(v, layout_path)
     comparisons = []
     for name, got in outputs.items():
-        ref_name = "fake_image_1024_f16" if name == "product_path_1024" else name
+        ref_name = "fake_image_1024_f16" if name in ("product_path_1024", "fast_path_1024") else name
         if ref_name not in v:
             continue
         comparisons.append(compare(name, got, v[ref_name]))
@@ -166,7 +166,7 @@ def verify_styleheat_vectors(npz_path: str | Path, layout_path: str | Path):
 
 
 def compute_styleheat_outputs(v: dict[str, np.ndarray], layout_path: str | Path) -> dict[str, np.ndarray]:
-    """Our outputs named like the reference arrays (plus ``product_path_1024``); cached in-process."""
+    """Our outputs named like the reference arrays (plus ``product_path_1024`` and ``fast_path_1024``); cached in-process."""
     key = _cache_key(v, Path(layout_path))
     if key not in _CACHE:
         _CACHE.clear()
@@ -258,6 +258,11 @@ def _compute(v: dict[str, np.ndarray], layout_path: Path) -> dict[str, np.ndarra
         keep("fake_image_1024_f16", o["fake_image"])
         # product path: one generator pass from the cached 64x64 feature
         keep("product_path_1024", model.render(inv, drv, out_size=1024))
+        # the engine's fast path: per-identity folded synthesis (Winograd blocks where NNPACK runs)
+        from models.fastpath import FoldedSynthesis
+        folded = FoldedSynthesis.build(model.generator, inv.wx, channels_last=True)
+        keep("fast_path_1024", model.render(inv, drv, out_size=1024, synthesize=lambda f, s, w, o: folded(f, s)))
+        del folded
         keep("stylegan_plain_1024_f16", model.generator(inv.wx)[0])
         if has_audio:
             aw_in = resize(o["video_warp_image"], INPUT_SIZE)
