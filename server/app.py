@@ -58,7 +58,7 @@ class ServerSettings:
     bind: str = DEFAULT_BIND
     tiny_random: bool = False
     curve_dir: str | os.PathLike | None = None
-    batch_size: int | None = None          # None: 8 on CUDA, 2 on CPU
+    batch_size: int | None = None          # None: Engine.default_batch_size (8 on CUDA, 2 on CPU)
     max_jobs: int = 16
     max_jobs_per_client: int = 8
     stall_timeout: float = 600.0
@@ -91,7 +91,7 @@ class Server:
         self.coefficient_notes: dict[str, str | None] = {}
         batch_size = settings.batch_size
         if batch_size is None:
-            batch_size = 8 if getattr(getattr(engine, "device", None), "type", "cpu") == "cuda" else 2
+            batch_size = engine.default_batch_size        # the engine's own default (server.engine)
         self.batch_size = max(1, int(batch_size))
         self.stall_timeout = settings.stall_timeout
         self.max_part_bytes = int(min(settings.max_part_bytes, P.MAX_PART_BYTES))
