@@ -26,11 +26,15 @@ Options (all per built module):
   Accuracy: PSNR of a 1024^2 frame against float32 is reported by ``benchmarks/bench_render.py``;
   ``BF16_MIN_PSNR_DB`` is the lower bound the tests assert.
 * ``channels_last=True``: NHWC activations (oneDNN / cuDNN prefer them for these convolutions).
-* ``winograd`` (CPU float32; default: on where torch has NNPACK): the 3x3 convolutions of blocks with at least
-  :data:`WINOGRAD_MIN_CHANNELS` channels (and not above :data:`WINOGRAD_MAX_RES`) run through NNPACK's Winograd kernel (about 2x fewer multiplies than a
+* ``winograd`` (CPU float32; default: on where :func:`winograd_preferred`, i.e. torch has NNPACK and the CPU
+  has no AVX512): the 3x3 convolutions of blocks with at least :data:`WINOGRAD_MIN_CHANNELS` channels (and not
+  above :data:`WINOGRAD_MAX_RES`) run through NNPACK's Winograd kernel (about 2x fewer multiplies than a
   direct / im2col convolution; measured 1.5-2.4x faster than oneDNN on 2 AVX2 cores for 64-512 channels, slower
-  at 32). Those blocks then stay NCHW (NNPACK's layout); the others use ``channels_last``. Rounding differs from
-  the direct convolution by ~1e-6 relative (inside the parity tolerance: tests/test_parity_full.py).
+  at 32). NNPACK's kernels are AVX2 only: on a 2-core AVX512/AMX Xeon oneDNN's direct AVX512 convolution was
+  faster (1024^2 synthesis 0.61 vs 0.64 s, 256^2 0.24 vs 0.29 s), hence the default. NNPACK's batched mode is
+  slow (2.4x per frame at batch 2), so a batch runs through it one frame at a time. Those blocks stay NCHW
+  (NNPACK's layout); the others use ``channels_last``. Rounding differs from the direct convolution by ~1e-6
+  relative (inside the parity tolerance: tests/test_parity_full.py).
 * ``compile=True`` (CUDA only, opt-in): wraps the forward in ``torch.compile``; the first call per batch
   size compiles (about a minute).
 * ``cuda_graphs=True`` (CUDA only, opt-in): captures one CUDA graph per batch size on first use and
@@ -56,7 +60,7 @@ from models.ops import make_fir_kernel, modulate_weight, shape_or_type
 from models.stylegan2 import F_RES, Generator
 
 __all__ = ["FoldedSynthesis", "FoldedCache", "bf16_supported", "BF16_MIN_PSNR_DB", "synthesis_macs",
-           "winograd_available", "WINOGRAD_MIN_CHANNELS"]
+           "winograd_available", "winograd_preferred", "WINOGRAD_MIN_CHANNELS"]
 
 #: Lower bound on the PSNR (dB, images in [-1, 1], peak-to-peak 2) of a bfloat16 frame against float32 that the
 #: tests assert on tiny configs. bfloat16 keeps 8 mantissa bits (~0.4 % relative rounding per layer; the RGB skip
@@ -80,6 +84,12 @@ WINOGRAD_MAX_RES_BELOW_LARGER = 128
 def winograd_available(device: torch.device | str = "cpu") -> bool:
     """True where the NNPACK Winograd convolution can run (a CPU torch built with NNPACK)."""
     return torch.device(device).type == "cpu" and bool(torch.backends.nnpack.is_available())
+
+
+def winograd_preferred(device: torch.device | str = "cpu") -> bool:
+    """The ``winograd`` default: NNPACK is there and the CPU has no AVX512 (where it has, oneDNN's AVX512
+    direct convolution beats NNPACK's AVX2 Winograd; see the module docstring for the measurements)."""
+    return winograd_available(device) and torch.backends.cpu.get_cpu_capability() not in ("AVX512",)
 
 
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
@@ -185,8 +195,8 @@ class FoldedSynthesis(nn.Module):
         style_dim)); out_size: power of two in [64, generator.size] (default: generator.size); dtype:
         torch.float32 or torch.bfloat16; device: where the folded weights live (default: wplus's device).
         compile / cuda_graphs: opt-in CUDA-only accelerations (ValueError elsewhere).
-        winograd: None = on where :func:`winograd_available` and dtype is float32; True insists (ValueError
-        where it cannot run); False = never.
+        winograd: None = on where :func:`winograd_preferred` and dtype is float32; True insists (ValueError
+        where it cannot run: no NNPACK, or bfloat16); False = never.
         """
         if not isinstance(generator, Generator):
             raise TypeError(f"generator must be a models.stylegan2.Generator, got {type(generator).__name__}")
@@ -214,7 +224,7 @@ class FoldedSynthesis(nn.Module):
         if winograd and not can_winograd:
             raise ValueError("winograd=True needs a CPU torch with NNPACK and dtype float32 "
                              f"(device {dev}, dtype {dtype}, NNPACK {torch.backends.nnpack.is_available()})")
-        use_winograd = can_winograd if winograd is None else bool(winograd)
+        use_winograd = (can_winograd and winograd_preferred(dev)) if winograd is None else bool(winograd)
         top = min(size, WINOGRAD_MAX_RES) if size <= WINOGRAD_MAX_RES else WINOGRAD_MAX_RES_BELOW_LARGER
         winograd_res = [r for r in (F_RES * 2 ** i for i in range(8))
                         if r <= top and cfg.channels(r) >= WINOGRAD_MIN_CHANNELS] if use_winograd else []
@@ -302,9 +312,11 @@ class FoldedSynthesis(nn.Module):
                 x = F.conv2d(x, self.blur_kernel.expand(x.shape[1], 1, 4, 4), getattr(self, f"up_bias_{r}"),
                              padding=1, groups=x.shape[1])                                # (B, C, 2H, 2W)
                 x = F.leaky_relu_(x, _SLOPE)
-            if wino:
-                x = torch._nnpack_spatial_convolution(x.contiguous(), getattr(self, f"conv_weight_{r}"),
-                                                      getattr(self, f"conv_bias_{r}"), [1, 1, 1, 1])
+            if wino:   # one frame at a time: NNPACK's batched (training-style) algorithm is slower per frame
+                weight, bias = getattr(self, f"conv_weight_{r}"), getattr(self, f"conv_bias_{r}")
+                frames = [torch._nnpack_spatial_convolution(f.contiguous(), weight, bias, [1, 1, 1, 1])
+                          for f in x.split(1)]
+                x = frames[0] if len(frames) == 1 else torch.cat(frames)
             else:
                 x = F.conv2d(x, getattr(self, f"conv_weight_{r}"), getattr(self, f"conv_bias_{r}"), padding=1)
             x = F.leaky_relu_(x, _SLOPE)

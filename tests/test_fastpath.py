@@ -189,7 +189,7 @@ def test_winograd_blocks_equal_the_direct_convolution():
     with torch.no_grad():
         for size in (256, 128):
             ref = gen.synthesize_from_64(feat, skip, w.expand(2, -1, -1), out_size=size)
-            wino = FoldedSynthesis.build(gen, w, out_size=size, channels_last=True)        # default: on
+            wino = FoldedSynthesis.build(gen, w, out_size=size, channels_last=True, winograd=True)
             direct = FoldedSynthesis.build(gen, w, out_size=size, channels_last=True, winograd=False)
             assert wino.winograd_res and not direct.winograd_res
             a, b = wino(feat, skip), direct(feat, skip)
@@ -198,3 +198,19 @@ def test_winograd_blocks_equal_the_direct_convolution():
             assert float((b - ref).abs().max()) <= 1e-5 * max(1.0, scale)
     with pytest.raises(ValueError, match="winograd"):
         FoldedSynthesis.build(gen, w, dtype=torch.bfloat16, winograd=True)
+
+
+def test_winograd_default_follows_the_cpu(monkeypatch):
+    """NNPACK Winograd is the default only on CPUs without AVX512 (oneDNN's AVX512 convolution is faster there)."""
+    from models.fastpath import winograd_available, winograd_preferred
+    if not winograd_available("cpu"):
+        pytest.skip("this torch has no NNPACK")
+    torch.manual_seed(0)
+    gen = Generator(StyleGAN2Config(size=128, style_dim=64, n_mlp=2, uniform_channels=64)).eval()
+    w = 0.5 * torch.randn(1, gen.n_latent, gen.style_dim)
+    for capability, on in (("AVX2", True), ("AVX512", False), ("DEFAULT", True)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert winograd_preferred("cpu") is on
+        assert bool(FoldedSynthesis.build(gen, w).winograd_res) is on
+        assert FoldedSynthesis.build(gen, w, winograd=True).winograd_res       # asking for it still works
+    assert not winograd_preferred("meta")
