@@ -443,8 +443,7 @@ def engine_of(s: Setup, sh: StyleHEAT, precision: str):
 def engine_render_fps(eng, ident: str, rows: np.ndarray, frames: int, size: int, quality: str) -> dict:
     """frames/s of ``Engine.render`` over ``frames`` consecutive frames (its default batch size), with the
     stage seconds; the preview cache is cleared first (a first scrub, not a re-scrub)."""
-    eng._preview_cache.clear()
-    eng._preview_cache_used = 0
+    eng.clear_preview_cache()
     timings: dict = {}
     t0 = time.perf_counter()
     n = sum(1 for _ in eng.render(ident, rows, range(frames), size=size, quality=quality, timings=timings))

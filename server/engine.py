@@ -180,7 +180,7 @@ class Engine:
         dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         self._nets = (FrameNets.build(self.model, dtype=dtype, channels_last=self.channels_last, device=device)
                       if dtype != torch.float32 else FrameNets.of(self.model))
-        self._preview_cache: "OrderedDict[bytes, np.ndarray]" = OrderedDict()
+        self._preview_cache: "OrderedDict[bytes, tuple[str, np.ndarray]]" = OrderedDict()   # key -> (identity, frame)
         self._preview_cache_bytes = max(0, int(preview_cache_bytes))
         self._preview_cache_used = 0
         self.preview_hits = 0
@@ -256,9 +256,10 @@ class Engine:
 
     @property
     def default_batch_size(self) -> int:
-        """Frames per generator pass when the caller does not say: 8 on CUDA; 2 on CPU (measured on 2 AVX2 cores,
-        benchmarks/README.md: batch 2 is as fast per frame as batch 1 at 1024^2, within noise, and faster at the
-        smaller sizes, while a larger batch only adds memory)."""
+        """Frames per generator pass when the caller does not say: 8 on CUDA; 2 on CPU. Measured on 2 cores
+        (benchmarks/README.md): on an AMX Xeon batch 2 is as fast per frame as batch 1 within noise (1024^2 fp32
+        0.87 vs 0.92 s, bf16 0.35 vs 0.35 s; 256^2 preview bf16 0.111 vs 0.111 s) and a larger batch only adds
+        memory; on AVX2 batch 2 was slower only while NNPACK ran batched (now one frame at a time)."""
         return 8 if self.device.type == "cuda" else 2
 
     def attributes(self) -> dict[str, dict[str, float]]:
@@ -312,9 +313,10 @@ class Engine:
 
     def _evict(self) -> None:
         while len(self._identities) > self._identity_cache_size:
-            _, evicted = self._identities.popitem(last=False)
+            gone, evicted = self._identities.popitem(last=False)
             for key in evicted.folded_keys:
                 self._folded.forget(key)
+            self._drop_previews(lambda owner: owner == gone)
 
     def _coefficients(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """(73,) float32 3DMM row of the portrait or None, and why it is None (when known)."""
@@ -327,11 +329,28 @@ class Engine:
         return (None if row is None else np.asarray(row, dtype=np.float32).reshape(73)), reason
 
     def forget_identity(self, identity_id: str) -> None:
+        """Drop an identity: its inversion, edits, folded synthesis weights and cached preview frames."""
         with self._lock:
             ident = self._identities.pop(identity_id, None)
             if ident is not None:
                 for key in ident.folded_keys:
                     self._folded.forget(key)
+            self._drop_previews(lambda owner: owner == identity_id)
+
+    def clear_preview_cache(self) -> None:
+        """Forget every cached preview frame (the next preview of each frame renders again)."""
+        with self._lock:
+            self._drop_previews(lambda owner: True)
+
+    def _drop_previews(self, match: Callable[[str], bool]) -> None:
+        for key in [k for k, (owner, _) in self._preview_cache.items() if match(owner)]:
+            _, img = self._preview_cache.pop(key)
+            self._preview_cache_used -= img.nbytes
+
+    @property
+    def preview_cache_frames(self) -> int:
+        """How many preview frames are cached now."""
+        return len(self._preview_cache)
 
     def identity_ids(self) -> list[str]:
         with self._lock:
@@ -383,7 +402,7 @@ class Engine:
                     if hit is not None:
                         self._preview_cache.move_to_end(ck)
                         self.preview_hits += 1
-                        out[i] = hit
+                        out[i] = hit[1]
                 todo = [j for j, i in enumerate(chunk) if i not in out]
                 # frames that share one W+ code (same quantized edit) run together through one folded synthesis
                 for run in _runs([keys[j] for j in todo]):
@@ -399,7 +418,7 @@ class Engine:
                     for i, img in zip(sub, to_uint8(images)):
                         out[i] = img
                         if i in cache_keys:
-                            self._remember_preview(cache_keys[i], img)
+                            self._remember_preview(cache_keys[i], ident.info.id, img)
                     if timings is not None:
                         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
             for i in chunk:
@@ -414,14 +433,17 @@ class Engine:
             h.update(mel[i].tobytes())
         return h.digest()
 
-    def _remember_preview(self, key: bytes, img: np.ndarray) -> None:
+    def _remember_preview(self, key: bytes, identity_id: str, img: np.ndarray) -> None:
         if img.nbytes > self._preview_cache_bytes:
             return
-        self._preview_cache[key] = img
+        old = self._preview_cache.pop(key, None)
+        if old is not None:
+            self._preview_cache_used -= old[1].nbytes
+        self._preview_cache[key] = (identity_id, img)
         self._preview_cache_used += img.nbytes
         while self._preview_cache_used > self._preview_cache_bytes:
-            _, old = self._preview_cache.popitem(last=False)
-            self._preview_cache_used -= old.nbytes
+            _, (_, evicted) = self._preview_cache.popitem(last=False)
+            self._preview_cache_used -= evicted.nbytes
 
     def _synthesizer(self, ident: _Identity, key: tuple, inv: Inversion) -> Callable:
         """The folded 64 -> image synthesis for one (identity, edit) W+ code, built once per output size."""

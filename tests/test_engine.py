@@ -372,3 +372,23 @@ def test_threads_are_one_per_physical_core(monkeypatch):
         assert configure_threads(torch.device("cpu")) <= n
     finally:
         torch.set_num_threads(before)
+
+
+def test_forgetting_an_identity_drops_its_preview_frames(portrait, rows):
+    eng = Engine.tiny_random(seed=0)
+    a = eng.prepare_identity(portrait)
+    b = eng.prepare_identity(np.ascontiguousarray(portrait[:, ::-1]))     # another portrait: another identity
+    assert a.id != b.id
+    dict(eng.render(a.id, rows, range(3), size=64, quality="preview"))
+    dict(eng.render(b.id, rows, range(2), size=64, quality="preview"))
+    assert eng.preview_cache_frames == 5
+    eng.forget_identity(a.id)
+    assert eng.preview_cache_frames == 2                                  # b's frames stay
+    counter = PassCounter(eng.model)
+    dict(eng.render(b.id, rows, range(2), size=64, quality="preview"))
+    assert counter.rows == 0
+    eng.clear_preview_cache()
+    assert eng.preview_cache_frames == 0 and eng._preview_cache_used == 0
+    dict(eng.render(b.id, rows, range(2), size=64, quality="preview"))
+    counter.close()
+    assert counter.rows == 2                                              # rendered again after the clear
