@@ -24,9 +24,9 @@ def _load():
     from . import deps
 
     deps.ensure()  # legacy zip: unpack the bundled wheels for this platform when zmq is missing
-    from . import operators, panels, preferences, rig
+    from . import operators, panels, preferences, rig, scrub
 
-    return (rig, preferences, operators, panels)
+    return (rig, preferences, operators, panels, scrub)
 
 
 def register():
@@ -34,11 +34,12 @@ def register():
 
     global _modules
     _modules = _load()
-    rig, preferences, operators, panels = _modules
+    rig, preferences, operators, panels, scrub = _modules
     rig.register()
     for cls in preferences.CLASSES + operators.CLASSES + panels.CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_MT_add.append(operators.menu_add)
+    scrub.register()
 
 
 def unregister():
@@ -47,9 +48,10 @@ def unregister():
     global _modules
     if _modules is None:
         return
-    rig, preferences, operators, panels = _modules
+    rig, preferences, operators, panels, scrub = _modules
     from . import render
 
+    scrub.unregister()
     render.close_clients()
     bpy.types.VIEW3D_MT_add.remove(operators.menu_add)
     for cls in reversed(preferences.CLASSES + operators.CLASSES + panels.CLASSES):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import operators, preferences, rig as rig_mod
+from . import operators, preferences, rig as rig_mod, scrub
 from .frames import PRESET_NAMES
 
 
@@ -111,6 +111,9 @@ class STYLEHEAT_PT_output(_RigChild, bpy.types.Panel):
         row.prop(rig, "size")
         row.prop(rig, "preview_size")
         layout.prop(rig, "preview_quality")
+        layout.prop(rig, "live_preview")
+        if rig.live_preview and scrub.state["text"]:
+            layout.label(text=scrub.state["text"], icon="INFO")
         layout.prop(rig, "strip_channel")
         row = layout.row()
         row.operator("styleheat.preview", icon="IMAGE_DATA")

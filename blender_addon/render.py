@@ -467,19 +467,41 @@ def render_range(context_scene, obj, address: str, timeout: float = 5.0, start: 
     return session
 
 
-def preview_frame(scene, obj, address: str, timeout: float = 5.0, frame: int | None = None):
-    """Render one frame at the rig's preview size into the preview image; returns the image.
+def start_preview(scene, obj, address: str, timeout: float = 5.0, frame: int | None = None, *,
+                  prepare: bool = True, info: dict | None = None) -> RenderSession:
+    """Ask for one frame at the rig's preview size and quality; the session receives it (raw) into ``images``.
 
     The rig's ``preview_quality`` "PREVIEW" asks for the server's cheap scrub quality (CalibrationNet skipped,
-    cached per frame: see the hello's ``qualities``); "FULL" for exactly what a render gives."""
+    cached per frame: see the hello's ``qualities``); "FULL" for exactly what a render gives.
+    ``prepare=False`` never uploads the portrait (the live scrub preview must not block on an inversion): a
+    rig whose portrait is not prepared raises UserError. ``info``: the server's hello, when known."""
+    require_rig(obj)
     frame = scene.frame_current if frame is None else frame
     client = get_client(address, timeout)
-    info = connect(address, timeout)
-    identity = ensure_identity(client, obj)
+    info = connect(address, timeout) if info is None else info
+    if prepare:
+        identity = ensure_identity(client, obj)
+    else:
+        identity = prepared_identity(obj)
     plan = plan_render(scene, obj, identity, info, frame, frame, None,
                        size=pick_size(info, obj.styleheat.preview_size))
     quality = pick_quality(info, "preview" if obj.styleheat.preview_quality == "PREVIEW" else "full")
-    session = RenderSession(client, plan, encoding="raw", quality=quality).run()
+    return RenderSession(client, plan, encoding="raw", quality=quality)
+
+
+def prepared_identity(obj) -> str:
+    """The rig's server identity when it matches its current portrait, else UserError (prepare it first)."""
+    rig = obj.styleheat
+    _, source = _portrait_bytes(rig)
+    if not rig.identity or rig.identity_source != source:
+        raise UserError("The portrait is not prepared yet: press Prepare Portrait (or Preview Frame) once.")
+    return rig.identity
+
+
+def preview_frame(scene, obj, address: str, timeout: float = 5.0, frame: int | None = None):
+    """Render one frame at the rig's preview size into the preview image (blocking); returns the image."""
+    frame = scene.frame_current if frame is None else frame
+    session = start_preview(scene, obj, address, timeout, frame).run()
     if frame not in session.images:
         raise ClientError("the server finished without sending the preview frame")
     return show_preview(session.images[frame])

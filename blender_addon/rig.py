@@ -74,7 +74,11 @@ class StyleHEATRig(bpy.types.PropertyGroup):
         items=[("PREVIEW", "Fast", "Scrub quality: skips the calibration network (the warp repair) and caches "
                                    "frames already seen; several times cheaper than a full frame"),
                ("FULL", "Full", "Exactly the frame a render gives (every network)")],
-        description="What the Preview button renders")
+        description="What Preview Frame and Live Preview render")
+    live_preview: BoolProperty(
+        name="Live Preview", default=False,
+        description="Re-render the preview image whenever the current frame changes (scrubbing), at the preview "
+                    "size and quality, without blocking Blender; frames already seen come from the server's cache")
     strip_channel: IntProperty(name="Strip Channel", default=0, min=0, max=128,
                                description="Sequencer channel of the rendered image strip (0 = first free)")
 
@@ -221,16 +225,26 @@ def keyed_range(obj):
     return compat.keyed_frame_range(obj, ANIMATED_PREFIXES)
 
 
+_sampling = [0]   # > 0 while sample_frames moves the playhead (frame-change handlers ignore those changes)
+
+
+def is_sampling() -> bool:
+    """True while :func:`sample_frames` is stepping through frames."""
+    return _sampling[0] > 0
+
+
 def sample_frames(scene, obj, lo: int, hi: int) -> list[RigSample]:
     """Rig samples for scene frames lo..hi (inclusive); restores the current frame."""
     current, sub = scene.frame_current, scene.frame_subframe
     out = []
+    _sampling[0] += 1
     try:
         for f in range(lo, hi + 1):
             scene.frame_set(f)
             out.append(sample_now(obj))
     finally:
         scene.frame_set(current, subframe=sub)
+        _sampling[0] -= 1
     return out
 
 

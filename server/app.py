@@ -417,7 +417,7 @@ def load_models(args) -> tuple["Engine", BakeModels]:
     """The engine and the bake models of the command line ``args``, sharing one tracker: the
     portraits' own 3DMM rows and ``extract`` run the same Deep3D (one ResNet-50 in memory).
     --tiny-random engines get no tracker (their portraits keep no coefficients)."""
-    from server.commands._model_args import read_config
+    from server.commands._model_args import precision_option, read_config
     from server.engine import Engine, resolve_device
 
     path = find_model(args)
@@ -432,9 +432,10 @@ def load_models(args) -> tuple["Engine", BakeModels]:
     except ValueError as exc:
         raise StartupError(f"styleheat-server: {exc}") from None
     shared = dict(tracker=bake.tracker, tracker_note=bake.extract_note)
+    shared.update(precision_option(args))
     try:
         if path is None:
-            engine = Engine.tiny_random(seed=args.seed, device=device)
+            engine = Engine.tiny_random(seed=args.seed, device=device, **precision_option(args))
         elif path.is_file():
             engine = Engine.from_bundle(path, device=device, **shared)
         else:
@@ -445,6 +446,8 @@ def load_models(args) -> tuple["Engine", BakeModels]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.commands._model_args import add_precision_argument
+
     p = argparse.ArgumentParser(
         prog="styleheat-server",
         description="Serve StyleHEAT to the Blender add-on over ZeroMQ (protocol: docs/protocol.md).")
@@ -467,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create server and client CURVE keys in DIR (and authorize the client), then exit")
     p.add_argument("--batch-size", type=int, default=None,
                    help="frames per engine batch (default 8 on CUDA, 2 on CPU; halved on out-of-memory)")
+    add_precision_argument(p, tiny_random=True)
     p.add_argument("--max-jobs", type=int, default=16, help="jobs queued or running at once, all clients")
     p.add_argument("--max-jobs-per-client", type=int, default=8, help="jobs queued or running per client")
     p.add_argument("--stall-timeout", type=float, default=600.0,

@@ -318,3 +318,77 @@ def test_render_after_the_server_forgot_the_portrait_prepares_it_again(tmp_path,
     assert out["first"] == [1, 2, 3]
     assert out["again"] == [1, 2, 3]
     assert out["files"] == [f"StyleHEAT_Face_{f:04d}.png" for f in range(1, 4)] + ["styleheat_frames.json"]
+
+
+def test_live_preview_follows_scrubbing_without_blocking(tmp_path, addon_zip, server, fixtures_dir):
+    """Live Preview: frame changes only record the wanted frame; the timer body (called here, timers never fire
+    headless) asks for the latest one, so a fast scrub renders where the playhead rests; never prepares."""
+    blend = tmp_path / "shot.blend"
+    out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 10, blend) + f"""
+        import time
+        scrub = sub("scrub")
+        OUT["handler_registered"] = scrub.on_frame_change in bpy.app.handlers.frame_change_post
+        rig = obj.styleheat
+        rig.preview_size = 64
+        for f, v in ((1, -0.6), (10, 0.6)):          # keyed head turn: every frame is a different face
+            obj.rotation_euler = (0.0, v, 0.0)
+            obj.keyframe_insert('rotation_euler', frame=f)
+        bpy.ops.styleheat.connect()
+        OUT["prepare"] = sorted(bpy.ops.styleheat.prepare_portrait())
+        def pixels():
+            img = bpy.data.images[render.PREVIEW_IMAGE]
+            px = np.empty(len(img.pixels), np.float32)
+            img.pixels.foreach_get(px)
+            return (px.reshape(64, 64, 4)[::-1, :, :3] * 255).round().astype(np.uint8)
+        def settle():
+            t0 = time.monotonic()
+            while scrub.tick() is not None:
+                assert time.monotonic() - t0 < 60, "live preview never settled"
+                time.sleep(0.01)
+        scene.frame_set(3)                             # Live Preview off: nothing wanted
+        OUT["wanted_when_off"] = scrub.state["wanted"]
+        rig.live_preview = True
+        scene.frame_set(3)
+        OUT["wanted"] = list(scrub.state["wanted"])
+        settle()
+        OUT["after_first"] = [list(scrub.state["requested"]), scrub.state["shown"], scrub.state["text"]]
+        p3 = pixels()
+        for f in (4, 5, 6, 7, 8):                      # a fast scrub: only where it stops is rendered
+            scene.frame_set(f)
+        settle()
+        OUT["after_scrub"] = [list(scrub.state["requested"]), scrub.state["shown"]]
+        p8 = pixels()
+        scene.frame_set(2)
+        scrub.tick()                                   # the request for frame 2 is sent ...
+        scene.frame_set(9)                             # ... and the playhead moves on before it is shown
+        settle()
+        OUT["after_move"] = [list(scrub.state["requested"]), scrub.state["shown"]]
+        p9 = pixels()
+        same = []                                      # each live image is exactly the Preview button's frame
+        for f, live in ((3, p3), (8, p8), (9, p9)):
+            render.preview_frame(scene, obj, ADDRESS, 10.0, frame=f)
+            same.append(bool(np.array_equal(pixels(), live)))
+        OUT["same_as_button"] = same
+        scrub.reset()
+        OUT["source_before"] = rig.identity_source
+        rig.portrait = {str(fixtures_dir / 'portrait_40.jpg')!r}   # not prepared: a hint, no upload, no request
+        scene.frame_set(5)
+        settle()
+        OUT["unprepared"] = [list(scrub.state["requested"]), scrub.state["text"], rig.identity_source]
+        bpy.ops.preferences.addon_disable(module=MOD)
+        OUT["handler_after_disable"] = any(getattr(h, "__module__", "").startswith(MOD)
+                                           for h in bpy.app.handlers.frame_change_post)
+    """, addon_zip, server.address)
+    assert out["handler_registered"] is True and out["prepare"] == ["FINISHED"]
+    assert out["wanted_when_off"] is None
+    assert out["wanted"][2] == 3
+    assert out["after_first"] == [[3], 3, ""]
+    assert out["after_scrub"] == [[3, 8], 8]
+    requested, shown = out["after_move"]
+    assert requested[:2] == [3, 8] and requested[-1] == 9 and shown == 9
+    assert set(requested[2:-1]) <= {2}
+    assert out["same_as_button"] == [True, True, True]
+    unprepared_requested, text, source = out["unprepared"]
+    assert unprepared_requested == [] and "not prepared" in text
+    assert source == out["source_before"]                 # nothing was uploaded or prepared
+    assert out["handler_after_disable"] is False

@@ -37,7 +37,8 @@ def test_convert_then_render_bundle_matches_engine(tiny, tmp_path, capsys):
     assert "generator     <- StyleGAN_e4e.pth" in out and bundle.is_file()
     frames = tmp_path / "frames"
     rc = cli.main(["render", "--bundle", str(bundle), "--source", str(d / "face.png"), "--motion",
-                   str(d / "motion.json"), "--out", str(frames), "--device", "cpu", "--quiet"])
+                   str(d / "motion.json"), "--out", str(frames), "--device", "cpu", "--quiet",
+                   "--precision", "float32"])             # the default, auto, is bfloat16 on AMX CPUs
     assert rc == 0
     files = sorted(p.name for p in frames.iterdir())
     assert files == [f"frame_{i:05d}.png" for i in range(4)]   # no temporary files left behind
@@ -46,6 +47,22 @@ def test_convert_then_render_bundle_matches_engine(tiny, tmp_path, capsys):
     for i in range(4):
         got = cv2.cvtColor(cv2.imread(str(frames / f"frame_{i:05d}.png")), cv2.COLOR_BGR2RGB)
         np.testing.assert_array_equal(got, expected[i])
+    # --precision bfloat16 reaches the engine: the frames differ from float32 (really bf16) and stay within the
+    # tiny-network bf16 bound of tests/test_engine.py (25 dB; the full-size network meets BF16_MIN_PSNR_DB)
+    bf16 = tmp_path / "bf16"
+    rc = cli.main(["render", "--bundle", str(bundle), "--source", str(d / "face.png"), "--motion",
+                   str(d / "motion.json"), "--out", str(bf16), "--device", "cpu", "--quiet", "--precision", "bfloat16"])
+    assert rc == 0
+    got = np.stack([cv2.imread(str(bf16 / f"frame_{i:05d}.png"))[..., ::-1] for i in range(4)]).astype(np.float64)
+    want = np.stack([expected[i] for i in range(4)]).astype(np.float64)
+    mse = float(((got - want) ** 2).mean())
+    assert mse > 0 and 10 * np.log10(255.0 ** 2 / mse) >= 25.0
+
+
+def test_precision_choices_are_the_engines():
+    from server.commands._model_args import PRECISION_CHOICES
+    from server.engine import PRECISIONS
+    assert PRECISION_CHOICES == PRECISIONS
 
 
 def test_render_from_checkpoints_preview_size(tiny, tmp_path):

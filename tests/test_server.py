@@ -866,3 +866,14 @@ def test_a_client_killed_mid_stream_frees_its_job_within_two_heartbeats(server, 
         child.stdout.close()
         child.stderr.close()
         watcher.close()
+
+
+def test_precision_option_reaches_the_engine():
+    from server import app as server_app
+    for argv, want in (([], "float32"), (["--precision", "bfloat16"], "bfloat16"),
+                       (["--precision", "float32"], "float32")):
+        args = server_app.build_parser().parse_args(["--tiny-random", "--device", "cpu", *argv])
+        engine, _ = server_app.load_models(args)
+        assert engine.precision == want and engine.info()["precision"] == want
+    with pytest.raises(SystemExit):
+        server_app.build_parser().parse_args(["--tiny-random", "--precision", "fp8"])

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from server.commands._model_args import add_checkpoint_arguments, checkpoint_dir, read_config
+from server.commands._model_args import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
+                                         precision_option, read_config)
 
 NAME = "render"
 HELP = "render a talking-face frame sequence from a portrait and a motion file"
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output side in pixels (default: native 1024; 256 and 512 are cheaper previews)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None, help="frames per batch (default 8 on GPU, 2 on CPU)")
+    add_precision_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -87,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
             if args.checkpoints:
                 print("styleheat render: give --checkpoints or --bundle, not both", file=sys.stderr)
                 return 2
-            engine = Engine.from_bundle(args.bundle, device=args.device)
+            engine = Engine.from_bundle(args.bundle, device=args.device, **precision_option(args))
         else:
             directory, origin = checkpoint_dir(args.checkpoints)
-            engine = Engine.from_checkpoints(directory, device=args.device, config=read_config(args.config))
+            engine = Engine.from_checkpoints(directory, device=args.device, config=read_config(args.config),
+                                             **precision_option(args))
     except (weights.WeightsError, ValueError) as e:
         print(f"styleheat render: {e}", file=sys.stderr)
         return 1
