@@ -164,6 +164,7 @@ class Server:
             pose_presets={k: list(v) for k, v in self.bake.pose_presets.items()},
             capabilities=self.capabilities(),
             qualities={str(k): str(v) for k, v in info.get("qualities", {"full": "every network"}).items()},
+            precision=str(info.get("precision", "float32")),
             limits=dict(max_message_bytes=self.max_message_bytes, max_header_bytes=self.max_header_bytes,
                         max_part_bytes=self.max_part_bytes, max_parts=P.MAX_PARTS, max_rows=P.MAX_ROWS,
                         max_frames=P.MAX_FRAMES, max_credit=P.MAX_CREDIT, default_credit=P.DEFAULT_CREDIT,

@@ -75,6 +75,7 @@ def test_hello_lists_the_qualities_with_what_they_compute(hello):
     from models.styleheat import QUALITIES
     assert set(hello["qualities"]) == set(P.QUALITIES) == set(QUALITIES)
     assert "CalibrationNet" in hello["qualities"]["preview"]
+    assert hello["precision"] == "float32"                 # --tiny-random without --precision
 
 
 def test_preview_render_has_the_size_asked_and_differs_from_full(client, identity, hello):
