@@ -29,6 +29,14 @@ def _preset_prop(name: str, what: str):
                     f"0 = the portrait's own expression, 1 = the preset")
 
 
+def _live_preview_toggled(rig, context) -> None:
+    """Turning Live Preview on previews the current frame at once (not only at the next frame change)."""
+    from . import scrub
+
+    if context is not None and getattr(context, "scene", None) is not None:
+        scrub.on_frame_change(context.scene)
+
+
 class StyleHEATAttribute(bpy.types.PropertyGroup):
     # ``name`` (inherited) is the server's attribute name (from its hello), e.g. "age", "beard"
     value: FloatProperty(name="Strength", default=0.0, soft_min=-5.0, soft_max=5.0,
@@ -76,7 +84,7 @@ class StyleHEATRig(bpy.types.PropertyGroup):
                ("FULL", "Full", "Exactly the frame a render gives (every network)")],
         description="What Preview Frame and Live Preview render")
     live_preview: BoolProperty(
-        name="Live Preview", default=False,
+        name="Live Preview", default=False, update=_live_preview_toggled,
         description="Re-render the preview image whenever the current frame changes (scrubbing), at the preview "
                     "size and quality, without blocking Blender; frames already seen come from the server's cache")
     strip_channel: IntProperty(name="Strip Channel", default=0, min=0, max=128,

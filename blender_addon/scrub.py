@@ -105,6 +105,7 @@ def _request(key) -> None:
         return
     state["session"], state["key"] = session, key
     state["requested"].append(key[2])
+    del state["requested"][:-100]                # a record of the recent requests, not of the whole session
 
 
 def tick():

@@ -347,8 +347,7 @@ def test_live_preview_follows_scrubbing_without_blocking(tmp_path, addon_zip, se
                 time.sleep(0.01)
         scene.frame_set(3)                             # Live Preview off: nothing wanted
         OUT["wanted_when_off"] = scrub.state["wanted"]
-        rig.live_preview = True
-        scene.frame_set(3)
+        rig.live_preview = True                        # turning it on asks for the current frame (3) at once
         OUT["wanted"] = list(scrub.state["wanted"])
         settle()
         OUT["after_first"] = [list(scrub.state["requested"]), scrub.state["shown"], scrub.state["text"]]
