@@ -142,7 +142,7 @@ REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
 REPLY_FIELDS: dict[str, tuple[str, ...]] = {
     HELLO: ("protocol", "server", "device", "model", "real_weights", "tiny_random", "sizes", "native_size",
             "attributes", "audio", "align", "encodings", "limits", "jobs", "presets", "pose_presets",
-            "capabilities", "qualities"),
+            "capabilities", "qualities", "precision"),
     PREPARED: ("identity", "aligned", "align_note", "coefficients", "coefficient_note", "width", "height",
                "encoding"),
     ACCEPTED: ("total", "size", "encoding", "credit", "quality"),
