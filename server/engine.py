@@ -313,10 +313,14 @@ class Engine:
 
     def _evict(self) -> None:
         while len(self._identities) > self._identity_cache_size:
-            gone, evicted = self._identities.popitem(last=False)
-            for key in evicted.folded_keys:
+            self._release(*self._identities.popitem(last=False))
+
+    def _release(self, identity_id: str, ident: "_Identity | None") -> None:
+        """Free what an identity left in the shared caches: folded synthesis weights and preview frames."""
+        if ident is not None:
+            for key in ident.folded_keys:
                 self._folded.forget(key)
-            self._drop_previews(lambda owner: owner == gone)
+        self._drop_previews(lambda owner: owner == identity_id)
 
     def _coefficients(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """(73,) float32 3DMM row of the portrait or None, and why it is None (when known)."""
@@ -331,11 +335,7 @@ class Engine:
     def forget_identity(self, identity_id: str) -> None:
         """Drop an identity: its inversion, edits, folded synthesis weights and cached preview frames."""
         with self._lock:
-            ident = self._identities.pop(identity_id, None)
-            if ident is not None:
-                for key in ident.folded_keys:
-                    self._folded.forget(key)
-            self._drop_previews(lambda owner: owner == identity_id)
+            self._release(identity_id, self._identities.pop(identity_id, None))
 
     def clear_preview_cache(self) -> None:
         """Forget every cached preview frame (the next preview of each frame renders again)."""
