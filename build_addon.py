@@ -45,6 +45,10 @@ PLATFORMS = (
 REQUIRED_PLATFORMS = ("linux-x64", "windows-x64", "macos-x64", "macos-arm64")
 EXCLUDE_DIRS = {"__pycache__", "wheels", "_vendor"}
 FORBIDDEN_IMPORTS = ("torch", "cv2", "librosa", "scipy")
+# the add-on's bpy-free core: importable (and tested) without Blender; they import no bpy, directly
+# or through a sibling, at module level or inside a function
+BPY_FREE = ("client", "connection", "deps", "errors", "frames", "localserver", "protocol")
+BLENDER_MODULES = ("bpy", "bpy_extras", "mathutils", "aud", "addon_utils")
 
 
 class BuildError(Exception):
@@ -211,6 +215,33 @@ def check_no_heavy_imports(folder: Path) -> None:
             raise BuildError(f"{py.relative_to(folder)} imports {m.group(1)}; heavy ML never runs inside Blender")
 
 
+def check_bpy_free(folder: Path, modules: tuple[str, ...] = BPY_FREE) -> None:
+    """Each of ``modules`` (files ``folder/<name>.py``) imports no Blender module and no sibling outside
+    ``modules`` (every import statement counts, function-level ones included)."""
+    import ast
+
+    for name in modules:
+        py = folder / f"{name}.py"
+        if not py.is_file():
+            raise BuildError(f"the bpy-free module {py.name} is missing from {folder}")
+        for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"), str(py))):
+            found = []
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found = [node.module]
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                siblings = [node.module] if node.module else [a.name for a in node.names]
+                bad = [m.split(".")[0] for m in siblings if m.split(".")[0] not in modules]
+                if bad:
+                    raise BuildError(f"{py.name} (bpy-free) imports the add-on's bpy module {bad[0]} "
+                                     f"(line {node.lineno}); keep Blender code out of {', '.join(modules)}")
+            for mod in found:
+                if mod.split(".")[0] in BLENDER_MODULES:
+                    raise BuildError(f"{py.name} (bpy-free) imports {mod} (line {node.lineno}); keep Blender "
+                                     f"code out of {', '.join(modules)}")
+
+
 def stage(dest: Path, wheels: bool = True, wheel_cache: Path | None = None) -> Path:
     """Assemble the add-on folder ``dest/styleheat`` (sources + protocol copy + manifest [+ wheels])."""
     if not PROTOCOL.is_file():
@@ -225,6 +256,7 @@ def stage(dest: Path, wheels: bool = True, wheel_cache: Path | None = None) -> P
     platform_wheels = download_wheels(pkg / "wheels", wheel_cache) if wheels else None
     write_manifest(pkg, platform_wheels)
     check_no_heavy_imports(pkg)
+    check_bpy_free(pkg)
     return pkg
 
 

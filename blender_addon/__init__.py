@@ -2,7 +2,7 @@
 
 Works as a Blender 4.2+ extension (blender_manifest.toml; bundled pyzmq/msgpack wheels) and as a
 legacy add-on zip (bl_info). Importing this package does not import bpy, zmq or torch, so the
-bpy-free modules (client, frames, localserver, protocol) are usable anywhere; ``register()``
+bpy-free modules (client, connection, frames, localserver, deps, errors, protocol) are usable anywhere; ``register()``
 pulls in the Blender side.
 """
 bl_info = {
@@ -49,10 +49,10 @@ def unregister():
     if _modules is None:
         return
     rig, preferences, operators, panels, scrub = _modules
-    from . import render
+    from . import connection
 
     scrub.unregister()
-    render.close_clients()
+    connection.close_clients()
     bpy.types.VIEW3D_MT_add.remove(operators.menu_add)
     for cls in reversed(preferences.CLASSES + operators.CLASSES + panels.CLASSES):
         bpy.utils.unregister_class(cls)

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import audio as audio_mod
 from . import compat, frames as F, rig as rig_mod
-from . import render as R
+from . import connection, render as R
 from .client import Client, ClientError
 
 LOOPBACK_HINTS = ("127.0.0.1", "localhost", "[::1]", "ipc://", "inproc://")
@@ -106,19 +106,15 @@ def _connect_for(obj, address: str, timeout: float, capability: str, missing: st
     """(client, server info, portrait base) for a bake that needs the server's ``capability``;
     ``missing`` is the error when the server says it lacks it (a server that does not list its
     capabilities is tried anyway)."""
-    client = R.get_client(address, timeout)
-    info = R.connect(address, timeout)
-    caps = R.info_field(info, "capabilities", None)
+    client = connection.get_client(address, timeout)
+    info = connection.connect(address, timeout)
+    caps = connection.info_field(info, "capabilities", None)
     if isinstance(caps, dict) and capability in caps and not caps[capability]:
         raise R.UserError(missing)
     return client, info, _portrait_base(client, obj)
 
 
 # --- bake from video -------------------------------------------------------------------------
-
-def movie_strips(scene) -> list:
-    return [s for s in compat.all_strips(scene) if s.type == "MOVIE"]
-
 
 @dataclass
 class VideoBake:
@@ -229,7 +225,7 @@ def start_video_bake(scene, obj, address: str, timeout: float = 5.0, *, filepath
         job = client.extract(path=os.path.abspath(path), fps=fps, smooth=smooth, timeout=frame_timeout)
     else:
         size = os.path.getsize(path)
-        limit_bytes = int((R.info_field(info, "limits", {}) or {}).get("max_part_bytes", 96 << 20))
+        limit_bytes = int((connection.info_field(info, "limits", {}) or {}).get("max_part_bytes", 96 << 20))
         if size > limit_bytes:
             raise R.UserError(f"The movie is {size / 1e6:.0f} MB; this server accepts at most "
                               f"{limit_bytes / 1e6:.0f} MB per file. Trim or re-encode it.")

@@ -11,8 +11,15 @@ through queues, so Blender's main thread never blocks on the network for longer 
         ...                                            # each consumed frame grants the server one credit
     stream.cancel()                                    # stops the job; frames already received stay valid
 
-Errors: :class:`ServerUnavailable` (nobody answers / went silent), :class:`ServerError` (the server
-replied with an ``error``; ``code`` is one of ``protocol.ERROR_CODES``).
+Errors: :class:`ServerUnavailable` (nobody answers), :class:`ServerDead` (a server that answered
+stopped answering while a render/extract was in flight: no message for :data:`DEAD_AFTER` s),
+:class:`ServerError` (the server replied with an ``error``; ``code`` is one of ``protocol.ERROR_CODES``).
+
+Liveness: while a streamed request waits, the client pings the server (``heartbeat``) every
+:data:`HEARTBEAT_EVERY` s of quiet, and the server itself sends a heartbeat every second to a client with
+a job. Any message counts, so a server busy with a long frame stays alive; only a server that sends
+nothing at all for :data:`DEAD_AFTER` s is declared dead. A live server that sends nothing *for this
+request* for the request's ``frame_timeout`` (a stuck job) ends it with :class:`ServerUnavailable`.
 """
 from __future__ import annotations
 
@@ -30,6 +37,14 @@ from . import protocol as P
 
 CLIENT_NAME = "styleheat-blender-addon"
 
+#: Seconds without any message from the server (heartbeat replies included) after which a request in
+#: flight declares the server dead. The server answers a heartbeat within milliseconds even while it
+#: renders, and pings a client with a job every second, so 10 s is several missed heartbeats, never a
+#: slow frame.
+DEAD_AFTER = 10.0
+#: Seconds of quiet after which a waiting request pings the server.
+HEARTBEAT_EVERY = 2.0
+
 
 class ClientError(Exception):
     """Base class of the errors this client raises (their text is meant for the user)."""
@@ -37,6 +52,16 @@ class ClientError(Exception):
 
 class ServerUnavailable(ClientError):
     pass
+
+
+class ServerDead(ServerUnavailable):
+    """The server answered before, then sent nothing (not even heartbeat replies) for ``silent`` s."""
+
+    def __init__(self, address: str, silent: float, dead_after: float = DEAD_AFTER):
+        self.address, self.silent, self.dead_after = address, float(silent), float(dead_after)
+        super().__init__(f"The StyleHEAT server at {address} stopped answering (no reply for {dead_after:g} s): "
+                         f"it crashed, was stopped or lost the network. Frames already written are kept; "
+                         f"restart the server and render again (only the missing frames are rendered).")
 
 
 class ServerError(ClientError):
@@ -76,15 +101,18 @@ def _new_id(kind: str) -> str:
 class Client:
     """Connection to one server address. Thread-safe for callers; call :meth:`close` when done."""
 
-    def __init__(self, address: str, timeout: float = 5.0, curve_dir: str | None = None):
+    def __init__(self, address: str, timeout: float = 5.0, curve_dir: str | None = None,
+                 dead_after: float = DEAD_AFTER):
         """``curve_dir``: a folder made by ``styleheat-server --make-keys`` (server.key and
-        client.key_secret), needed for a server that is not on this machine."""
+        client.key_secret), needed for a server that is not on this machine. ``dead_after``: see
+        :data:`DEAD_AFTER` (tests shorten it)."""
         import zmq  # imported here so that importing the add-on never requires zmq
 
         if not address or "://" not in address:
             raise ClientError(f"server address {address!r} is not a ZeroMQ endpoint; use e.g. tcp://127.0.0.1:5555")
         self.address = address
         self.timeout = float(timeout)
+        self.dead_after = float(dead_after)
         self._zmq = zmq
         self._ctx = zmq.Context.instance()
         self._outbox: queue.Queue = queue.Queue()
@@ -330,9 +358,10 @@ class _ReplyStream:
     """Shared reply pump of one streamed request (an extract job or a render stream).
 
     :meth:`_next_reply` returns the next (header, parts) for this request, or None when ``deadline``
-    passes; while nothing arrives it pings the server (any reply counts as liveness) and gives up after
-    ``silence_timeout`` s of silence. Errors, an unreachable server and silence end the request
-    (:meth:`_end`) and raise ServerError / ServerUnavailable."""
+    passes; while nothing arrives it pings the server (any reply counts as liveness), raises
+    :class:`ServerDead` after the client's ``dead_after`` s with no message at all, and
+    :class:`ServerUnavailable` after ``silence_timeout`` s with nothing for this request (a live server
+    whose job is stuck). Errors, an unreachable server and silence end the request (:meth:`_end`)."""
 
     def _start_stream(self, client: "Client", rid: str, q: queue.Queue) -> None:
         self.client, self.id, self._q = client, rid, q
@@ -351,17 +380,27 @@ class _ReplyStream:
             pass
 
     def _next_reply(self, deadline: float | None, silence_timeout: float, what: str):
+        client = self.client
+        ping_every = min(HEARTBEAT_EVERY, client.dead_after / 5.0)
         while True:
             wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
             try:
                 kind, header, parts = self._q.get(timeout=wait)
             except queue.Empty:
                 now = time.monotonic()
-                silent = now - max(self._last, self.client.last_seen)
-                if silent > silence_timeout:
+                quiet = now - max(self._last, client.last_seen)     # nothing at all from the server
+                if quiet > client.dead_after:
                     self._end()
-                    raise self.client._unavailable(f"{what} went silent for {silent:.0f} s")
-                if silent > 2.0 and now - self._pinged > 2.0:   # liveness: any reply counts
+                    raise ServerDead(client.address, quiet, client.dead_after)
+                idle = now - self._last                              # nothing for this request
+                if idle > silence_timeout:
+                    self._end()
+                    raise ServerUnavailable(
+                        f"The StyleHEAT server at {client.address} still answers heartbeats but sent nothing "
+                        f"for this {what} in {idle:.0f} s (Frame Timeout {silence_timeout:g} s): the job seems "
+                        f"stuck. Restart the server, or raise Frame Timeout in the preferences for very slow "
+                        f"frames.")
+                if quiet > ping_every and now - self._pinged > ping_every:   # liveness: any reply counts
                     self._pinged = now
                     self._try_send(P.request(P.HEARTBEAT, None))
                 if deadline is not None and now >= deadline:
@@ -419,10 +458,12 @@ class ExtractJob(_ReplyStream):
                 self.progress = (str(header.get("stage", "")), int(header.get("done", 0)),
                                  int(header.get("total", 0) or 0))
             elif t == P.EXTRACTED:
-                rows = P.decode_array(header.get("rows"), "rows", (None, P.ROW_WIDTH), parts)
-                self.result = {"fps": float(header.get("fps") or 0.0), "rows": rows,
-                               "warnings": [str(w) for w in header.get("warnings") or []]}
                 self._close()
+                try:
+                    fps, rows, warnings = P.decode_extracted(header, parts)
+                except P.ProtocolError as exc:
+                    raise ClientError(f"the server's 'extracted' reply is malformed: {exc}") from None
+                self.result = {"fps": fps, "rows": rows, "warnings": warnings}
             elif t == P.DONE:      # a cancelled job ends with done (or nothing)
                 self._close()
         return False

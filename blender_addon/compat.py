@@ -82,11 +82,6 @@ def all_strips(scene) -> list:
     return list(coll)
 
 
-def strips_all_path() -> str:
-    """RNA path prefix of strips in the scene's action (used by keyframed strip volume)."""
-    return "sequence_editor.strips_all" if blender_version() >= (4, 4, 0) else "sequence_editor.sequences_all"
-
-
 def sound_trim(strip) -> tuple[float, float]:
     """Content trim (start, end) of a sound strip in frames (5.1: content_trim_*)."""
     if hasattr(strip, "content_trim_start"):

@@ -61,9 +61,10 @@ def render_blend(blend_path: str | None = None, *, server: str | None = None, ri
     render = importlib.import_module(f"{__package__}.render")
     rig_mod = importlib.import_module(f"{__package__}.rig")
     prefs = importlib.import_module(f"{__package__}.preferences")
+    connection = importlib.import_module(f"{__package__}.connection")
     s = prefs.settings()
     if curve_dir:
-        render.curve["dir"] = os.path.abspath(curve_dir)
+        connection.set_curve_keys_dir(os.path.abspath(curve_dir))
     address = server or s.address
     timeout = s.timeout if timeout is None else timeout
     scene = bpy.context.scene
@@ -83,7 +84,7 @@ def render_blend(blend_path: str | None = None, *, server: str | None = None, ri
             f"{len(session.plan.frames) - len(session.plan.todo)}")
     if bpy.data.filepath:
         bpy.ops.wm.save_mainfile()
-    render.close_clients()
+    connection.close_clients()
     return done
 
 
@@ -110,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     from .client import ClientError
     render = importlib.import_module(f"{__package__}.render")
+    connection = importlib.import_module(f"{__package__}.connection")
     try:
         render_blend(args.blend, server=args.server, rigs=args.rig, start=args.start, end=args.end,
                      force=args.force, timeout=args.timeout, curve_dir=args.curve_dir)
     except (ClientError, render.UserError, FileNotFoundError) as exc:
-        print(f"styleheat: {render.explain(exc)}", file=sys.stderr)
+        print(f"styleheat: {connection.failure_text(exc)}", file=sys.stderr)
         return 1
     return 0
 

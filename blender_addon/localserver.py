@@ -15,6 +15,7 @@ import tempfile
 
 _proc: subprocess.Popen | None = None
 _log_path: str | None = None
+_argv: list[str] | None = None      # the command of the last server started (for restart)
 
 
 def build_command(interpreter: str = "", command: str = "", bind: str = "tcp://127.0.0.1:5555",
@@ -38,7 +39,7 @@ def build_command(interpreter: str = "", command: str = "", bind: str = "tcp://1
 
 def start(argv: list[str]) -> subprocess.Popen:
     """Start the server (stdout+stderr into a log file); raises if one is already running."""
-    global _proc, _log_path
+    global _proc, _log_path, _argv
     if running():
         raise RuntimeError(f"a local server is already running (pid {_proc.pid}); stop it first")
     fd, _log_path = tempfile.mkstemp(prefix="styleheat_server_", suffix=".log")
@@ -51,7 +52,22 @@ def start(argv: list[str]) -> subprocess.Popen:
         log.close()
         raise RuntimeError(f"could not start the server ({' '.join(argv)}): {exc}") from None
     log.close()
+    _argv = list(argv)
     return _proc
+
+
+def last_command() -> list[str] | None:
+    """The command of the last server this Blender started (None: none yet)."""
+    return list(_argv) if _argv is not None else None
+
+
+def restart(timeout: float = 5.0) -> subprocess.Popen:
+    """Stop the server we started (when it still runs) and start it again with the same command."""
+    argv = last_command()
+    if argv is None:
+        raise RuntimeError("this Blender has not started a local server yet; use Start Local Server")
+    stop(timeout)
+    return start(argv)
 
 
 def running() -> bool:

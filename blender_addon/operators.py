@@ -6,21 +6,19 @@ import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 from . import bake as B
-from . import localserver, preferences, render as R, rig as rig_mod
+from . import connection, localserver, preferences, render as R, rig as rig_mod
 from .client import ClientError
 
-progress = {"text": "", "running": False}
+def fail_text(exc: Exception) -> str:
+    """The sentence to report for ``exc``; a server error also becomes the connection status."""
+    msg = connection.failure_text(exc)
+    if isinstance(exc, ClientError) and not isinstance(exc, R.UserError):
+        connection.set_status("error", msg)
+    return msg
 
 
 def _fail(op, exc: Exception):
-    msg = R.explain(exc)
-    code = localserver.exit_code()
-    if code not in (None, 0):  # the server this Blender started has died: say why
-        tail = [ln for ln in localserver.log_tail().splitlines() if ln.strip()]
-        msg += f" The local server exited with code {code}" + (f": {tail[-1]}" if tail else ".")
-    if isinstance(exc, ClientError) and not isinstance(exc, R.UserError):
-        preferences.set_status("error", msg)
-    op.report({"ERROR"}, msg)
+    op.report({"ERROR"}, fail_text(exc))
     return {"CANCELLED"}
 
 
@@ -32,14 +30,14 @@ class STYLEHEAT_OT_connect(bpy.types.Operator):
     def execute(self, context):
         s = preferences.settings(context)
         try:
-            info = R.connect(s.address, s.timeout)
+            info = connection.connect(s.address, s.timeout)
         except ClientError as exc:
             return _fail(self, exc)
-        preferences.set_status("ok", f"Connected to {s.address}", info)
+        connection.set_status("ok", f"Connected to {s.address}", info)
         R.sync_presets(context.scene, info)
         rig = rig_mod.find_rig(context)
         if rig is not None:
-            rig_mod.ensure_attributes(rig.styleheat, R.info_field(info, "attributes", {}))
+            rig_mod.ensure_attributes(rig.styleheat, connection.info_field(info, "attributes", {}))
         return {"FINISHED"}
 
 
@@ -61,8 +59,31 @@ class STYLEHEAT_OT_server_start(bpy.types.Operator):
         except (ValueError, RuntimeError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        preferences.set_status("unknown", "Server starting... press refresh to connect")
+        connection.set_status("unknown", "Server starting... press refresh to connect")
         self.report({"INFO"}, "StyleHEAT server started: " + " ".join(argv))
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_server_restart(bpy.types.Operator):
+    bl_idname = "styleheat.server_restart"
+    bl_label = "Restart Local Server"
+    bl_description = ("Start the server this Blender started again, with the same command (e.g. after it stopped "
+                      "answering); then render again: only the missing frames are rendered")
+
+    @classmethod
+    def poll(cls, context):
+        return connection.can_restart_local()
+
+    def execute(self, context):
+        connection.close_clients()
+        try:
+            localserver.restart()
+        except (ValueError, RuntimeError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        connection.set_status("unknown", "Server restarting... press refresh to connect")
+        connection.status["dead"] = ""
+        self.report({"INFO"}, "StyleHEAT server restarted: " + " ".join(localserver.last_command() or []))
         return {"FINISHED"}
 
 
@@ -72,9 +93,9 @@ class STYLEHEAT_OT_server_stop(bpy.types.Operator):
     bl_description = "Stop the server this Blender started"
 
     def execute(self, context):
-        R.close_clients()
+        connection.close_clients()
         localserver.stop()
-        preferences.set_status("unknown", "Local server stopped")
+        connection.set_status("unknown", "Local server stopped")
         return {"FINISHED"}
 
 
@@ -89,9 +110,9 @@ class STYLEHEAT_OT_add_rig(bpy.types.Operator):
 
     def execute(self, context):
         obj = rig_mod.create_rig(context, portrait=self.portrait)
-        info = R.server_info.get(preferences.settings(context).address)
+        info = connection.server_info.get(preferences.settings(context).address)
         if info:
-            rig_mod.ensure_attributes(obj.styleheat, R.info_field(info, "attributes", {}))
+            rig_mod.ensure_attributes(obj.styleheat, connection.info_field(info, "attributes", {}))
         for o in context.scene.objects:
             o.select_set(False)
         obj.select_set(True)
@@ -109,7 +130,7 @@ class _NeedsIdleRig(_NeedsRig):
     """A rig, and no render or bake already running (they share ``progress``)."""
     @classmethod
     def poll(cls, context):
-        return not progress["running"] and super().poll(context)
+        return not connection.progress["running"] and super().poll(context)
 
 
 class _ModalJob:
@@ -121,11 +142,11 @@ class _ModalJob:
         wm = context.window_manager
         self._timer = wm.event_timer_add(0.1, window=context.window)
         wm.modal_handler_add(self)
-        progress["running"] = True
+        connection.progress["running"] = True
 
     def _stop_modal(self, context) -> None:
         context.window_manager.event_timer_remove(self._timer)
-        progress["running"] = False
+        connection.progress["running"] = False
 
     def modal(self, context, event):
         if event.type == "ESC":
@@ -146,9 +167,9 @@ class STYLEHEAT_OT_prepare(_NeedsRig, bpy.types.Operator):
         s = preferences.settings(context)
         obj = rig_mod.find_rig(context)
         try:
-            info = R.connect(s.address, s.timeout)
-            rig_mod.ensure_attributes(obj.styleheat, R.info_field(info, "attributes", {}))
-            R.ensure_identity(R.get_client(s.address, s.timeout), obj, force=self.force)
+            info = connection.connect(s.address, s.timeout)
+            rig_mod.ensure_attributes(obj.styleheat, connection.info_field(info, "attributes", {}))
+            R.ensure_identity(connection.get_client(s.address, s.timeout), obj, force=self.force)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
         self.report({"INFO"}, f"Portrait prepared ({obj.styleheat.identity})")
@@ -226,18 +247,18 @@ class STYLEHEAT_OT_render(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
 # plain functions behind the modal operator ---------------------------------------------------
 
 def start_session(context, obj, s: preferences.Settings, force: bool = False) -> R.RenderSession:
-    info = R.connect(s.address, s.timeout)
-    preferences.set_status("ok", f"Connected to {s.address}", info)
+    info = connection.connect(s.address, s.timeout)
+    connection.set_status("ok", f"Connected to {s.address}", info)
     session = R.start_render(context.scene, obj, s.address, s.timeout, force=force, frame_timeout=s.frame_timeout,
                              info=info)
     session.scene_name = context.scene.name
-    progress["text"] = session.status()
+    connection.progress["text"] = session.status()
     return session
 
 
 def step_session(context, session: R.RenderSession, timeout: float = 0.0) -> bool:
     running = session.step(timeout)
-    progress["text"] = session.status()
+    connection.progress["text"] = session.status()
     try:
         context.window_manager.progress_update(len(session.written))
         if context.area is not None:
@@ -257,7 +278,7 @@ def finish_session(context, session: R.RenderSession):
     scene = bpy.data.scenes.get(getattr(session, "scene_name", ""), context.scene)
     obj = bpy.data.objects.get(session.plan.obj_name)
     R.update_strip(scene, session.plan, obj.styleheat.strip_channel if obj else 0)
-    progress["text"] = ("Cancelled at " if session.cancelled else "") + session.status()
+    connection.progress["text"] = ("Cancelled at " if session.cancelled else "") + session.status()
     return session.error
 
 
@@ -372,13 +393,13 @@ class STYLEHEAT_OT_bake_audio(_NeedsIdleRig, bpy.types.Operator):
 
 def start_video_bake(context, obj, s: preferences.Settings, **kw) -> B.VideoBake:
     bake = B.start_video_bake(context.scene, obj, s.address, s.timeout, frame_timeout=s.frame_timeout, **kw)
-    progress["text"] = bake.status()
+    connection.progress["text"] = bake.status()
     return bake
 
 
 def step_video_bake(context, bake: B.VideoBake, timeout: float = 0.0) -> bool:
     running = bake.step(timeout)
-    progress["text"] = bake.status()
+    connection.progress["text"] = bake.status()
     _status_bar(context, f"StyleHEAT bake: {bake.status()} (Esc cancels)")
     return running
 
@@ -387,16 +408,16 @@ def finish_video_bake(context, bake: B.VideoBake):
     """Write the keys (unless cancelled or failed); returns the error to report, or None."""
     _status_bar(context, None)
     if bake.error is not None:
-        progress["text"] = "Bake failed"
+        connection.progress["text"] = "Bake failed"
         return bake.error
     if bake.cancelled:
-        progress["text"] = "Bake cancelled"
+        connection.progress["text"] = "Bake cancelled"
         return None
     try:
         bake.finish()
     except R.UserError as exc:
         return exc
-    progress["text"] = f"Baked frames {bake.keyed[0]}..{bake.keyed[1]}" if bake.keyed else ""
+    connection.progress["text"] = f"Baked frames {bake.keyed[0]}..{bake.keyed[1]}" if bake.keyed else ""
     return None
 
 
@@ -404,6 +425,6 @@ def menu_add(self, context):
     self.layout.operator(STYLEHEAT_OT_add_rig.bl_idname, icon="USER")
 
 
-CLASSES = (STYLEHEAT_OT_connect, STYLEHEAT_OT_server_start, STYLEHEAT_OT_server_stop, STYLEHEAT_OT_add_rig,
+CLASSES = (STYLEHEAT_OT_connect, STYLEHEAT_OT_server_start, STYLEHEAT_OT_server_restart, STYLEHEAT_OT_server_stop, STYLEHEAT_OT_add_rig,
            STYLEHEAT_OT_prepare, STYLEHEAT_OT_preview, STYLEHEAT_OT_render, STYLEHEAT_OT_bake_video,
            STYLEHEAT_OT_bake_audio)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import operators, preferences, rig as rig_mod, scrub
+from . import connection, preferences, rig as rig_mod, scrub
 from .frames import PRESET_NAMES
 
 
@@ -95,8 +95,8 @@ class STYLEHEAT_PT_bake(_RigChild, bpy.types.Panel):
         col = self.layout.column(align=True)
         col.operator("styleheat.bake_video", icon="FILE_MOVIE")
         col.operator("styleheat.bake_audio", icon="SPEAKER")
-        if operators.progress["text"] and operators.progress["running"]:
-            self.layout.label(text=operators.progress["text"])
+        if connection.progress["text"] and connection.progress["running"]:
+            self.layout.label(text=connection.progress["text"])
 
 
 class STYLEHEAT_PT_output(_RigChild, bpy.types.Panel):
@@ -118,8 +118,8 @@ class STYLEHEAT_PT_output(_RigChild, bpy.types.Panel):
         row = layout.row()
         row.operator("styleheat.preview", icon="IMAGE_DATA")
         row.operator("styleheat.render", icon="RENDER_ANIMATION")
-        if operators.progress["text"]:
-            layout.label(text=operators.progress["text"])
+        if connection.progress["text"]:
+            layout.label(text=connection.progress["text"])
 
 
 CLASSES = (STYLEHEAT_PT_main, STYLEHEAT_PT_expression, STYLEHEAT_PT_attributes, STYLEHEAT_PT_advanced,

@@ -1,15 +1,13 @@
-"""Add-on preferences: server address, timeouts, local server start/stop, connection status."""
+"""Add-on preferences: server address, timeouts, local server start/stop; draws the connection status
+(:mod:`connection` holds it)."""
 from __future__ import annotations
 
 import bpy
 from bpy.props import EnumProperty, FloatProperty, StringProperty
 
-from . import localserver
+from . import connection, localserver
 
 ADDON_ID = __package__  # "styleheat" (legacy add-on) or "bl_ext.<repo>.styleheat" (extension)
-
-# connection status shown in the preferences and the panel (not saved)
-status = {"state": "unknown", "text": "Not connected", "device": "", "model": ""}
 
 
 def get_prefs(context=None):
@@ -26,23 +24,11 @@ class Settings:
         self.timeout = float(getattr(prefs, "timeout", 5.0))
         self.frame_timeout = float(getattr(prefs, "frame_timeout", 300.0))
         self.curve_dir = bpy.path.abspath(getattr(prefs, "curve_dir", "")) if getattr(prefs, "curve_dir", "") else ""
-        from . import render
-        render.curve["dir"] = self.curve_dir
+        connection.set_curve_keys_dir(self.curve_dir)
 
 
 def settings(context=None) -> Settings:
     return Settings(get_prefs(context))
-
-
-def set_status(state: str, text: str, info: dict | None = None) -> None:
-    status["state"], status["text"] = state, text
-    if info is not None:
-        from .render import info_field
-        status["device"] = str(info_field(info, "device", ""))
-        model = str(info_field(info, "model", ""))
-        if info_field(info, "real_weights", True) is False:
-            model += " (random weights)"
-        status["model"] = model
 
 
 class StyleHEATPreferences(bpy.types.AddonPreferences):
@@ -53,7 +39,9 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
     timeout: FloatProperty(name="Connect Timeout", default=5.0, min=0.1, max=600.0, unit="TIME_ABSOLUTE",
                            description="Seconds to wait for the server to answer a request")
     frame_timeout: FloatProperty(name="Frame Timeout", default=300.0, min=1.0, max=36000.0, unit="TIME_ABSOLUTE",
-                                 description="Seconds a render may go without any message from the server")
+                                 description="Seconds a render or bake may go without a frame or progress from a "
+                                             "server that still answers heartbeats (a stuck job). A server that "
+                                             "answers nothing at all is declared dead after 10 s")
     curve_dir: StringProperty(name="CURVE Keys", subtype="DIR_PATH", default="",
                               description="For a server on another machine: the folder with server.key and "
                                           "client.key_secret made by 'styleheat-server --make-keys DIR'")
@@ -98,11 +86,14 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
 
 
 def draw_status(layout) -> None:
+    status = connection.status
     box = layout.box()
     row = box.row()
     icon = {"ok": "CHECKMARK", "error": "ERROR"}.get(status["state"], "QUESTION")
     row.label(text=status["text"], icon=icon)
     row.operator("styleheat.connect", text="", icon="FILE_REFRESH")
+    if status["dead"] and connection.can_restart_local():
+        box.operator("styleheat.server_restart", icon="FILE_REFRESH")
     if status["state"] == "ok":
         box.label(text=f"Model: {status['model']}")
         box.label(text=f"Device: {status['device']}")

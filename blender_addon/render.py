@@ -20,73 +20,14 @@ import numpy as np
 
 from . import audio as audio_mod
 from . import compat, frames as F, rig as rig_mod
-from .client import Client, ClientError, ServerError, ServerUnavailable
+from . import protocol as P
+from . import connection
+from .client import Client, ClientError, ServerError
 from .errors import UserError
+from .connection import info_field
 
 OUTPUT_ROOT = "//styleheat"
 PREVIEW_IMAGE = "StyleHEAT Preview"
-
-
-# --- server state shared by operators ------------------------------------------------------
-
-_clients: dict[str, Client] = {}
-server_info: dict[str, dict] = {}
-
-
-curve = {"dir": ""}  # CURVE key folder from the preferences (set by the operators / headless)
-
-
-def get_client(address: str, timeout: float) -> Client:
-    c = _clients.get(address)
-    if c is None or c.timeout != timeout or (c.curve_dir or "") != curve["dir"]:
-        if c is not None:
-            c.close()
-        c = _clients[address] = Client(address, timeout=timeout, curve_dir=curve["dir"] or None)
-    return c
-
-
-def close_clients() -> None:
-    for c in _clients.values():
-        c.close()
-    _clients.clear()
-
-
-def connect(address: str, timeout: float) -> dict:
-    """hello -> the server's info (cached per address); raises ServerUnavailable with advice."""
-    info = get_client(address, timeout).hello()
-    server_info[address] = info
-    return info
-
-
-def info_field(info: dict, key: str, default=None):
-    """hello fields, whether the server puts them at the top level or under "info"."""
-    if key in info:
-        return info[key]
-    inner = info.get("info")
-    if isinstance(inner, dict) and key in inner:
-        return inner[key]
-    return default
-
-
-def presets_from_info(info: dict) -> dict:
-    presets = info_field(info, "presets", None) or {}
-    if isinstance(presets, dict) and "presets" in presets and isinstance(presets["presets"], dict):
-        presets = presets["presets"]
-    out = {}
-    if not isinstance(presets, dict):
-        return out
-    for name, vec in presets.items():
-        try:
-            if isinstance(vec, dict):      # an array map, like every other array of the protocol
-                from . import protocol as P
-                arr = P.decode_array(vec, f"presets[{name}]", (64,))
-            else:
-                arr = np.asarray(vec, dtype=np.float32).reshape(-1)
-        except Exception:  # noqa: BLE001 - a malformed preset is skipped, the others still work
-            continue
-        if arr.shape == (64,) and np.isfinite(arr).all():
-            out[str(name)] = arr.astype(np.float32)
-    return out
 
 
 def sync_presets(scene, info: dict | None) -> dict:
@@ -94,7 +35,7 @@ def sync_presets(scene, info: dict | None) -> dict:
     the rows use what the .blend holds, so they do not change when a server without presets (or
     no server) is used later."""
     if info:
-        rig_mod.store_presets(scene, presets_from_info(info), str(info_field(info, "model", "")))
+        rig_mod.store_presets(scene, connection.presets_from_info(info), str(info_field(info, "model", "")))
     return rig_mod.stored_presets(scene)
 
 
@@ -114,25 +55,6 @@ def pick_quality(info: dict, want: str) -> str | None:
     ``qualities``, else None (the server's default, full; older servers know no other)."""
     offered = info_field(info, "qualities", None) or {}
     return want if want in offered else None
-
-
-def explain(exc: Exception) -> str:
-    """One sentence for the user, with what to do."""
-    if isinstance(exc, ServerError):
-        code = exc.code
-        if code == "bad_image" and "face" in exc.message.lower():
-            return f"No usable face in the portrait: {exc.message} Pick a photo with one clearly visible face."
-        if code == "bad_image":
-            return f"The portrait was rejected: {exc.message} Use a PNG/JPEG photo with one clearly visible face."
-        if code in ("no_face", "face_not_found") or "no face" in exc.message.lower():
-            return f"No face was found in the portrait: {exc.message} Pick a photo with one frontal face."
-        if code in ("weights_missing", "no_weights") or "weights" in exc.message.lower():
-            return (f"The server is missing model weights: {exc.message} "
-                    "Run 'styleheat download' and restart the server with --checkpoints.")
-        if code == "version_mismatch":
-            return f"Add-on and server speak different protocol versions: {exc.message}"
-        return f"Server error: {exc}"
-    return str(exc)
 
 
 def require_rig(obj) -> None:
@@ -166,7 +88,6 @@ def ensure_identity(client: Client, obj, force: bool = False) -> str:
         raise ClientError("the server's 'prepared' reply has no identity id")
     coeffs = reply.get("coefficients")
     if isinstance(coeffs, dict):
-        from . import protocol as P
         coeffs = P.decode_array(coeffs, "coefficients", (73,))
     rig_mod.set_base(rig, coeffs if coeffs is not None else None)
     rig.identity = identity
@@ -440,8 +361,8 @@ def start_render(scene, obj, address: str, timeout: float = 5.0, start: int | No
     the session that the blocking render and the modal operator both drive."""
     require_rig(obj)
     s0, e0 = frame_range(scene)
-    client = get_client(address, timeout)
-    info = connect(address, timeout) if info is None else info
+    client = connection.get_client(address, timeout)
+    info = connection.connect(address, timeout) if info is None else info
     rig_mod.ensure_attributes(obj.styleheat, info_field(info, "attributes", {}))
     identity = ensure_identity(client, obj)
     plan = plan_render(scene, obj, identity, info, s0 if start is None else start, e0 if end is None else end,
@@ -461,7 +382,7 @@ def render_range(context_scene, obj, address: str, timeout: float = 5.0, start: 
         if exc.code != "unknown_identity":
             raise
         # the server restarted and forgot the portrait: prepare it again and retry once
-        ensure_identity(get_client(address, timeout), obj, force=True)
+        ensure_identity(connection.get_client(address, timeout), obj, force=True)
         session = start_render(scene, obj, address, timeout, **kw).run(should_stop)
     update_strip(scene, session.plan, obj.styleheat.strip_channel)
     return session
@@ -477,8 +398,8 @@ def start_preview(scene, obj, address: str, timeout: float = 5.0, frame: int | N
     rig whose portrait is not prepared raises UserError. ``info``: the server's hello, when known."""
     require_rig(obj)
     frame = scene.frame_current if frame is None else frame
-    client = get_client(address, timeout)
-    info = connect(address, timeout) if info is None else info
+    client = connection.get_client(address, timeout)
+    info = connection.connect(address, timeout) if info is None else info
     if prepare:
         identity = ensure_identity(client, obj)
     else:

@@ -29,12 +29,15 @@ def _preset_prop(name: str, what: str):
                     f"0 = the portrait's own expression, 1 = the preset")
 
 
-def _live_preview_toggled(rig, context) -> None:
-    """Turning Live Preview on previews the current frame at once (not only at the next frame change)."""
-    from . import scrub
+#: functions called with the scene when a rig's Live Preview is switched; the live preview (scrub.py)
+#: registers one that previews the current frame at once (not only at the next frame change)
+live_preview_hooks: list = []
 
+
+def _live_preview_toggled(rig, context) -> None:
     if context is not None and getattr(context, "scene", None) is not None:
-        scrub.on_frame_change(context.scene)
+        for hook in list(live_preview_hooks):
+            hook(context.scene)
 
 
 class StyleHEATAttribute(bpy.types.PropertyGroup):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.handlers import persistent
 
-from . import preferences, render as R, rig as rig_mod
+from . import connection, preferences, render as R, rig as rig_mod
 from .client import ClientError
 from .errors import UserError
 
@@ -50,11 +50,9 @@ def live_rig(scene):
 
 def _busy() -> str:
     """Why the live preview stands aside now ('' when it need not)."""
-    from . import operators
-
     if rig_mod.is_sampling():
         return "sampling"
-    if operators.progress.get("running"):
+    if connection.progress.get("running"):
         return "a render or bake is running"
     screen = getattr(bpy.context, "screen", None)
     if screen is not None and getattr(screen, "is_animation_playing", False):
@@ -84,7 +82,7 @@ def _receive() -> None:
         return
     frame = state["key"][2]
     if session.error is not None:
-        state["text"] = f"Live preview: {R.explain(session.error)}"
+        state["text"] = f"Live preview: {connection.explain(session.error)}"
     elif frame in session.images:
         R.show_preview(session.images[frame])
         state["shown"], state["text"] = frame, ""
@@ -98,10 +96,10 @@ def _request(key) -> None:
         return
     s = preferences.settings(bpy.context)
     try:
-        info = R.server_info.get(s.address) or R.connect(s.address, s.timeout)
+        info = connection.server_info.get(s.address) or connection.connect(s.address, s.timeout)
         session = R.start_preview(scene, obj, s.address, s.timeout, key[2], prepare=False, info=info)
     except (ClientError, UserError) as exc:
-        state["text"] = f"Live preview: {R.explain(exc)}"
+        state["text"] = f"Live preview: {connection.explain(exc)}"
         return
     state["session"], state["key"] = session, key
     state["requested"].append(key[2])
@@ -122,12 +120,21 @@ def tick():
     return INTERVAL if (state["session"] is not None or state["wanted"] is not None) else None
 
 
+def _live_preview_toggled(scene) -> None:
+    """A rig's Live Preview was switched (rig.on_live_preview_toggled): preview the current frame at once."""
+    on_frame_change(scene)
+
+
 def register() -> None:
     if on_frame_change not in bpy.app.handlers.frame_change_post:
         bpy.app.handlers.frame_change_post.append(on_frame_change)
+    if _live_preview_toggled not in rig_mod.live_preview_hooks:
+        rig_mod.live_preview_hooks.append(_live_preview_toggled)
 
 
 def unregister() -> None:
+    while _live_preview_toggled in rig_mod.live_preview_hooks:
+        rig_mod.live_preview_hooks.remove(_live_preview_toggled)
     while on_frame_change in bpy.app.handlers.frame_change_post:
         bpy.app.handlers.frame_change_post.remove(on_frame_change)
     if bpy.app.timers.is_registered(tick):

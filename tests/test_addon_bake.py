@@ -78,12 +78,12 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         prefs_mod = sub("preferences")
         # the modal operator's body, driven the way its timer events would drive it
         b = ops.start_video_bake(bpy.context, obj, prefs_mod.settings(), filepath={str(long)!r}, start_frame=10)
-        OUT["progress"] = [ops.progress["text"]]
+        OUT["progress"] = [sub("connection").progress["text"]]
         running = True
         while running:   # record after every step, the last included (it may handle progress and result)
             running = ops.step_video_bake(bpy.context, b, 0.05)
-            if ops.progress["text"] != OUT["progress"][-1]:
-                OUT["progress"].append(ops.progress["text"])
+            if sub("connection").progress["text"] != OUT["progress"][-1]:
+                OUT["progress"].append(sub("connection").progress["text"])
         OUT["finish_error"] = repr(ops.finish_video_bake(bpy.context, b))
         OUT["keyed"] = list(b.keyed)
         OUT["rows"] = b.job.result["rows"].tolist()
@@ -280,7 +280,7 @@ def test_presets_from_the_server_move_rows_and_stay_in_the_blend(tmp_path, addon
     out = run_bpy(tmp_path, RIG_SETUP.format(portrait=str(fixtures_dir / "portrait_100.jpg"), base=BASE) + f"""
         OUT["before"] = sorted(rig_mod.stored_presets(scene))
         OUT["connect"] = sorted(bpy.ops.styleheat.connect())
-        OUT["hello_presets"] = {{k: list(map(float, v)) for k, v in render.server_info[ADDRESS]["presets"].items()}}
+        OUT["hello_presets"] = {{k: list(map(float, v)) for k, v in sub("connection").server_info[ADDRESS]["presets"].items()}}
         OUT["stored"] = {{k: v.tolist() for k, v in rig_mod.stored_presets(scene).items()}}
         for name, pts in (("mouth", [(1, 0.0), (5, 1.0)]), ("eyebrow", [(1, 0.5), (5, 0.0)]), ("center", [(3, 0.25)])):
             for f, v in pts:
@@ -289,7 +289,7 @@ def test_presets_from_the_server_move_rows_and_stay_in_the_blend(tmp_path, addon
             for kp in fc.keyframe_points:
                 kp.interpolation = "LINEAR"
         OUT["base"] = rig_mod.base_coefficients(obj.styleheat).tolist()
-        plan = render.plan_render(scene, obj, "id", render.server_info[ADDRESS], 1, 5, None)
+        plan = render.plan_render(scene, obj, "id", sub("connection").server_info[ADDRESS], 1, 5, None)
         OUT["rows"] = plan.clip.rows.tolist()
         name = obj.name
         bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})
@@ -339,7 +339,7 @@ def test_bake_on_a_server_without_bake_models_is_a_clear_error(tmp_path, addon_z
         body = textwrap.indent(textwrap.dedent(f"""
             if {audio!r}:                   # a bpy without Audaspace has no sound strips
                 compat.top_strips(scene).new_sound("line", {str(wav)!r}, channel=1, frame_start=1)
-            OUT["caps"] = render.info_field(render.connect(ADDRESS, 10.0), "capabilities", None)
+            OUT["caps"] = sub("connection").info_field(sub("connection").connect(ADDRESS, 10.0), "capabilities", None)
             plain = bpy.data.objects.new("Plain", None)
             scene.collection.objects.link(plain)
             def quat_rig():

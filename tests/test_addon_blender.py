@@ -59,7 +59,7 @@ def test_install_enable_register_unregister(tmp_path, addon_zip):
         OUT["legacy_disabled"] = hasattr(bpy.types.Object, "styleheat")
     """, addon_zip)
     expected_ops = ["add_rig", "bake_audio", "bake_video", "connect", "prepare_portrait", "preview", "render",
-                    "server_start", "server_stop"]
+                    "server_restart", "server_start", "server_stop"]
     expected_panels = ["STYLEHEAT_PT_advanced", "STYLEHEAT_PT_attributes", "STYLEHEAT_PT_bake",
                        "STYLEHEAT_PT_expression", "STYLEHEAT_PT_main", "STYLEHEAT_PT_output"]
     for state in ("enabled", "reenabled"):
@@ -289,7 +289,7 @@ def test_server_down_gives_clear_error(tmp_path, addon_zip):
         except RuntimeError as exc:
             OUT["error"] = str(exc)
         OUT["seconds"] = time.monotonic() - t
-        OUT["status"] = sub("preferences").status["state"]
+        OUT["status"] = sub("connection").status["state"]
         bpy.ops.styleheat.add_rig(portrait="//missing.png")
         try:
             bpy.ops.styleheat.render()
@@ -377,7 +377,7 @@ def test_operators_need_a_rig_and_no_running_job(tmp_path, addon_zip):
         OUT["no_rig"] = polls()
         bpy.ops.styleheat.add_rig()
         OUT["rig"] = polls()
-        ops.progress["running"] = True
+        sub("connection").progress["running"] = True
         OUT["busy"] = polls()
     """, addon_zip)
     assert out["no_rig"] == dict.fromkeys(("render", "bake_video", "bake_audio", "preview", "prepare_portrait"), False)

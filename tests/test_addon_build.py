@@ -75,16 +75,32 @@ def test_no_heavy_ml_in_the_addon(tmp_path):
 
 
 def test_bpy_free_modules_import_without_bpy(tmp_path):
-    """client/frames/localserver/protocol import in a plain Python that has no bpy, zmq-free import."""
+    """The bpy-free core (build_addon.BPY_FREE: client, connection, frames, localserver, deps, errors,
+    protocol) imports in a plain Python that has no bpy, and the build's static check passes on it."""
     import test_addon_helpers as H
 
-    H.build_staged(tmp_path)
-    code = ("import sys; sys.modules['bpy'] = None; sys.modules['torch'] = None\n"
-            "import styleheat.client, styleheat.frames, styleheat.localserver, styleheat.protocol, styleheat.deps\n"
-            "print('ok')")
+    assert {"client", "connection", "frames", "localserver", "deps", "errors", "protocol"} <= set(build_addon.BPY_FREE)
+    pkg = H.build_staged(tmp_path)
+    build_addon.check_bpy_free(pkg)
+    mods = ", ".join(f"styleheat.{m}" for m in build_addon.BPY_FREE)
+    code = (f"import sys; sys.modules['bpy'] = None; sys.modules['torch'] = None\nimport {mods}\n"
+            "import styleheat.connection as c; assert c.status['state'] == 'unknown'\nprint('ok')")
     r = subprocess.run([PY, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_build_refuses_bpy_in_the_bpy_free_core(tmp_path):
+    """The static check sees a function-level ``import bpy`` and an import of a bpy sibling (render)."""
+    for i, body in enumerate(("def f():\n    import bpy\n", "from . import render as R\n",
+                              "from .rig import create_rig\n", "from bpy.props import IntProperty\n")):
+        pkg = tmp_path / f"p{i}"
+        pkg.mkdir()
+        for m in build_addon.BPY_FREE:
+            (pkg / f"{m}.py").write_text("")
+        (pkg / "connection.py").write_text(body)
+        with pytest.raises(build_addon.BuildError, match="connection.py"):
+            build_addon.check_bpy_free(pkg)
 
 
 def test_wheel_selection_for_legacy_zip():

@@ -236,3 +236,65 @@ def test_extract_and_audio2exp_calls(client, tmp_path, fixtures_dir):
     assert rows.shape == (10, 64) and rows.dtype == np.float32 and np.isfinite(rows).all()
     assert client._sock.getsockopt(zmq.SNDTIMEO) == int(client.timeout * 1000)
     assert client._sock.getsockopt(zmq.LINGER) == 0
+
+
+def _long_video(path: Path, fixtures_dir: Path, n: int) -> Path:
+    base = cv2.resize(cv2.imread(str(fixtures_dir / "portrait_100.jpg")), (256, 256))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (256, 256))
+    for i in range(n):
+        writer.write(cv2.warpAffine(base, np.float32([[1, 0, i % 9], [0, 1, 0]]), (256, 256),
+                                    borderMode=cv2.BORDER_REFLECT101))
+    writer.release()
+    return path
+
+
+def test_a_busy_server_is_not_dead_a_stopped_one_is(addon, server, identity, tmp_path, fixtures_dir):
+    """Liveness is judged by heartbeats, not by frames.
+
+    Busy: another client's ``extract`` of a 60-frame video occupies the server's single worker thread for
+    several seconds, so our render gets no frame for longer than our (shortened, 2 s) ``dead_after``; the
+    server's router still answers heartbeats, so the render must simply arrive late, with no error. What
+    this proves: a frame that takes longer than the dead limit while the server process runs is not a
+    dead server. (A long frame of the real model is the same situation on the worker; the tiny model
+    renders too fast to show it directly.)
+    Stopped: the same server SIGSTOPped mid-render answers nothing at all; the stream raises ServerDead
+    within dead_after (+1 s of polling). SIGCONT afterwards: the module's server serves the next tests."""
+    import os
+    import signal
+    from styleheat.client import DEAD_AFTER, Client, ServerDead
+
+    assert DEAD_AFTER == 10.0                   # the documented production value; this test shortens it
+    video = _long_video(tmp_path / "long.avi", fixtures_dir, 60)
+    rows = np.zeros((4, 73), np.float32)
+    with Client(server.address, timeout=10.0) as other, Client(server.address, timeout=10.0, dead_after=2.0) as c:
+        job = other.extract(path=str(video))
+        end = time.monotonic() + 60
+        while job.progress is None and time.monotonic() < end:    # the worker is now busy with it
+            job.poll(0.1)
+        assert job.progress is not None
+        t0 = time.monotonic()
+        stream = c.render(identity, rows, 0, [0, 1], size=64, encoding="raw")
+        first = stream.next(timeout=120)
+        waited = time.monotonic() - t0
+        print(f"first frame after {waited:.1f} s behind the extract (dead_after {c.dead_after:g} s): no error")
+        assert first is not None and first.frame == 0
+        assert waited > 2 * c.dead_after, f"the server was not busy long enough ({waited:.1f} s) to prove anything"
+        assert [f.frame for f in stream] == [1]
+        assert job.wait(120)["rows"].shape == (60, 73)
+
+        stream = c.render(identity, np.zeros((40, 73), np.float32), 0, list(range(40)), size=64, credit=1)
+        assert stream.next(timeout=60).frame == 0
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        try:
+            with pytest.raises(ServerDead, match=r"stopped answering \(no reply for 2 s\)") as e:
+                while time.monotonic() - t_stop < 30:
+                    stream.next(timeout=0.5)
+            noticed = time.monotonic() - t_stop
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        print(f"SIGSTOPped server declared dead after {noticed:.1f} s")
+        assert e.value.address == server.address and stream.finished
+        assert c.dead_after - 1.1 <= noticed < c.dead_after + 3.0   # the last message may predate the stop by <1 s
+    with Client(server.address, timeout=10.0) as c:             # alive again after SIGCONT
+        assert c.hello()["type"] == "hello"

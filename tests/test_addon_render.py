@@ -66,7 +66,7 @@ def test_render_ten_frames_into_image_strip(tmp_path, addon_zip, server, fixture
         OUT["files"] = files()
         OUT["strips"] = strip_info()
         OUT["outdir"] = outdir
-        OUT["status"] = sub("preferences").status
+        OUT["status"] = sub("connection").status
         obj.styleheat.preview_size = 50     # -> the smallest advertised size >= 50: 64
         OUT["preview"] = sorted(bpy.ops.styleheat.preview())
         OUT["preview_size"] = list(bpy.data.images[render.PREVIEW_IMAGE].size)
@@ -115,14 +115,14 @@ def test_cancel_after_four_frames_keeps_four_valid_files(tmp_path, addon_zip, se
         # the modal operator's body, driven the way its timer/Esc events would drive it
         ops = sub("operators"); prefs_mod = sub("preferences")
         s = ops.start_session(bpy.context, obj, prefs_mod.settings())
-        OUT["progress"] = [ops.progress["text"]]
+        OUT["progress"] = [sub("connection").progress["text"]]
         def esc_after_four(session, frame):                  # Esc pressed right after frame 4 arrived
             if len(session.written) == 4:
                 session.cancel()
         s.on_frame = esc_after_four
         while ops.step_session(bpy.context, s, 0.05):
-            if ops.progress["text"] != OUT["progress"][-1]:
-                OUT["progress"].append(ops.progress["text"])
+            if sub("connection").progress["text"] != OUT["progress"][-1]:
+                OUT["progress"].append(sub("connection").progress["text"])
         OUT["finish_error"] = repr(ops.finish_session(bpy.context, s))
         OUT["cancelled"] = s.cancelled
         OUT["written"] = s.written
@@ -234,7 +234,7 @@ def test_sound_strip_drives_the_render_and_its_changes_rerender(tmp_path, addon_
     blend = tmp_path / "talk.blend"
     out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 4, blend) + f"""
         strip = compat.top_strips(scene).new_sound("line", {str(tmp_path / 'line.wav')!r}, channel=1, frame_start=2)
-        info = render.connect(ADDRESS, 10.0)
+        info = sub("connection").connect(ADDRESS, 10.0)
         OUT["server_audio"] = info["audio"]
         first = render.render_range(scene, obj, ADDRESS, 10.0)
         OUT["first"] = first.written
@@ -253,9 +253,11 @@ def test_sound_strip_drives_the_render_and_its_changes_rerender(tmp_path, addon_
     assert out["muted"] == [1, 2, 3, 4] and out["muted_audio"] is True
 
 
-def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip):
+def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip, fixtures_dir):
     """Preferences > Start Local Server runs the server as a subprocess; connect shows its device
-    and model; Stop ends exactly that process."""
+    and model. SIGKILLed during a render stream, it is reported dead within 15 s with an offer to restart
+    it (this Blender started it); Restart Local Server brings it back on the same address (a new pid);
+    Stop ends exactly that process."""
     import shlex
 
     from server_launch import server_command
@@ -282,12 +284,42 @@ def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip):
                     OUT["connect"] = str(exc) + local.log_tail()
                     break
                 time.sleep(1.0)
-        OUT["status"] = dict(sub("preferences").status)
+        OUT["status"] = dict(sub("connection").status)
         try:
             bpy.ops.styleheat.server_start()
             OUT["second_start"] = "no error"
         except RuntimeError as exc:
             OUT["second_start"] = str(exc)
+        import signal
+        conn = sub("connection"); ops = sub("operators")
+        client = conn.get_client(ADDRESS, 10.0)
+        ident = client.prepare(open({str(fixtures_dir / 'portrait_100.jpg')!r}, "rb").read(), align=False)["identity"]
+        stream = client.render(ident, np.zeros((50, 73), np.float32), 0, list(range(50)), size=64, credit=1)
+        OUT["first_frame"] = stream.next(timeout=120).frame
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        try:
+            while stream.next(timeout=0.5) is not None or not stream.finished:
+                assert time.monotonic() - t_kill < 60, "no error 60 s after the kill"
+            OUT["dead"] = "stream ended without an error"
+        except Exception as exc:
+            OUT["dead"] = [type(exc).__name__, time.monotonic() - t_kill, ops.fail_text(exc)]
+        OUT["dead_status"] = conn.status["dead"]
+        OUT["restart"] = sorted(bpy.ops.styleheat.server_restart())
+        pid2 = local.pid()
+        OUT["new_pid"] = pid2 is not None and pid2 != pid
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                OUT["reconnect"] = sorted(bpy.ops.styleheat.connect())
+                break
+            except RuntimeError as exc:
+                if time.monotonic() > deadline or not local.running():
+                    OUT["reconnect"] = str(exc) + local.log_tail()
+                    break
+                time.sleep(1.0)
+        OUT["dead_after_reconnect"] = conn.status["dead"]
+        pid = pid2
         OUT["stop"] = sorted(bpy.ops.styleheat.server_stop())
         OUT["running_after"] = local.running()
         try:
@@ -302,6 +334,16 @@ def test_start_and_stop_local_server_from_blender(tmp_path, addon_zip):
     assert out["status"]["state"] == "ok" and out["status"]["device"] == "cpu"
     assert "tiny-random" in out["status"]["model"]
     assert "already running" in out["second_start"]
+    assert out["first_frame"] == 0
+    kind, noticed, message = out["dead"]
+    print(f"local server reported dead {noticed:.1f} s after the SIGKILL")
+    assert kind == "ServerDead" and noticed < 15.0, out["dead"]
+    assert message.startswith(f"The StyleHEAT server at {address} stopped answering (no reply for 10 s)")
+    assert "exited with code -9" in message and "press Restart Local Server" in message, message
+    assert out["dead_status"] == address
+    assert out["restart"] == ["FINISHED"] and out["new_pid"] is True
+    assert out["reconnect"] == ["FINISHED"], out["reconnect"]
+    assert out["dead_after_reconnect"] == ""
     assert out["stop"] == ["FINISHED"] and out["running_after"] is False and out["pid_alive"] is False
 
 
@@ -311,7 +353,7 @@ def test_render_after_the_server_forgot_the_portrait_prepares_it_again(tmp_path,
     blend = tmp_path / "shot.blend"
     out = run_bpy(tmp_path, scene_setup(fixtures_dir, 1, 3, blend) + """
         OUT["first"] = render.render_range(scene, obj, ADDRESS, 10.0).written
-        render.get_client(ADDRESS, 10.0).forget(obj.styleheat.identity)
+        sub("connection").get_client(ADDRESS, 10.0).forget(obj.styleheat.identity)
         OUT["again"] = render.render_range(scene, obj, ADDRESS, 10.0, force=True).written
         OUT["files"] = files()
     """, addon_zip, server.address)

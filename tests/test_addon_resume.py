@@ -2,8 +2,10 @@
 resume with no frame lost, duplicated or corrupted. Real bpy, the built extension, real servers.
 
 1. bpy session 1 renders frames 1..12 of a saved shot through the modal operator's body; when the
-   fourth frame is on disk it SIGKILLs the server. The session must end with an error, keeping the
-   frames already written (each a complete PNG, each in the sidecar).
+   fourth frame is on disk it SIGKILLs the server. The session must end with the dead-server error
+   ("stopped answering (no reply for 10 s)") within 15 s of the kill (heartbeats go unanswered; the
+   Frame Timeout, 300 s, plays no part), keeping the frames already written (each a complete PNG, each
+   in the sidecar).
 2. A new server starts on the same port (its identity cache is empty).
 3. bpy session 2 opens the saved shot and renders the range again: only the frames missing after
    step 1 are rendered, and every frame equals an uninterrupted render of the same shot.
@@ -57,17 +59,25 @@ def test_server_sigkilled_mid_render_then_restarted_the_addon_resumes(tmp_path, 
     first = Server(tmp_path / "server1")
     try:
         out1 = run_bpy(shot, _setup(fixtures_dir, shot / "shot.blend") + f"""
-        import signal
-        ops = sub("operators"); prefs_mod = sub("preferences")
+        import signal, time
+        ops = sub("operators"); prefs_mod = sub("preferences"); conn = sub("connection")
         s = ops.start_session(bpy.context, obj, prefs_mod.settings())
+        OUT["frame_timeout"] = prefs_mod.settings().frame_timeout
         def kill_after_four(session, frame):
             if len(session.written) == 4 and not OUT.get("killed"):
                 os.kill({first.proc.pid}, signal.SIGKILL)
                 OUT["killed"] = list(session.written)
+                OUT["t_kill"] = time.monotonic()
         s.on_frame = kill_after_four
         while ops.step_session(bpy.context, s, 0.05):
             pass
-        OUT["error"] = repr(ops.finish_session(bpy.context, s))
+        err = ops.finish_session(bpy.context, s)
+        OUT["t_error"] = time.monotonic()
+        OUT["error"] = repr(err)
+        OUT["error_type"] = type(err).__name__
+        OUT["message"] = ops.fail_text(err)       # what the operator reports
+        OUT["status"] = dict(conn.status)
+        OUT["offers_restart"] = conn.can_restart_local()
         OUT["written"] = s.written
         OUT["outdir"] = outdir
         OUT["files"] = sorted(os.listdir(outdir))
@@ -77,6 +87,15 @@ def test_server_sigkilled_mid_render_then_restarted_the_addon_resumes(tmp_path, 
         first.stop()
     assert out1["killed"] == [1, 2, 3, 4]
     assert out1["error"] != "None", "the session must report the lost server"
+    noticed = out1["t_error"] - out1["t_kill"]
+    print(f"dead server reported {noticed:.1f} s after the SIGKILL (Frame Timeout {out1['frame_timeout']:g} s)")
+    assert out1["error_type"] == "ServerDead", out1["error"]
+    assert noticed < 15.0, f"the dead server was noticed only after {noticed:.1f} s"
+    assert out1["message"].startswith(f"The StyleHEAT server at {first.address} stopped answering "
+                                      "(no reply for 10 s)"), out1["message"]
+    assert out1["status"]["state"] == "error" and out1["status"]["dead"] == first.address
+    # not started by this Blender (the test's launcher did): no restart offered
+    assert out1["offers_restart"] is False and "Restart Local Server" not in out1["message"]
     done1 = sorted(out1["written"])
     assert done1[:4] == [1, 2, 3, 4] and len(done1) < len(FRAMES)
     outdir = Path(out1["outdir"])
