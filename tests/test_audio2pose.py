@@ -233,3 +233,27 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_cli_writes_pose_and_blinks_into_the_rows(tmp_path, fixtures_dir):
+    import soundfile as sf
+
+    from server.cli import main
+
+    wav = tmp_path / "speech.wav"
+    sf.write(str(wav), arc.recipe_waveform(1, 16000 * 3), 16000)
+    presets = fixtures_dir / "expression_presets.json"
+    common = ["audio2exp", "--audio", str(wav), "--tiny-random", "--presets", str(presets)]
+    out = tmp_path / "m.json"
+    assert main(common + ["--out", str(out), "--pose", "--pose-style", "3", "--seed", "5", "--blinks",
+                          "--blink-rate", "30"]) == 0
+    doc = json.loads(out.read_text())
+    rows = np.asarray(doc["rows"], dtype=np.float32)
+    assert rows.shape == (75, 73) and np.max(np.ptp(rows[:, 64:70], axis=0)) > 1e-4
+    assert doc["source"]["blinks"] and doc["source"]["pose_style"] == 3
+    still = tmp_path / "s.json"
+    assert main(common + ["--out", str(still), "--no-pose", "--blinks", "--blink-rate", "30", "--seed", "5"]) == 0
+    srows = np.asarray(json.loads(still.read_text())["rows"], dtype=np.float32)
+    assert np.ptp(srows[:, 64:70], axis=0).max() == 0
+    assert main(common + ["--out", str(tmp_path / "x.json"), "--pose", "--pose-style", "46"]) == 2
+    assert main(common + ["--out", str(tmp_path / "x.json"), "--pose", "--pose-scale", "-1"]) == 2
