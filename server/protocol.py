@@ -51,6 +51,12 @@ MAX_AUDIO_SAMPLES = MAX_PART_BYTES // 4
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
 MAX_FPS = 240.0
 MIN_AUDIO2EXP_FPS = 1.0
+MAX_POSE_STYLE = 45                # Audio2Pose styles 0..45
+MAX_POSE_SCALE = 10.0              # head-motion amplitude factor
+MAX_SEED = 2 ** 31 - 1
+MAX_BLINK_RATE = 120.0             # blinks per minute
+DEFAULT_BLINK_RATE = 15.0          # a typical human rate (SadTalker's random blinks come every 0.4..2.8 s)
+POSE_WIDTH = 6                     # angles 3 + translation 3
 MAX_ATTRIBUTES = 64
 MAX_FRAME_NUMBER = 10_000_000      # |scene frame numbers|
 MAX_PATH_LENGTH = 4096             # extract: server-side video path
@@ -137,7 +143,8 @@ REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     HEARTBEAT: (),
     SHUTDOWN: (),
     EXTRACT: ("video", "path", "smooth", "fps"),
-    AUDIO2EXP: ("audio", "fps", "n_frames", "offset_frames", "ref_exp"),
+    AUDIO2EXP: ("audio", "fps", "n_frames", "offset_frames", "ref_exp", "pose", "pose_style", "pose_scale", "seed",
+                "ref_pose", "blinks", "blink_rate", "blink_seed"),
 }
 REPLY_FIELDS: dict[str, tuple[str, ...]] = {
     HELLO: ("protocol", "server", "device", "model", "real_weights", "tiny_random", "sizes", "native_size",
@@ -154,7 +161,7 @@ REPLY_FIELDS: dict[str, tuple[str, ...]] = {
     BYE: (),
     ERROR: ("code", "message"),
     EXTRACTED: ("fps", "rows", "warnings"),
-    EXPRESSIONS: ("rows",),
+    EXPRESSIONS: ("rows", "pose", "blinks"),
 }
 LIMIT_FIELDS = ("max_message_bytes", "max_header_bytes", "max_part_bytes", "max_parts", "max_rows", "max_frames",
                 "max_credit", "default_credit", "max_image_side", "max_jobs", "max_jobs_per_client", "batch_size")
@@ -583,6 +590,7 @@ class Audio2ExpRequest:
     n_frames: int                # output rows
     offset_frames: float         # output frame i shows audio time (i + offset_frames - audio.frame_offset) / fps
     ref_exp: np.ndarray          # (64,) float32: the portrait's own expression (zeros when not sent)
+    motion: "MotionOptions | None" = None   # head motion and blinks (None: expressions only)
 
     @property
     def audio_offset_frames(self) -> float:
@@ -627,6 +635,44 @@ def validate_extract(h: Mapping, parts: Sequence = ()) -> ExtractRequest:
     return ExtractRequest(id=rid, video=data, path=path, smooth=smooth, fps=fps)
 
 
+@dataclass
+class MotionOptions:
+    """audio2exp's head-motion (SadTalker Audio2Pose) and blink options."""
+    pose: bool = False               # add head motion (reply field ``pose``)
+    pose_style: int = 0              # Audio2Pose style 0..45
+    pose_scale: float = 1.0          # motion amplitude (0: the reference pose, 1: SadTalker's)
+    seed: int = 0                    # torch seed of the Audio2Pose latent draws
+    ref_pose: np.ndarray | None = None   # (6,) angles + translation of the portrait (zeros when not sent)
+    blinks: bool = False             # add blinks (reply field ``blinks``: the frames with fully closed eyes)
+    blink_rate: float = DEFAULT_BLINK_RATE   # blinks per minute on average
+    blink_seed: int = 0
+
+
+def validate_motion_options(h: Mapping, parts: Sequence = ()) -> MotionOptions | None:
+    """The optional head-motion / blink fields of ``audio2exp`` (None when none is sent)."""
+    names = ("pose", "pose_style", "pose_scale", "seed", "ref_pose", "blinks", "blink_rate", "blink_seed")
+    if all(h.get(n) is None for n in names):
+        return None
+    m = MotionOptions()
+    if h.get("pose") is not None:
+        m.pose = check_bool(h["pose"], "pose")
+    if h.get("pose_style") is not None:
+        m.pose_style = check_int(h["pose_style"], "pose_style", 0, MAX_POSE_STYLE)
+    if h.get("pose_scale") is not None:
+        m.pose_scale = check_float(h["pose_scale"], "pose_scale", 0.0, MAX_POSE_SCALE)
+    if h.get("seed") is not None:
+        m.seed = check_int(h["seed"], "seed", 0, MAX_SEED)
+    if h.get("ref_pose") is not None:
+        m.ref_pose = decode_array(h["ref_pose"], "ref_pose", (POSE_WIDTH,), parts)
+    if h.get("blinks") is not None:
+        m.blinks = check_bool(h["blinks"], "blinks")
+    if h.get("blink_rate") is not None:
+        m.blink_rate = check_float(h["blink_rate"], "blink_rate", 0.0, MAX_BLINK_RATE)
+    if h.get("blink_seed") is not None:
+        m.blink_seed = check_int(h["blink_seed"], "blink_seed", 0, MAX_SEED)
+    return m
+
+
 def validate_audio2exp(h: Mapping, parts: Sequence = ()) -> Audio2ExpRequest:
     _no_extra(h, _BASE | set(REQUEST_FIELDS[AUDIO2EXP]), "audio2exp")
     rid = check_id(_get(h, "id"))
@@ -650,7 +696,7 @@ def validate_audio2exp(h: Mapping, parts: Sequence = ()) -> Audio2ExpRequest:
     else:
         ref_exp = decode_array(ref, "ref_exp", (EXP_WIDTH,), parts)
     return Audio2ExpRequest(id=rid, audio=audio, fps=fps, n_frames=n_frames, offset_frames=offset,
-                            ref_exp=ref_exp)
+                            ref_exp=ref_exp, motion=validate_motion_options(h, parts))
 
 
 def extract_request(id_: str, video: bytes | None = None, path: str | None = None, *, smooth: float = 0.0,
@@ -669,7 +715,8 @@ def extract_request(id_: str, video: bytes | None = None, path: str | None = Non
 
 
 def audio2exp_request(id_: str, samples: np.ndarray, sample_rate: int, fps: float, n_frames: int, *,
-                      offset_frames: float = 0.0, ref_exp: np.ndarray | None = None) -> tuple[dict, list]:
+                      offset_frames: float = 0.0, ref_exp: np.ndarray | None = None,
+                      **motion: Any) -> tuple[dict, list]:
     """Client side: (header, parts) of an ``audio2exp`` request (PCM samples go in part 0)."""
     parts: list = []
     audio = {"samples": array_field(np.asarray(samples, dtype=np.float32).reshape(-1), parts),
@@ -678,6 +725,10 @@ def audio2exp_request(id_: str, samples: np.ndarray, sample_rate: int, fps: floa
                               "offset_frames": float(offset_frames)}
     if ref_exp is not None:
         fields["ref_exp"] = array_field(np.asarray(ref_exp, dtype=np.float32).reshape(-1))
+    for k, val in motion.items():   # pose, pose_style, pose_scale, seed, ref_pose, blinks, blink_rate, blink_seed
+        if k == "ref_pose" and val is not None:
+            val = array_field(np.asarray(val, dtype=np.float32).reshape(-1))
+        fields[k] = val
     return request(AUDIO2EXP, id_, **fields), parts
 
 
@@ -744,13 +795,23 @@ def extracted_reply(id_: str, fps: float, rows: np.ndarray, warnings: Sequence[s
     return h, parts
 
 
-def expressions_reply(id_: str, rows: np.ndarray) -> tuple[dict, list]:
-    """(header, parts) of an ``expressions`` reply: the (n_frames, 64) rows travel in part 0."""
+def expressions_reply(id_: str, rows: np.ndarray, pose: np.ndarray | None = None,
+                      blinks: Sequence[int] | None = None) -> tuple[dict, list]:
+    """(header, parts) of an ``expressions`` reply: the (n_frames, 64) rows travel in part 0, the
+    (n_frames, 6) head pose (when asked for) in part 1; ``blinks``: frames with fully closed eyes."""
     parts: list = []
     rows = np.asarray(rows, dtype=np.float32)
     if rows.ndim != 2 or rows.shape[1] != EXP_WIDTH:
         raise ValueError(f"expression rows must be (n_frames, {EXP_WIDTH}), got {rows.shape}")
-    return reply(EXPRESSIONS, id_, rows=array_field(rows, parts)), parts
+    fields: dict[str, Any] = {"rows": array_field(rows, parts)}
+    if pose is not None:
+        pose = np.asarray(pose, dtype=np.float32)
+        if pose.shape != (rows.shape[0], POSE_WIDTH):
+            raise ValueError(f"pose rows must be ({rows.shape[0]}, {POSE_WIDTH}), got {pose.shape}")
+        fields["pose"] = array_field(pose, parts)
+    if blinks is not None:
+        fields["blinks"] = [int(b) for b in blinks]
+    return reply(EXPRESSIONS, id_, **fields), parts
 
 
 def decode_extracted(header: Mapping, parts: Sequence = ()) -> tuple[float, np.ndarray, list[str]]:
@@ -766,6 +827,19 @@ def decode_extracted(header: Mapping, parts: Sequence = ()) -> tuple[float, np.n
 def decode_expressions(header: Mapping, parts: Sequence = ()) -> np.ndarray:
     """Client side: the (n_frames, 64) float32 rows of an ``expressions`` reply."""
     return decode_array(header.get("rows"), "rows", (None, EXP_WIDTH), parts)
+
+
+def decode_expression_motion(header: Mapping, parts: Sequence = ()) -> tuple[np.ndarray | None, list[int] | None]:
+    """Client side: (pose (n_frames, 6) float32 or None, blink frames or None) of an ``expressions`` reply."""
+    pose = header.get("pose")
+    if pose is not None:
+        pose = decode_array(pose, "pose", (None, POSE_WIDTH), parts)
+    blinks = header.get("blinks")
+    if blinks is not None:
+        if not isinstance(blinks, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blinks):
+            raise ProtocolError(E_BAD_FIELD, "blinks must be a list of frame indices")
+        blinks = list(blinks)
+    return pose, blinks
 
 
 def decode_presets(value: Any, width: int = EXP_WIDTH, name: str = "presets") -> dict[str, np.ndarray]:

@@ -10,8 +10,7 @@ window spots are float64 in the file and float32 from the official-parity path
 (:func:`models.windows.audio_windows_for_frames` with ``official=True``), hence atol 1e-6; the steps
 the official window lacks (NaN in the file) must be exactly those our cut of our mel lacks.
 Every array is recomputed from the file's own waveform, seed and spot frames (any length, any seed:
-the reference rule, not the seed-0 example). Audio2Pose (head pose) is not implemented here and not
-compared.
+the reference rule, not the seed-0 example). Audio2Pose (head pose): :func:`verify_pose_vectors`.
 """
 from __future__ import annotations
 
@@ -98,6 +97,7 @@ def verify_audio_vectors(npz_path: str | Path, layout_dir: str | Path) -> list[C
     out.append(_net("audio.exp_coeff_pred[safetensors]", exp_b, v["exp_coeff_pred"]))
     if "coeff_3dmm_70" in v:
         out.append(_net("audio.coeff_3dmm_70[:, :64]", exp, v["coeff_3dmm_70"][:, :64]))
+    out.extend(verify_pose_vectors(v, layout, seed))
 
     # StyleHEAT: the 27-row 3DMM windows and the AudioDataset cut (paper path), on OUR mel
     if "styleheat_window_index" in v:
@@ -123,4 +123,47 @@ def verify_audio_vectors(npz_path: str | Path, layout_dir: str | Path) -> list[C
         return out
     out.append(_abs("audio.styleheat_audio_window32_spot[missing steps]", np.count_nonzero(missing == known), 0, 0.0))
     out.append(_abs("audio.styleheat_audio_window32_spot", aw[known & ~missing], ref_spot[known & ~missing], 1e-6))
+    return out
+
+
+POSE_PTH_FILE = "checkpoints/auido2pose_00140-model.pth"
+
+
+def verify_pose_vectors(v: dict, layout, seed: int) -> list[Comparison]:
+    """Audio2Pose on the seeded weights (old ``.pth`` layout and the safetensors bundle): ``cvae_z``
+    (``torch.manual_seed(seed)``'s draws), ``pose_pred_raw`` (fed the file's ``cvae_z``, ``first_coeff``,
+    ``pose_style`` and ``indiv_mels``) and the pose part of ``coeff_3dmm_70`` (after the Savitzky-Golay
+    filter), the last also end to end from the waveform. Files without these keys give no comparison."""
+    if "pose_pred_raw" not in v or "cvae_z" not in v:
+        return []
+    import torch
+
+    from models.audio2exp import load_state_dict_strict
+    from models.audio2pose import Audio2Pose, savgol_smooth
+
+    out: list[Comparison] = []
+    style = int(v["pose_style"])
+    ref_pose = np.asarray(v["first_coeff"], dtype=np.float32)[0, 64:70]
+    mels = torch.from_numpy(np.asarray(v["indiv_mels"], dtype=np.float32))
+    for file, raw in ((POSE_PTH_FILE, {"model": seeded_part(layout, POSE_PTH_FILE, "model", seed), "epoch": 140}),
+                      (BUNDLE_FILE, seeded_part(layout, BUNDLE_FILE, "", seed))):
+        net = Audio2Pose()
+        load_state_dict_strict(net, audio.audio2pose_state_dict(raw, file), file)
+        tag = "" if file == POSE_PTH_FILE else "[safetensors]"
+        with torch.inference_mode():
+            z = net.draw_z(mels.shape[0], torch.Generator().manual_seed(seed)).numpy()
+            pose = net.predict(mels, torch.from_numpy(ref_pose), style,
+                               z=torch.from_numpy(np.asarray(v["cvae_z"], dtype=np.float32))).numpy()
+        if not tag:
+            out.append(_abs("audio.cvae_z", z, v["cvae_z"], 0.0))
+        out.append(_net(f"audio.pose_pred_raw{tag}", pose, v["pose_pred_raw"]))
+        if "coeff_3dmm_70" in v:
+            out.append(_net(f"audio.coeff_3dmm_70[:, 64:]{tag}", savgol_smooth(pose).astype(np.float32),
+                            v["coeff_3dmm_70"][:, 64:]))
+            if not tag:
+                wav = audio.to_mono_16k(v["waveform_pcm16"], audio.SAMPLE_RATE)
+                n = audio.sadtalker_num_frames(wav.shape[0])
+                full = audio.audio_to_pose(wav, audio.SAMPLE_RATE, 25, ref_pose, model=net, n_frames=n,
+                                           pose_style=style, seed=seed)
+                out.append(_net("audio.coeff_3dmm_70[:, 64:][from the waveform]", full, v["coeff_3dmm_70"][:, 64:]))
     return out

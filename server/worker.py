@@ -270,10 +270,57 @@ class Worker(threading.Thread):
             if not self._finish_or_abort(job):
                 self.send(job.client, P.error_reply(job.id, P.E_BAD_FIELD, f"audio2exp: {exc}"))
             return
+        pose = blinks = None
+        if req.motion is not None:
+            try:
+                rows, pose, blinks = self._audio2exp_motion(req, rows)
+            except _Unsupported as exc:
+                if not self._finish_or_abort(job):
+                    self.send(job.client, P.error_reply(job.id, P.E_UNSUPPORTED, f"audio2exp: {exc}"))
+                return
+            except ValueError as exc:
+                if not self._finish_or_abort(job):
+                    self.send(job.client, P.error_reply(job.id, P.E_BAD_FIELD, f"audio2exp: {exc}"))
+                return
         if self._finish_or_abort(job):
             return
-        header, parts = P.expressions_reply(job.id, rows)
+        header, parts = P.expressions_reply(job.id, rows, pose, blinks)
         self.send(job.client, header, tuple(parts))
+
+    def _audio2exp_motion(self, req: "P.Audio2ExpRequest", rows):
+        """Head motion (Audio2Pose) and blinks (an additive offset toward the 'eyes' preset) of audio2exp."""
+        from server import audio
+
+        m = req.motion
+        pose = blinks = None
+        if m.pose:
+            bake = self.server.bake
+            model = getattr(bake, "audio2pose", None)
+            if model is None:
+                if bake.tiny:
+                    model = audio.tiny_audio2pose(0)
+                else:
+                    path = audio.audio2pose_near(getattr(bake.audio2exp, "source_path", None))
+                    if path is None:
+                        raise _Unsupported("head motion needs SadTalker's Audio2Pose weights (auido2pose_00140-"
+                                           "model.pth beside the Audio2Exp .pth, or the SadTalker_V0.0.2_256."
+                                           "safetensors bundle passed with --audio2exp)")
+                    model = audio.load_audio2pose(path)
+                bake.audio2pose = model
+            ref = m.ref_pose if m.ref_pose is not None else np.zeros(6, np.float32)
+            pose = audio.audio_to_pose(req.audio.samples, req.audio.sample_rate, req.fps, ref, model=model,
+                                       n_frames=req.n_frames, offset_frames=req.audio_offset_frames,
+                                       pose_style=m.pose_style, pose_scale=m.pose_scale, seed=m.seed)
+        if m.blinks:
+            presets = self.server.bake.presets
+            if "eyes" not in presets:
+                raise _Unsupported("blinks need the 'eyes' expression preset; start the server with --presets "
+                                   "FILE (e.g. expression_presets.json) or with expression.pth in the checkpoints")
+            neutral = presets.get("center", np.zeros(P.EXP_WIDTH, np.float32))
+            blinks = audio.blink_frames(req.n_frames, req.fps, m.blink_rate, m.blink_seed)
+            w = audio.blink_weights(req.n_frames, req.fps, blinks)
+            rows = rows + audio.blink_offset(w, presets["eyes"], neutral)
+        return rows, pose, blinks
 
     def do_forget(self, job: Job) -> None:
         identity = job.payload
@@ -393,3 +440,6 @@ class Worker(threading.Thread):
         self.sched.finish(job)
         self.send(job.client, P.error_reply(job.id, code, message))
 
+
+class _Unsupported(Exception):
+    """audio2exp asked for something this server lacks (answered ``unsupported``)."""

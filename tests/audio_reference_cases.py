@@ -14,6 +14,14 @@ official sources, NOT by calling this project's audio functions:
 * ``transform_audio`` and ``obtain_seq_index``: StyleHEAT ``data/audio_dataset.py``;
 * the seeded weights: the shared ``seeded_weights.py`` helper (read in place).
 
+Audio2Pose (``pose_style``, ``cvae_z``, ``pose_pred_raw``, ``coeff_3dmm_70``): the Python-random draw of
+``pose_style`` after the blinks (StyleHEAT's ``audio_reenactment``), the ``torch.manual_seed`` z draws, the
+chunk loop of ``Audio2Pose.test`` and ``generate``'s ``savgol_filter`` (scipy itself) are written out here;
+only the network pieces (audio encoder, CVAE decoder) come from :mod:`models.audio2pose`. For
+``1 < T < 33`` the official loop fails (its one chunk is shorter than 32 frames); the file then holds
+the project's documented extension (the chunk padded at its start with frame 1's window), flagged
+``pose_official_fails``.
+
 The network outputs (``audio_emb``, ``exp_coeff_pred``) run :class:`models.audio2exp.Audio2Exp`
 (the network, checked separately against the official outputs of seed 0) on the windows cut here,
 in the official chunks of 10 frames, so they test the project's windows end to end.
@@ -211,6 +219,7 @@ def make_audio_vectors(reference_dir: Path, seed: int, n_samples: int, spots: li
     v["audio_emb"] = np.concatenate(emb)
     v["exp_coeff_pred"] = np.concatenate(exp)
     v["exp_coeff_pred_mel_zero"] = np.concatenate(zero)
+    v.update(official_pose_arrays(reference_dir, seed, indiv, first, v["exp_coeff_pred"]))
     v["meta_json"] = json.dumps({"seed": seed, "generator": "tests/audio_reference_cases.py",
                                  "samples": n_samples, "num_frames": t})
     return v
@@ -225,3 +234,88 @@ def _mel_basis() -> np.ndarray:
 def write_audio_vectors(path: Path, reference_dir: Path, seed: int, n_samples: int, spots=None) -> Path:
     np.savez(path, **make_audio_vectors(reference_dir, seed, n_samples, spots))
     return path
+
+
+# ----------------------------------------------------------------------------- Audio2Pose (official test + generate)
+POSE_PTH_FILE = "checkpoints/auido2pose_00140-model.pth"
+
+
+def official_pose_style(num_frames: int, seed: int) -> int:
+    """random.seed(seed); get_data's blink draws; then random.randint(0, 45) (audio_reenactment)."""
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        if num_frames > 20:
+            frame_id = 0
+            while frame_id in range(num_frames):
+                start = random.choice(range(min(10, num_frames), min(int(num_frames / 2), 70)))
+                if frame_id + start + 5 <= num_frames - 1:
+                    frame_id = frame_id + start + 5
+                else:
+                    break
+        return random.randint(0, 45)
+    finally:
+        random.setstate(state)
+
+
+def official_pose_pred(net, indiv: np.ndarray, first: np.ndarray, pose_style: int, seed: int):
+    """torch.manual_seed(seed) then Audio2Pose.test -> (cvae_z (k, 64), pose_pred (T, 6), official_fails)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)          # same stream as torch.manual_seed(seed)'s default generator
+    mels = torch.from_numpy(indiv)[None, :, None]        # (1, T, 1, 80, 16)
+    ref = torch.from_numpy(first)[:, None, :]             # (1, 1, 70)
+    ref6 = ref[:, 0, -6:]
+    cls = torch.LongTensor([pose_style])
+    use = mels[:, 1:]
+    n = indiv.shape[0] - 1
+    div, re = n // 32, n % 32
+    preds = [torch.zeros(1, 1, 6)]
+    zs = []
+    fails = 0 < n < 32
+
+    def decode(chunk):
+        z = torch.randn(1, 64, generator=gen)
+        zs.append(z)
+        emb = net.audio_encoder(chunk[:, :, 0])           # (1, 32, 512)
+        return net.netG.decoder(z, cls, ref6, emb)        # (1, 32, 6)
+
+    with torch.inference_mode():
+        for i in range(div):
+            preds.append(decode(use[:, i * 32:(i + 1) * 32]))
+        if re:
+            chunk = use[:, -32:]
+            if chunk.shape[1] < 32:                       # official: fails; project: pad with frame 1's window
+                chunk = torch.cat([chunk[:, :1].repeat(1, 32 - chunk.shape[1], 1, 1, 1), chunk], dim=1)
+            preds.append(decode(chunk)[:, -re:])
+        pose = ref[:, :1, -6:] + torch.cat(preds, dim=1)  # (1, T, 6)
+    z = torch.cat(zs).numpy() if zs else np.zeros((0, 64), np.float32)
+    return z, pose[0].numpy(), fails
+
+
+def official_savgol(pose: np.ndarray) -> np.ndarray:
+    """generate's filter on (T, 6) (axis 1 of the (1, T, 6) batch); T < 3 has no valid window (kept)."""
+    from scipy.signal import savgol_filter
+
+    t = pose.shape[0]
+    w = 13 if t >= 13 else int((t - 1) / 2) * 2 + 1
+    if w <= 2:
+        return pose.copy()
+    return savgol_filter(pose[None], w, 2, axis=1)[0].astype(np.float32)
+
+
+def official_pose_arrays(reference_dir: Path, seed: int, indiv: np.ndarray, first: np.ndarray,
+                         exp: np.ndarray) -> dict:
+    from models.audio2pose import Audio2Pose
+
+    sw = _seeded_weights(reference_dir)
+    layout = json.loads((reference_dir / "sadtalker_checkpoints.json").read_text())
+    net = Audio2Pose()
+    net.load_state_dict(sw.build_file(layout, POSE_PTH_FILE, seed)["model"], strict=True)
+    net.eval()
+    t = indiv.shape[0]
+    style = official_pose_style(t, seed)
+    z, raw, fails = official_pose_pred(net, indiv, first, style, seed)
+    return {"pose_style": np.int64(style), "cvae_z": z.astype(np.float32), "pose_pred_raw": raw.astype(np.float32),
+            "coeff_3dmm_70": np.concatenate([exp, official_savgol(raw)], axis=1).astype(np.float32),
+            "pose_official_fails": np.bool_(fails)}

@@ -44,7 +44,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scene frame number of the first row (written to the motion file)")
     parser.add_argument("--blink", choices=("none", "random"), default="none",
                         help="eye blinks: none, or SadTalker's random blinks (seeded by --seed)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random blinks (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random blinks and of the head motion's latent draws (default 0)")
+    parser.add_argument("--pose", action=argparse.BooleanOptionalAction, default=False,
+                        help="head motion from SadTalker's Audio2Pose (auido2pose_00140-model.pth beside the "
+                             "checkpoint, or the SadTalker_V0.0.2 safetensors bundle); --no-pose: constant pose")
+    parser.add_argument("--pose-style", type=int, default=0, metavar="N", help="Audio2Pose style 0..45 (default 0)")
+    parser.add_argument("--pose-scale", type=float, default=1.0, metavar="S",
+                        help="head-motion amplitude >= 0 (0: the reference pose, 1: SadTalker's; default 1)")
+    parser.add_argument("--blinks", action="store_true",
+                        help="add blinks as an offset toward the 'eyes' expression preset (needs --presets)")
+    parser.add_argument("--blink-rate", type=float, default=15.0, metavar="R", help="blinks per minute (default 15)")
+    parser.add_argument("--blink-seed", type=int, default=None, metavar="N", help="seed of the blink times (default --seed)")
+    parser.add_argument("--presets", metavar="FILE", default=None,
+                        help="expression presets (expression.pth or expression_presets.json) for --blinks")
+    parser.add_argument("--tiny-random", action="store_true",
+                        help="seeded tiny random Audio2Exp / Audio2Pose instead of checkpoints (tests; noise)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
 
 
@@ -112,14 +127,24 @@ def run(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames < 1:
         print("styleheat audio2exp: --frames must be at least 1", file=sys.stderr)
         return 2
+    problem = _motion_option_problem(args)
+    if problem:
+        print(f"styleheat audio2exp: {problem}", file=sys.stderr)
+        return 2
     try:
         ref_row = read_reference(args.reference) if args.reference else default_reference_row()
         samples, sr = audio.read_audio(args.audio)
-        if args.checkpoint:
-            ckpt = Path(args.checkpoint)
+        if args.tiny_random:
+            from server.bake import tiny_audio2exp
+
+            ckpt = "tiny-random"
+            model = tiny_audio2exp(args.seed, args.device)
         else:
-            ckpt, _origin = resolve_checkpoint_dir(None)
-        model = audio.load_audio2exp(ckpt, device=args.device)
+            if args.checkpoint:
+                ckpt = Path(args.checkpoint)
+            else:
+                ckpt, _origin = resolve_checkpoint_dir(None)
+            model = audio.load_audio2exp(ckpt, device=args.device)
         exp = audio.audio_to_expression(samples, sr, args.fps, ref_row[:64], model=model, n_frames=args.frames,
                                         offset_seconds=args.offset,
                                         blink=None if args.blink == "none" else "random", seed=args.seed)
@@ -132,10 +157,64 @@ def run(args: argparse.Namespace) -> int:
         return 1
     rows = np.repeat(ref_row[None, :], exp.shape[0], axis=0)
     rows[:, :64] = exp
+    try:
+        blinks = _add_motion(args, rows, samples, sr, ckpt)
+    except ValueError as exc:
+        print(f"styleheat audio2exp: {exc}", file=sys.stderr)
+        return 1
     source = {"tool": "styleheat audio2exp", "audio": str(args.audio), "checkpoint": str(ckpt),
               "offset_seconds": float(args.offset), "blink": args.blink, "seed": int(args.seed),
               "reference": str(args.reference) if args.reference else None,
-              "pose": "constant from the reference" if args.reference else "zero (no --reference)"}
+              "pose": ("SadTalker Audio2Pose" if args.pose else
+                       "constant from the reference" if args.reference else "zero (no --reference)")}
+    if args.pose:
+        source.update(pose_style=args.pose_style, pose_scale=args.pose_scale)
+    if blinks is not None:
+        source.update(blinks=blinks, blink_rate=args.blink_rate)
     write_motion(out, rows, fps=args.fps, first_frame=args.first_frame, source=source)
     print(f"wrote {out}: {exp.shape[0]} frames at {args.fps:g} fps", file=sys.stderr)
     return 0
+
+
+def _motion_option_problem(args) -> str | None:
+    if not 0 <= args.pose_style <= 45:
+        return f"--pose-style must be an integer in 0..45, got {args.pose_style}"
+    if not np.isfinite(args.pose_scale) or args.pose_scale < 0:
+        return f"--pose-scale must be a number >= 0, got {args.pose_scale}"
+    if not np.isfinite(args.blink_rate) or args.blink_rate < 0:
+        return f"--blink-rate must be a number >= 0 (blinks per minute), got {args.blink_rate}"
+    if args.blinks and not args.presets:
+        return "--blinks needs --presets FILE (the 'eyes' expression preset closes the eyes)"
+    return None
+
+
+def _add_motion(args, rows: np.ndarray, samples, sr, ckpt) -> list[int] | None:
+    """Write head motion into rows[:, 64:70] and blink offsets into rows[:, :64] (in place); the blink frames."""
+    from server import audio
+
+    n = rows.shape[0]
+    offset_frames = args.offset * args.fps
+    if args.pose:
+        if args.tiny_random:
+            pose_model = audio.tiny_audio2pose(args.seed, args.device)
+        else:
+            path = audio.audio2pose_near(ckpt)
+            if path is None:
+                raise audio.AudioError(f"--pose: no Audio2Pose checkpoint beside {ckpt} (auido2pose_00140-model.pth "
+                                       f"or SadTalker_V0.0.2_256.safetensors)")
+            pose_model = audio.load_audio2pose(path, device=args.device)
+        rows[:, 64:70] = audio.audio_to_pose(samples, sr, args.fps, rows[0, 64:70].copy(), model=pose_model,
+                                             n_frames=n, offset_frames=offset_frames, pose_style=args.pose_style,
+                                             pose_scale=args.pose_scale, seed=args.seed)
+    if not args.blinks:
+        return None
+    from server.bake import load_presets
+
+    presets, _pose = load_presets(args.presets)
+    if "eyes" not in presets:
+        raise audio.AudioError(f"{args.presets}: has no 'eyes' preset (needed by --blinks)")
+    center = presets.get("center", np.zeros(64, np.float32))
+    seed = args.seed if args.blink_seed is None else args.blink_seed
+    frames = audio.blink_frames(n, args.fps, args.blink_rate, seed)
+    rows[:, :64] += audio.blink_offset(audio.blink_weights(n, args.fps, frames), presets["eyes"], center)
+    return frames
