@@ -62,6 +62,10 @@ def test_frechet_distance_closed_forms():
     assert M.frechet_distance(mu, s, mu2, s2) == pytest.approx(want, rel=1e-9)
     f = RNG.randn(50, 4)
     assert M.fid_from_features(f, f.copy()) == pytest.approx(0.0, abs=1e-8)
+    # fewer samples than dimensions: the low-rank path equals scipy's sqrtm formula
+    a, b = RNG.randn(6, 20), RNG.randn(7, 20) + 0.3
+    full = M.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert M.fid_from_features(a, b) == pytest.approx(full, rel=1e-6)
 
 
 def test_cosine_and_motion_distances():
