@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.convert",
     "server.commands.prepare_data",
     "server.commands.train",
+    "server.commands.evaluate",
 )
 
 

@@ -353,6 +353,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory (default: $STYLEHEAT_CHECKPOINTS or the user cache)")
 
 
+def report_evaluation_weights(root: Path) -> None:
+    """Optional weights of `styleheat evaluate` in <root>/evaluation (never changes the exit status)."""
+    from server.commands.evaluate import NEEDS, WEIGHT_OPTIONS
+    from server.evaluation.networks import WeightsFileError, load_weights_file
+
+    print(f"Optional evaluation weights ({root / 'evaluation'}; docs/evaluation.md):")
+    for metric, names in NEEDS.items():
+        for name in names:
+            path = root / "evaluation" / WEIGHT_OPTIONS[name][1]
+            if not path.is_file():
+                print(f"  {'absent':8s} {metric:13s} evaluation/{path.name}")
+                continue
+            try:
+                n = len(load_weights_file(path, name))
+                print(f"  {'OK':8s} {metric:13s} evaluation/{path.name} -- {n} tensors")
+            except WeightsFileError as e:
+                print(f"  {'DAMAGED':8s} {metric:13s} evaluation/{path.name} -- {e}")
+
+
 _LABEL = {"ok": "OK", "missing": "MISSING", "unreadable": "DAMAGED", "refused": "UNSAFE", "wrong": "WRONG"}
 
 
@@ -386,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
             "(top-level parts, key prefixes, tensor sizes) elsewhere" if "model definitions" in against
             else "basic structure only (top-level parts, key prefixes, tensor sizes)"))
 
+    report_evaluation_weights(root)
     bad = [r for r in reports if not r.ok]
     if not bad:
         print(f"All {len(reports)} assets are present and valid.")
