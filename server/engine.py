@@ -551,7 +551,7 @@ def _check_portrait(image) -> np.ndarray:
     h, w = image.shape[:2]
     if h != w:
         raise ValueError(f"image must be a square FFHQ-aligned portrait, got {w}x{h}; align it first "
-                         f"(server/align.py)")
+                         f"(server/preprocessing/align.py)")
     if h < 64:
         raise ValueError(f"image is too small ({w}x{h}); give an aligned portrait of at least {INPUT_SIZE}x{INPUT_SIZE}")
     return np.ascontiguousarray(image)

@@ -12,11 +12,12 @@ Flow control is credit based (zguide ch. 7): a render only produces frames while
 granted credit exceeds what was produced, so at most one batch is ever buffered per request, and
 a request waiting for credit lets other requests run (round robin between batches).
 
-Where things are: :mod:`server.keys` (loopback check, CURVE keys), :mod:`server.scheduler` (jobs,
-credit, round robin; no sockets), :mod:`server.images` (PNG/JPEG in and out), :mod:`server.bake`
-(aligner, audio converter, presets, Deep3D and Audio2Exp), :mod:`server.worker` (the engine thread:
-batching, out-of-memory halving, sending). This module: the :class:`Server` (sockets, the
-:data:`HANDLERS` table of request types), engine loading, the command line.
+Where things are (all in :mod:`server.service`): ``curve_keys`` (loopback check, CURVE keys),
+``scheduler`` (jobs, credit, round robin; no sockets), ``images`` (PNG/JPEG in and out),
+``bake_models`` (aligner, audio converter, presets, Deep3D and Audio2Exp), ``worker`` (the engine
+thread: batching, out-of-memory halving, sending; it gets what it needs as a ``WorkerSetup``). This
+module: the :class:`Server` (sockets, the :data:`HANDLERS` table of request types), engine loading,
+the command line.
 """
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ from typing import TYPE_CHECKING, Callable
 import zmq
 
 from server import protocol as P
-from server.bake import BakeModels, find_aligner, find_audio_converter, load_bake_models
-from server.keys import is_loopback_endpoint, load_server_keys, make_keys
-from server.scheduler import Job, Scheduler
-from server.worker import Worker
+from server.service.bake_models import BakeModels, find_aligner, find_audio_converter, load_bake_models
+from server.service.curve_keys import is_loopback_endpoint, load_server_keys, make_keys
+from server.service.scheduler import Job, Scheduler
+from server.service.worker import Worker, WorkerSetup
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -88,7 +89,6 @@ class Server:
         self.bake = bake or BakeModels(tiny=settings.tiny_random)
         # extract's 'path' names a file on this machine: only for clients on this machine
         self.allow_path = is_loopback_endpoint(bind)
-        self.coefficient_notes: dict[str, str | None] = {}
         batch_size = settings.batch_size
         if batch_size is None:
             batch_size = engine.default_batch_size        # the engine's own default (server.engine)
@@ -135,7 +135,11 @@ class Server:
         self.pair.setsockopt(zmq.LINGER, 0)
         self.pair.bind(self.pair_endpoint)
         self._pool: ThreadPoolExecutor | None = None
-        self.worker = Worker(self, {kind: h.work for kind, h in HANDLERS.items() if h.work is not None})
+        setup = WorkerSetup(engine=engine, sched=self.sched, ctx=self.ctx, pair_endpoint=self.pair_endpoint,
+                            decorate=self.decorate, bake=self.bake, aligner=self.aligner,
+                            audio_converter=self.audio_converter, tiny_random=self.tiny_random,
+                            batch_size=self.batch_size, encoder_pool=self.encoder_pool)
+        self.worker = Worker(setup, {kind: h.work for kind, h in HANDLERS.items() if h.work is not None})
 
     def encoder_pool(self) -> ThreadPoolExecutor:
         """Threads for PNG encoding (created on first use; only the worker thread calls this)."""
@@ -404,7 +408,7 @@ def find_model(args) -> Path | None:
     """The checkpoint folder or bundle to serve (None for --tiny-random); StartupError saying what to do."""
     if args.tiny_random:
         return None
-    from server.paths import resolve_checkpoint_dir
+    from server.checkpoints.paths import resolve_checkpoint_dir
 
     path, source = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     source = "--checkpoints" if source == "--dir" else source
@@ -418,7 +422,7 @@ def load_models(args) -> tuple["Engine", BakeModels]:
     """The engine and the bake models of the command line ``args``, sharing one tracker: the
     portraits' own 3DMM rows and ``extract`` run the same Deep3D (one ResNet-50 in memory).
     --tiny-random engines get no tracker (their portraits keep no coefficients)."""
-    from server.commands._model_args import precision_option, read_config
+    from server.model_options import precision_option, read_config
     from server.engine import Engine, resolve_device
 
     path = find_model(args)
@@ -447,7 +451,7 @@ def load_models(args) -> tuple["Engine", BakeModels]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.commands._model_args import add_precision_argument
+    from server.model_options import add_precision_argument
 
     p = argparse.ArgumentParser(
         prog="styleheat-server",
