@@ -4,7 +4,7 @@ This is the ONLY module that knows the official file names, top-level keys and k
 one module of ``models/`` that reads files: the loader/converter sits here, below ``server/`` and
 ``training/`` (both load weights), so those layers import downwards only.
 Each of our modules' own state-dict keys equal the official keys with the file / prefix stripped
-(see prompts/interfaces.md), so mapping is prefix bookkeeping:
+(the table below), so mapping is prefix bookkeeping:
 
 =================  ==============================================  =========================================
 our part           primary source                                  alternative (``StyleHEAT_visual.pt``)

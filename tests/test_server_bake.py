@@ -1,4 +1,4 @@
-"""styleheat-server bake requests (bake_spec.md): presets, capabilities, extract, audio2exp.
+"""styleheat-server bake requests (docs/protocol.md): presets, capabilities, extract, audio2exp.
 
 Real server processes on 127.0.0.1 (``--tiny-random``: a seeded tiny Deep3D and Audio2Exp), real
 DEALER clients, a real synthetic driving video made from a real portrait. Results are compared with
