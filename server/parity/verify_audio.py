@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from models.windows import window_indices
-from server.preprocessing import audio
 from server.parity.reference import Comparison, load_layout, max_abs_error, seeded_part
+from server.preprocessing import audio
 
 LAYOUT_FILE = "sadtalker_checkpoints.json"
 PTH_FILE = "checkpoints/auido2exp_00300-model.pth"

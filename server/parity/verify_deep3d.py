@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.preprocessing import deep3d
 from server.parity.reference import Comparison, compare, load_layout, max_abs_error, seeded_part
+from server.preprocessing import deep3d
 
 LAYOUT_NAME = "deep3d_checkpoints.json"
 #: the Deep3D checkpoint's entry in that layout
