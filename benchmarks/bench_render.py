@@ -11,7 +11,7 @@ One run, one machine, interleaved rounds (so load changes hit both sides alike):
     CalibrationNet (last_only) -> refine -> ONE synthesis from the cached 64x64 state with weights folded per identity (models.fastpath.FoldedSynthesis), batched;
     float32 and bfloat16, at the native size and the 512 / 256 previews.
 
-Weights: the seeded reference weights (server.reference rule on shared/reference/official_checkpoints.json;
+Weights: the seeded reference weights (server.parity.reference rule on shared/reference/official_checkpoints.json;
 only the generator, VideoWarper and CalibrationNet are built) and the official HFGI inversion of the seeded
 source image from vectors_seed0.npz, so the float32 engine frame is also checked against the official
 ``fake_image_1024_f16`` vector. ``--tiny``: tiny configs with random weights (seconds; for tests).
@@ -48,7 +48,7 @@ from models.fastpath import FoldedSynthesis, bf16_supported, synthesis_macs, win
 from models.stylegan2 import Generator, StyleGAN2Config  # noqa: E402
 from models.styleheat import FULL, PREVIEW, QUALITIES, FrameNets, Inversion, StyleHEAT, StyleHEATConfig  # noqa: E402
 from models.warper import VideoWarper, WarperConfig  # noqa: E402
-from server import reference  # noqa: E402
+from server.parity import reference  # noqa: E402
 
 SHARED = Path(os.environ.get("STYLEHEAT_SHARED", REPO.parent / "shared")).resolve()
 VISUAL = "checkpoints/StyleHEAT_visual.pt"
@@ -266,7 +266,7 @@ def transport(frames: int, rounds: int = 3, timeout: float = 300.0) -> dict:
         return time.perf_counter() - t0
 
     exe = Path(sys.executable).with_name("styleheat-server")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.app"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.service.app"]
     proc = subprocess.Popen(cmd + ["--tiny-random", "--device", "cpu", "--bind", "tcp://127.0.0.1:*",
                                    "--batch-size", str(batch)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

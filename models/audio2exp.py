@@ -18,7 +18,7 @@ Data flow at full size (``Audio2ExpConfig()``), input (N, 1, 80, 16) = (batch, 1
     mapping1: Linear(512 + 64 + 1 -> 64) on cat[embedding, ref_exp, ratio] -> exp (N, 64)
 
 State-dict keys are SadTalker's (``audio_encoder.<i>.conv_block.{0,1}.*``, ``mapping1.*``);
-reading checkpoint files is ``server.audio``'s job (this module does no file I/O).
+reading checkpoint files is ``server.preprocessing.audio``'s job (this module does no file I/O).
 """
 from __future__ import annotations
 

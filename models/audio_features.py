@@ -16,7 +16,7 @@ Reference: ``shared/reference/README_audio_3dmm.md`` sections 4.1 and 4.2.
   centred on sample ``200 k``: 80 mel frames per second. Digital silence is exactly -4.
 
 How frames are mapped to mel windows is :mod:`models.windows`; reading files, checkpoints and
-running the networks is ``server.audio``.
+running the networks is ``server.preprocessing.audio``.
 """
 from __future__ import annotations
 

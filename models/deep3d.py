@@ -123,8 +123,3 @@ class ReconNet(nn.Module):
             raise ValueError(f"ReconNet expects (N, 3, H, W) images, got shape {tuple(x.shape)}")
         f = self.backbone(x)
         return torch.flatten(torch.cat([layer(f) for layer in self.final_layers], dim=1), 1)
-
-
-def split_coefficients(coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(N, 257) -> {id, exp, tex, angle, gamma, trans} views."""
-    return {name: coeffs[:, s] for name, s in COEFF_SLICES.items()}

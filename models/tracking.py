@@ -2,9 +2,9 @@
 
 A tracker turns a driving video into per-frame 73-value 3DMM rows (exp 64 | angle 3 | trans 3 |
 crop 3, the layout StyleHEAT's warpers read) and gives a portrait its own row. The shipped one is
-``server.tracking.DlibDeep3DTracker`` (dlib 68 landmarks + Deep3DFaceRecon's ResNet-50), built by
-``server.tracking.load_tracker``. Another tracker implements :class:`Tracker` and is passed in where
-one is used: ``Engine(tracker=...)``, ``server.bake.BakeModels(tracker=...)``,
+``server.preprocessing.tracking.DlibDeep3DTracker`` (dlib 68 landmarks + Deep3DFaceRecon's ResNet-50), built by
+``server.preprocessing.tracking.load_tracker``. Another tracker implements :class:`Tracker` and is passed in where
+one is used: ``Engine(tracker=...)``, ``server.service.bake_models.BakeModels(tracker=...)``,
 ``training.prepare.prepare_video(video, out, tracker)``; nothing else has to change.
 
 Errors a tracker raises: :class:`VideoError` (the video cannot be used; the message says why and what

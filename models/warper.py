@@ -83,11 +83,6 @@ class WarperConfig:
         """Side of the predicted flow grid (64 at full size)."""
         return self.image_size // 2 ** (self.encoder_layers - self.decoder_layers)
 
-    @property
-    def min_window(self) -> int:
-        """Shortest window the mapping network accepts (k7 conv + 3 dilated k3 convs)."""
-        return 7 + 6 * self.mapping_layers
-
     def level_channels(self, level: int) -> int:
         """Channels of the hourglass encoder output at ``level`` (0 = input layer)."""
         return min(self.base_channels * 2 ** level, self.max_channels)

@@ -4,7 +4,7 @@ This is the ONLY module that knows the official file names, top-level keys and k
 one module of ``models/`` that reads files: the loader/converter sits here, below ``server/`` and
 ``training/`` (both load weights), so those layers import downwards only.
 Each of our modules' own state-dict keys equal the official keys with the file / prefix stripped
-(see prompts/interfaces.md), so mapping is prefix bookkeeping:
+(the table below), so mapping is prefix bookkeeping:
 
 =================  ==============================================  =========================================
 our part           primary source                                  alternative (``StyleHEAT_visual.pt``)
@@ -70,7 +70,7 @@ GENERATOR_OVERRIDES: dict[str, str] = {
 #: ``net_G_ema`` keys that are part of the official module but never used by inference
 IGNORED_PREFIXES: tuple[str, ...] = ("generator.iteration_loss.",)
 MODULE_PARTS = tuple(PRIMARY)
-#: asset name (server.assets) -> file
+#: asset name (server.checkpoints.assets) -> file
 ASSET_FILES = {"styleheat": VISUAL, "hfgi": HFGI, "e4e": E4E, "stylegan": STYLEGAN}
 
 BUNDLE_FORMAT = "styleheat-bundle"
@@ -133,7 +133,7 @@ def _prefixed(layout: Mapping[str, tuple], prefix: str) -> dict[str, tuple]:
 def expected_layout(asset_name: str, config=None) -> dict[str, dict[str, tuple[int, ...]]]:
     """Required content of an official checkpoint file: {top-level part: {key: shape}}.
 
-    ``asset_name``: ``styleheat`` / ``hfgi`` / ``e4e`` / ``stylegan`` (server.assets names) or the file
+    ``asset_name``: ``styleheat`` / ``hfgi`` / ``e4e`` / ``stylegan`` (server.checkpoints.assets names) or the file
     name. A bare-tensor part is given as ``{"": shape}``. For ``styleheat`` only the required
     ``video_warper.*`` / ``calibrator.*`` keys are listed; see :func:`optional_layout` for the rest.
     Shapes come from our model definitions (meta device), full size unless ``config`` says otherwise.

@@ -1,4 +1,4 @@
-"""The inference engine: portraits in, talking-face frames out (bpy-free; see prompts/engine_api.md).
+"""The inference engine: portraits in, talking-face frames out (bpy-free; see docs/engine.md).
 
 ``Engine`` owns one :class:`models.styleheat.StyleHEAT` in eval mode on one device. A portrait is
 inverted once (:meth:`Engine.prepare_identity`, cached in an LRU keyed by a content hash); frames are
@@ -137,7 +137,7 @@ def _runs(keys: Sequence) -> list[list[int]]:
 
 
 class Engine:
-    """See prompts/engine_api.md. Thread-safe for one render at a time (a lock serializes GPU work)."""
+    """See docs/engine.md. Thread-safe for one render at a time (a lock serializes GPU work)."""
 
     def __init__(self, model: StyleHEAT, *, device: torch.device, real_weights: bool, model_name: str,
                  tracker: Tracker | None = None, tracker_note: str | None = None,
@@ -368,7 +368,7 @@ class Engine:
         cached, so scrubbing back to a frame costs nothing). ``timings``: dict that gets seconds per stage
         added (warper, warp, calibration, synthesis, encode).
 
-        Input is validated before anything runs (ValueError with a clear sentence); see engine_api.md.
+        Input is validated before anything runs (ValueError with a clear sentence); see docs/engine.md.
         """
         ident = self._get_identity(identity_id)
         rows = _check_rows(rows, self.config.video_warper.coeff_dim)
@@ -551,7 +551,7 @@ def _check_portrait(image) -> np.ndarray:
     h, w = image.shape[:2]
     if h != w:
         raise ValueError(f"image must be a square FFHQ-aligned portrait, got {w}x{h}; align it first "
-                         f"(server/align.py)")
+                         f"(server/preprocessing/align.py)")
     if h < 64:
         raise ValueError(f"image is too small ({w}x{h}); give an aligned portrait of at least {INPUT_SIZE}x{INPUT_SIZE}")
     return np.ascontiguousarray(image)

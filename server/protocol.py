@@ -595,7 +595,7 @@ class Audio2ExpRequest:
     @property
     def audio_offset_frames(self) -> float:
         """The offset in frames of ``fps`` from the first sample to output frame 0 (what
-        ``server.audio.audio_to_expression(offset_frames=...)`` takes)."""
+        ``server.preprocessing.audio.audio_to_expression(offset_frames=...)`` takes)."""
         return self.offset_frames - self.audio.frame_offset
 
 

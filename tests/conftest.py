@@ -60,7 +60,7 @@ def seeded_official(official_layout):
 
     ``seeded_official(file, part)`` -> state dict (or tensor); cached.
     """
-    from server import reference
+    from server.parity import reference
 
     cache: dict = {}
 

@@ -6,7 +6,7 @@ Which interpreter runs the server:
 
 * ``$STYLEHEAT_SERVER_PYTHON`` set: that Python, which must have this repository installed (e.g.
   ``/path/to/checkout/.venv/bin/python`` when the tests run from a separate bpy-only venv); the
-  server runs as ``$STYLEHEAT_SERVER_PYTHON -m server.app`` and the CLI as ``... -m server.cli``;
+  server runs as ``$STYLEHEAT_SERVER_PYTHON -m server.service.app`` and the CLI as ``... -m server.cli``;
 * unset: the ``styleheat-server`` / ``styleheat`` scripts of the venv running the tests (next to
   ``sys.executable``; ``pip install -e .`` puts them there). If they are missing the test fails
   saying which variable to set; there is no silent fallback to another interpreter.
@@ -14,7 +14,7 @@ Which interpreter runs the server:
 ``ServerProcess(*args)`` starts the server with ``args`` and :meth:`ServerProcess.wait_ready` waits
 for its ``listening on ENDPOINT`` line. ``block_imports=("librosa",)`` runs it with those modules
 failing to import as if they were not installed (for tests of optional dependencies): the server
-then runs as ``python -c`` with an import hook in front of ``server.app.main``.
+then runs as ``python -c`` with an import hook in front of ``server.service.app.main``.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class _Blocked(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, _Blocked())
 sys.argv[0] = "styleheat-server"
-from server.app import main
+from server.service.app import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -65,7 +65,7 @@ def server_command(*args: str, block_imports: tuple[str, ...] = ()) -> list[str]
     """argv that runs ``styleheat-server *args`` (see the module docstring)."""
     if block_imports:
         return [server_python(), "-c", _BLOCKER.format(blocked=tuple(block_imports)), *args]
-    return [*_script("styleheat-server", "server.app"), *args]
+    return [*_script("styleheat-server", "server.service.app"), *args]
 
 
 def cli_command(*args: str) -> list[str]:

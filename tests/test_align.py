@@ -10,7 +10,7 @@ from PIL import Image
 
 import dlib  # noqa: E402,F401  (a pinned dependency: a missing dlib must fail these tests)
 
-from server import align  # noqa: E402
+from server.preprocessing import align  # noqa: E402
 from server.cli import main  # noqa: E402
 
 # FFHQ template positions in a 1024 image. The recipe fixes the crop centre c = eye_avg + 0.1 eye_to_mouth
@@ -181,7 +181,7 @@ def test_align_command_errors(tmp_path, capsys):
 
 
 def test_oversized_image_is_a_clear_error(tmp_path, monkeypatch):
-    from server.align import read_image
+    from server.preprocessing.align import read_image
 
     path = tmp_path / "big.png"
     Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)

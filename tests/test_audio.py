@@ -1,4 +1,4 @@
-"""Mel features, frame alignment and audio input handling (server/audio.py), and the audio reference vectors.
+"""Mel features, frame alignment and audio input handling (server/preprocessing/audio.py), and the audio reference vectors.
 
 The mel is checked against an independent, straightforward numpy implementation of the recipe in
 reference README_audio_3dmm.md section 4.2 (written here, no librosa), using the official filter
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from audio_reference_cases import official_transform_audio
-from server import audio
+from server.preprocessing import audio
 
 SR = 16000
 
@@ -305,8 +305,8 @@ def test_read_audio_files(tmp_path):
 
 # ------------------------------------------------------------------ the verifier CORE calls
 def test_verify_audio_vectors_on_shipped_file(reference_dir):
-    from server.reference import Comparison
-    from server.verify_audio import verify_audio_vectors
+    from server.parity.reference import Comparison
+    from server.parity.verify_audio import verify_audio_vectors
 
     results = verify_audio_vectors(reference_dir / "vectors_audio_seed0.npz", reference_dir)
     assert all(isinstance(r, Comparison) for r in results)

@@ -1,4 +1,4 @@
-"""Audio2Exp (models/audio2exp.py), its checkpoint loader and audio_to_expression (server/audio.py),
+"""Audio2Exp (models/audio2exp.py), its checkpoint loader and audio_to_expression (server/preprocessing/audio.py),
 and the `styleheat audio2exp` command."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from models.audio2exp import Audio2Exp, Audio2ExpConfig, load_state_dict_strict
-from server import audio, reference
+from server.parity import reference
+from server.preprocessing import audio
 
 SR = 16000
 PTH = "checkpoints/auido2exp_00300-model.pth"
@@ -230,7 +231,7 @@ def test_audio2exp_command_writes_a_motion_file(tmp_path):
     import soundfile
 
     from server.cli import main
-    from server.motion import read_motion, write_motion
+    from server.preprocessing.motion import read_motion, write_motion
 
     net = tiny_net(5)
     ckpt = tmp_path / "auido2exp_00300-model.pth"
@@ -286,9 +287,9 @@ def test_audio2exp_command_errors(tmp_path, capsys):
 def test_read_reference_formats_and_errors(tmp_path):
     from scipy.io import savemat
 
-    from server.audio import AudioError
+    from server.preprocessing.audio import AudioError
     from server.commands.audio import DEFAULT_CROP, read_reference
-    from server.motion import write_motion
+    from server.preprocessing.motion import write_motion
 
     full = np.arange(73, dtype=np.float32) / 100
     write_motion(tmp_path / "r.json", full[None, :], fps=25)

@@ -7,7 +7,7 @@ import torch
 
 from models import flow
 from models.calibration import CalibrationConfig, CalibrationNet
-from server import reference
+from server.parity import reference
 
 VISUAL = "checkpoints/StyleHEAT_visual.pt"
 PREFIX = "calibrator."

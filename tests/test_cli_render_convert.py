@@ -9,7 +9,7 @@ import torch
 from models import weights
 from server import cli
 from server.engine import Engine
-from server.motion import write_motion
+from server.preprocessing.motion import write_motion
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_convert_then_render_bundle_matches_engine(tiny, tmp_path, capsys):
 
 
 def test_precision_choices_are_the_engines():
-    from server.commands._model_args import PRECISION_CHOICES
+    from server.model_options import PRECISION_CHOICES
     from server.engine import PRECISIONS
     assert PRECISION_CHOICES == PRECISIONS
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.deep3d import COEFF_SLICES, Deep3DConfig, ReconNet
-from server import deep3d
-from server.reference import load_layout, seeded_part
+from server.preprocessing import deep3d
+from server.parity.reference import load_layout, seeded_part
 
 LAYOUT_FILE = "checkpoints/Deep3D/epoch_20.pth"
 
@@ -60,7 +60,7 @@ def test_tiny_config_runs_and_has_257_outputs():
 
 @pytest.mark.parametrize("layout_arg", ["folder", "file"])
 def test_reference_vectors_all_match(reference_dir, layout_arg):
-    from server.verify_deep3d import verify_deep3d_vectors
+    from server.parity.verify_deep3d import verify_deep3d_vectors
 
     layout = reference_dir if layout_arg == "folder" else reference_dir / "deep3d_checkpoints.json"
     results = verify_deep3d_vectors(reference_dir / "vectors_deep3d_seed0.npz", layout)
@@ -75,7 +75,7 @@ def test_reference_vectors_all_match(reference_dir, layout_arg):
 
 
 def test_verify_names_a_missing_layout(reference_dir, tmp_path):
-    from server.verify_deep3d import verify_deep3d_vectors
+    from server.parity.verify_deep3d import verify_deep3d_vectors
 
     with pytest.raises(FileNotFoundError, match="deep3d_checkpoints.json"):
         verify_deep3d_vectors(reference_dir / "vectors_deep3d_seed0.npz", tmp_path)
@@ -172,7 +172,7 @@ def test_checkpoint_errors_are_clear(tmp_path, seeded_state):
 
 
 def test_the_tracker_needs_the_weights_and_says_which(tmp_path):
-    from server.tracking import load_tracker
+    from server.preprocessing.tracking import load_tracker
 
     with pytest.raises(deep3d.CheckpointError, match="epoch_20.pth"):
         load_tracker(tmp_path)
@@ -182,7 +182,7 @@ def test_the_tracker_reproduces_the_official_source_row(fixtures_dir, checkpoint
     """portrait_100.jpg -> NEAREST 256 -> dlib -> align_img -> ResNet: the reference's own row_73."""
     from PIL import Image
 
-    from server.tracking import load_tracker
+    from server.preprocessing.tracking import load_tracker
 
     img = np.asarray(Image.open(fixtures_dir / "portrait_100.jpg").convert("RGB"))
     row, reason = load_tracker(checkpoint_dir).portrait_row(img)

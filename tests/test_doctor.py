@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 import torch
 
-from server import assets as assets_mod
+from server.checkpoints import assets as assets_mod
 from server.commands import doctor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,7 +337,7 @@ def test_official_layout_is_accepted(tmp_path, official_layout):
 
 
 def test_size_differs_from_manifest(tmp_path):
-    from server.download import record
+    from server.checkpoints.download import record
 
     write_valid_dir(tmp_path)
     size = (tmp_path / "hfgi.pth").stat().st_size

@@ -2,7 +2,7 @@
 
 The server (``http.server`` in a thread) serves generated files by name, honours ``Range``
 (206 + Content-Range), and on request cuts a response short, ignores ``Range``, or answers an
-HTTP error. The registry's URLs point at it through ``server.assets.registry(mirror=...)``.
+HTTP error. The registry's URLs point at it through ``server.checkpoints.assets.registry(mirror=...)``.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
-from server import assets as assets_mod
-from server import paths
-from server.download import DownloadError, download_all, download_asset, read_manifest, unpack
+from server.checkpoints import assets as assets_mod
+from server.checkpoints import paths
+from server.checkpoints.download import DownloadError, download_all, download_asset, read_manifest, unpack
 
 REPO = Path(__file__).resolve().parents[1]
 STYLEHEAT = REPO / ".venv" / "bin" / "styleheat"

@@ -8,8 +8,8 @@ from models import hfgi
 from models.e4e import E4EConfig, Encoder4Editing
 from models.hfgi import HFGIConfig, ResidualAligner, ResidualEncoder
 from models.stylegan2 import Generator, StyleGAN2Config
-from server import reference
-from server.reference import compare
+from server.parity import reference
+from server.parity.reference import compare
 
 E4E_FILE = "checkpoints/Encoder_e4e.pth"
 HFGI_FILE = "checkpoints/hfgi.pth"

@@ -5,7 +5,7 @@ import torch
 from models import editing, hfgi
 from models.hfgi import HFGIConfig, ResidualAligner, ResidualEncoder
 from models.stylegan2 import Generator, StyleGAN2Config
-from server.reference import compare
+from server.parity.reference import compare
 
 STYLEGAN_FILE = "checkpoints/StyleGAN_e4e.pth"
 HFGI_FILE = "checkpoints/hfgi.pth"

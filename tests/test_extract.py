@@ -16,11 +16,11 @@ from PIL import Image
 
 import dlib  # noqa: E402,F401  (a pinned dependency: a missing dlib must fail these tests)
 
-from server import tracking  # noqa: E402
+from server.preprocessing import tracking  # noqa: E402
 from server.cli import main  # noqa: E402
-from server.deep3d import Deep3DExtractor  # noqa: E402
-from server.motion import read_motion  # noqa: E402
-from server.reference import load_layout, seeded_part  # noqa: E402
+from server.preprocessing.deep3d import Deep3DExtractor  # noqa: E402
+from server.preprocessing.motion import read_motion  # noqa: E402
+from server.parity.reference import load_layout, seeded_part  # noqa: E402
 
 SIZE = 320  # video frame side
 # per frame: (dx, dy, scale, angle in degrees, counter-clockwise)

@@ -7,7 +7,7 @@ import torch
 
 from models.fastpath import BF16_MIN_PSNR_DB, FoldedSynthesis, bf16_supported, synthesis_macs
 from models.stylegan2 import Generator, StyleGAN2Config
-from server.reference import compare
+from server.parity.reference import compare
 
 
 def _generator(cfg: StyleGAN2Config, seed: int = 0) -> Generator:

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from models import flow
-from server.reference import compare
+from server.parity.reference import compare
 
 
 def test_zero_flow_is_not_identity_exactly_as_official():

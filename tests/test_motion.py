@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from server.motion import LAYOUT, Motion, MotionError, motion_from_dict, read_motion, write_motion
+from server.preprocessing.motion import LAYOUT, Motion, MotionError, motion_from_dict, read_motion, write_motion
 
 
 def _rows(n=5, seed=0):

@@ -1,8 +1,8 @@
 """Full-size parity on the official reference vectors (seed 0), through `styleheat verify-reference`.
 
-The expensive part (seeded full-size weights, every stage at 1024^2) runs once per session: the CLI
-caches its outputs in-process keyed by the inputs, the seed and the layout, so the tampered-copy run
-only re-compares.
+The expensive part (seeded full-size weights, every stage at 1024^2) runs once per session:
+server.parity.verify_styleheat caches its outputs in-process keyed by the inputs, the seed and the
+layout, so the tampered-copy run only re-compares.
 """
 import shutil
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server import cli
-from server.commands import verify_reference as vr
+from server.parity import verify_styleheat as vs
 
 STAGES = ["e4e_wx", "e4e_ix_256", "hfgi_ix_256", "hfgi_fx", "hfgi_inversion_condition_0_scale",
           "vw_descriptor", "vw_flow_field", "vw_warp_image_256", "vw_deformation", "fx_warp_f16",
@@ -43,10 +43,10 @@ def test_verify_reference_passes_every_stage(cli_run):
 
 @pytest.mark.slow
 def test_official_forward_and_product_path_final_image(cli_run, reference_dir, vectors_seed0):
-    from server.reference import compare
+    from server.parity.reference import compare
 
     assert cli_run[0] == 0
-    outputs = vr.compute_styleheat_outputs(vectors_seed0, reference_dir / vr.STYLEHEAT_LAYOUT)  # cached
+    outputs = vs.compute_styleheat_outputs(vectors_seed0, reference_dir / vs.STYLEHEAT_LAYOUT)  # cached
     official = outputs["fake_image_1024_f16"]
     product = outputs["product_path_1024"]
     ref = vectors_seed0["fake_image_1024_f16"]
@@ -66,7 +66,7 @@ def test_verify_reference_fails_naming_the_tampered_stage(cli_run, reference_dir
     v["vw_flow_field"] = v["vw_flow_field"] + np.float32(0.01)
     copy = tmp_path / "vectors_seed0.npz"
     np.savez(copy, **v)
-    shutil.copy(reference_dir / vr.STYLEHEAT_LAYOUT, tmp_path / vr.STYLEHEAT_LAYOUT)
+    shutil.copy(reference_dir / vs.STYLEHEAT_LAYOUT, tmp_path / vs.STYLEHEAT_LAYOUT)
     rc = cli.main(["verify-reference", "--vectors", str(copy)])
     out = capsys.readouterr().out
     assert rc == 1

@@ -290,7 +290,7 @@ def test_decode_raw_frame():
 
 
 # --------------------------------------------------------------------------------------------
-# bake additions: extract, audio2exp, presets, capabilities (bake_spec.md)
+# bake additions: extract, audio2exp, presets, capabilities (docs/protocol.md)
 # --------------------------------------------------------------------------------------------
 def test_bake_types_and_codes_are_registered():
     assert P.EXTRACT in P.REQUEST_TYPES and P.AUDIO2EXP in P.REQUEST_TYPES

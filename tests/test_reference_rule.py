@@ -4,7 +4,7 @@ import importlib.util
 import numpy as np
 import torch
 
-from server import reference
+from server.parity import reference
 
 
 def _official_helper(reference_dir):

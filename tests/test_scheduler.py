@@ -1,4 +1,4 @@
-"""server.scheduler without sockets, threads or an engine: limits, credit, round robin, aborts, stalls."""
+"""server.service.scheduler without sockets, threads or an engine: limits, credit, round robin, aborts, stalls."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from server import protocol as P
-from server.scheduler import Job, Scheduler
+from server.service.scheduler import Job, Scheduler
 
 A, B = b"client-a", b"client-b"
 

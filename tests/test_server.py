@@ -563,7 +563,7 @@ def test_ping_cli_unreachable():
     (None, None, "holds no secret key"),  # client.key (public only) passed as client.key_secret
 ])
 def test_ping_cli_bad_curve_keys_are_explained(tmp_path, server_key, client_secret, words):
-    from server.keys import make_keys
+    from server.service.curve_keys import make_keys
 
     made = make_keys(tmp_path / "keys")
     if server_key is None:
@@ -635,7 +635,7 @@ def test_curve_keys_and_encrypted_connection(tmp_path, ctx):
         ping = subprocess.run(cli_command("ping", "--server", endpoint, "--curve-dir", str(keys)),
                               capture_output=True, text=True, timeout=120)
         assert ping.returncode == 0 and "protocol:     1" in ping.stdout, ping.stderr
-        from server.keys import make_keys
+        from server.service.curve_keys import make_keys
 
         make_keys(tmp_path / "other")  # keys this server never authorized
         bad = subprocess.run(cli_command("ping", "--server", endpoint, "--curve-dir", str(tmp_path / "other"),
@@ -700,7 +700,7 @@ class FaultyEngine:
 
 @pytest.fixture(scope="module")
 def inproc(ctx):
-    from server.app import Server, ServerSettings
+    from server.service.app import Server, ServerSettings
     from server.engine import Engine
 
     eng = FaultyEngine(Engine.tiny_random(seed=0, device="cpu"), fit=1)
@@ -764,7 +764,7 @@ def test_a_cancel_between_the_last_frame_and_done_is_answered_by_done(ctx):
     """The worker has rendered a request's last frame and queued its ``done`` for the main thread when
     the client's cancel arrives: the client gets the frame and ``done``, no ``unknown_request`` error
     overtaking them. A real Server on loopback, its loop stepped by hand to hit that moment every time."""
-    from server.app import Server, ServerSettings
+    from server.service.app import Server, ServerSettings
     from server.engine import Engine
 
     srv = Server(Engine.tiny_random(seed=0, device="cpu"),
@@ -837,7 +837,7 @@ def test_a_client_killed_mid_stream_frees_its_job_within_two_heartbeats(server, 
     import sys
     from pathlib import Path
 
-    from server.app import HEARTBEAT_INTERVAL
+    from server.service.app import HEARTBEAT_INTERVAL
 
     child = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.endpoint, identity,
                               str(Path(__file__).parent), str(hello["sizes"][0])],
@@ -870,7 +870,7 @@ def test_a_client_killed_mid_stream_frees_its_job_within_two_heartbeats(server, 
 
 
 def test_precision_option_reaches_the_engine():
-    from server import app as server_app
+    from server.service import app as server_app
     for argv, want in (([], "float32"), (["--precision", "bfloat16"], "bfloat16"),
                        (["--precision", "float32"], "float32")):
         args = server_app.build_parser().parse_args(["--tiny-random", "--device", "cpu", *argv])

@@ -1,4 +1,4 @@
-"""styleheat-server bake requests (bake_spec.md): presets, capabilities, extract, audio2exp.
+"""styleheat-server bake requests (docs/protocol.md): presets, capabilities, extract, audio2exp.
 
 Real server processes on 127.0.0.1 (``--tiny-random``: a seeded tiny Deep3D and Audio2Exp), real
 DEALER clients, a real synthetic driving video made from a real portrait. Results are compared with
@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from server import app as server_app
-from server import bake as server_bake
+from server.service import app as server_app
+from server.service import bake_models as server_bake
 from server import protocol as P
 from server_helpers import Client, png_bytes, portrait, serve_tiny
 from server_helpers import client, ctx  # noqa: F401  (fixtures)
@@ -56,7 +56,7 @@ def tiny_audio2exp_by_recipe(seed: int = 0):
 
 def tiny_deep3d_by_recipe(seed: int = 0):
     from models.deep3d import Deep3DConfig, ReconNet
-    from server.deep3d import Deep3DExtractor
+    from server.preprocessing.deep3d import Deep3DExtractor
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -114,7 +114,7 @@ def video(tmp_path_factory, base_frame) -> Path:
 @pytest.fixture(scope="module")
 def expected_track(video):
     """track_video in this process with the recipe's tiny Deep3D: what the server must return."""
-    from server import tracking
+    from server.preprocessing import tracking
 
     return tracking.track_video(video, tiny_deep3d_by_recipe(0))
 
@@ -193,7 +193,7 @@ def test_extract_video_bytes(client, video, expected_track):
 
 
 def test_extract_by_path_with_smoothing_and_resampling(client, video, expected_track):
-    from server import tracking
+    from server.preprocessing import tracking
 
     h, parts = P.extract_request("x2", path=str(video), smooth=1.5, fps=50.0)
     client.send(h, parts)
@@ -265,7 +265,7 @@ def speech():
 
 @pytest.mark.parametrize("rate, fps, n, offset", [(16000, 25.0, 30, 0.0), (22050, 30.0, 17, 2.5)])
 def test_audio2exp_equals_the_library_call(client, speech, rate, fps, n, offset):
-    from server.audio import audio_to_expression
+    from server.preprocessing.audio import audio_to_expression
 
     t = np.arange(int(speech.size * rate / 16000)) / rate
     samples = speech if rate == 16000 else np.interp(t, np.arange(speech.size) / 16000, speech).astype(np.float32)
@@ -284,7 +284,7 @@ def test_audio2exp_equals_the_library_call(client, speech, rate, fps, n, offset)
 
 def test_audio2exp_with_renders_audio_map(client, speech):
     """render's audio map as is: frame_offset (strip start) and offset_frames (row 0's scene frame)."""
-    from server.audio import audio_to_expression
+    from server.preprocessing.audio import audio_to_expression
 
     parts: list = []
     audio = {"samples": P.array_field(speech, parts), "sample_rate": 16000, "fps": 25.0, "frame_offset": 3.0}
@@ -424,7 +424,7 @@ def test_one_deep3d_in_memory_serves_the_portraits_and_extract(tmp_path, referen
     from models import weights
     from models.deep3d import ReconNet
     from server.engine import Engine
-    from server.reference import load_layout, seeded_part
+    from server.parity.reference import load_layout, seeded_part
 
     tiny = Engine.tiny_random(seed=0).model      # tiny StyleHEAT files in the official layout
     weights.write_official(tmp_path, tiny)

@@ -6,7 +6,7 @@ import torch
 
 from models import flow, ops
 from models.stylegan2 import Generator, StyleGAN2Config
-from server.reference import compare
+from server.parity.reference import compare
 
 STYLEGAN_FILE = "checkpoints/StyleGAN_e4e.pth"
 

@@ -359,9 +359,9 @@ def test_prepare_data_voxceleb_style(tmp_path, fixtures_dir, reference_dir):
     import cv2
     from PIL import Image
 
-    from server.audio import read_audio
+    from server.preprocessing.audio import read_audio
     from server.cli import main
-    from server.reference import load_layout, seeded_part
+    from server.parity.reference import load_layout, seeded_part
 
     ck = tmp_path / "ckpt"
     (ck / "Deep3D").mkdir(parents=True)

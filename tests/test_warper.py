@@ -7,7 +7,7 @@ import torch
 from models import flow
 from models.warper import (AUDIO_FLOW_ZERO_ROWS, AudioWarper, VideoWarper, WarperConfig,
                            zero_upper_flow_)
-from server import reference
+from server.parity import reference
 
 VISUAL = "checkpoints/StyleHEAT_visual.pt"
 

@@ -6,7 +6,7 @@ Layout of a dataset folder::
                                             "fps": 25.0, "clips": [{"id", "person", "frames", "audio"}, ...]}
     ROOT/clips/<id>/frames/000000.png ...  RGB crops, resolution x resolution (the face moves freely in a
                                            box fixed per clip; NOT aligned per frame)
-    ROOT/clips/<id>/coeffs.npy             (N, 73) float32  exp 64 | angle 3 | trans 3 | crop 3 (server.deep3d.row73)
+    ROOT/clips/<id>/coeffs.npy             (N, 73) float32  exp 64 | angle 3 | trans 3 | crop 3 (server.preprocessing.deep3d.row73)
     ROOT/clips/<id>/landmarks.npy          (N, 68, 2) float32, pixels of the frame (x right, y down)
     ROOT/clips/<id>/audio_windows.npy      (N, 80, 32) float32 AudioWarper mel window of each frame  [audio]
     ROOT/clips/<id>/mel.npy                (T, 80) float32 mel spectrogram, 80 steps per second     [audio]

@@ -1,7 +1,7 @@
 """VoxCeleb-style / HDTF-style talking-head videos -> clips of the training dataset (docs/training.md).
 
 Per video, with the tracker passed in (a ``models.tracking.Tracker``; ``styleheat prepare-data`` passes
-the inference path's own, ``server.tracking.load_tracker``: dlib + Deep3D):
+the inference path's own, ``server.preprocessing.tracking.load_tracker``: dlib + Deep3D):
 
 1. the tracker gives 73-value rows per frame -- the shipped one fixes the FFHQ crop square of the first
    frame with a face for the whole clip and crops every frame with it: faces are NOT aligned per

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from server.align import NoFaceError, align_portrait, read_image
+    from server.preprocessing.align import NoFaceError, align_portrait, read_image
 
     out = Path(args.out)
     if reject_output_file(NAME, out, ".png"):

@@ -72,8 +72,8 @@ def default_reference_row() -> np.ndarray:
 
 def read_reference(path: str | Path) -> np.ndarray:
     """A reference file -> (73,) float32 row; a 64/70-value reference gets DEFAULT_CROP (and zero pose)."""
-    from server.audio import AudioError
-    from server.motion import MotionError, read_motion
+    from server.preprocessing.audio import AudioError
+    from server.preprocessing.motion import MotionError, read_motion
 
     path = Path(path)
     if not path.is_file():
@@ -117,9 +117,9 @@ def read_reference(path: str | Path) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server import audio
-    from server.motion import write_motion
-    from server.paths import resolve_checkpoint_dir
+    from server.preprocessing import audio
+    from server.preprocessing.motion import write_motion
+    from server.checkpoints.paths import resolve_checkpoint_dir
 
     out = Path(args.out)
     if reject_output_file(NAME, out, ".json", "motion file"):

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.commands._model_args import add_checkpoint_arguments, checkpoint_dir, read_config
+from server.model_options import add_checkpoint_arguments, checkpoint_dir, read_config
 from server.commands._output import reject_output_file
 
 NAME = "convert"

@@ -1,6 +1,6 @@
 """`styleheat doctor`: check the checkpoint directory before running inference.
 
-For every file of every asset in :mod:`server.assets` it says whether the file is present,
+For every file of every asset in :mod:`server.checkpoints.assets` it says whether the file is present,
 whether it loads safely (``torch.load(weights_only=True)``: tensors and plain containers only,
 never code; ``scipy.io.loadmat`` for the BFM ``.mat``), and whether its contents have the layout
 the loaders expect:
@@ -326,9 +326,9 @@ def check_dir(root: Path, assets=None, layouts: Any = AUTO,
     :func:`find_layout_source`. ``manifest``: the ``assets`` entries of ``root``'s manifest.json
     when the caller has read it already (default: read here).
     """
-    from server.assets import OFFICIAL_ASSETS
+    from server.checkpoints.assets import OFFICIAL_ASSETS
 
-    from server.download import read_manifest
+    from server.checkpoints.download import read_manifest
 
     assets = OFFICIAL_ASSETS if assets is None else assets
     if layouts is AUTO:
@@ -376,8 +376,8 @@ _LABEL = {"ok": "OK", "missing": "MISSING", "unreadable": "DAMAGED", "refused": 
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.download import read_manifest
-    from server.paths import resolve_checkpoint_dir
+    from server.checkpoints.download import read_manifest
+    from server.checkpoints.paths import resolve_checkpoint_dir
     from models.weights import official_folder
 
     root, origin = resolve_checkpoint_dir(args.dir)

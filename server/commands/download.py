@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from server.assets import OFFICIAL_ASSETS
+    from server.checkpoints.assets import OFFICIAL_ASSETS
 
     names = ", ".join(a.name for a in OFFICIAL_ASSETS)
     parser.add_argument("--dir", metavar="DIR", default=None,
@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server import assets as assets_mod
-    from server.download import download_all
-    from server.paths import resolve_checkpoint_dir
+    from server.checkpoints import assets as assets_mod
+    from server.checkpoints.download import download_all
+    from server.checkpoints.paths import resolve_checkpoint_dir
 
     root, origin = resolve_checkpoint_dir(args.dir)
     try:

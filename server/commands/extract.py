@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from models.tracking import VideoError
-    from server.deep3d import CheckpointError
-    from server.motion import write_motion
-    from server.paths import resolve_checkpoint_dir
-    from server.tracking import load_tracker, probe_video, resample_rows
+    from server.preprocessing.deep3d import CheckpointError
+    from server.preprocessing.motion import write_motion
+    from server.checkpoints.paths import resolve_checkpoint_dir
+    from server.preprocessing.tracking import load_tracker, probe_video, resample_rows
 
     out = Path(args.out)
     if reject_output_file(NAME, out, ".json", "motion file"):

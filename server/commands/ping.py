@@ -30,7 +30,7 @@ def run(args) -> int:
     sock.setsockopt(zmq.LINGER, 0)
     try:
         if args.curve_dir:
-            from server.keys import load_client_keys
+            from server.service.curve_keys import load_client_keys
 
             try:
                 server_pub, cpub, csec = load_client_keys(args.curve_dir)

@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from models.tracking import VideoError
-    from server.deep3d import CheckpointError
-    from server.paths import resolve_checkpoint_dir
-    from server.tracking import load_tracker
+    from server.preprocessing.deep3d import CheckpointError
+    from server.checkpoints.paths import resolve_checkpoint_dir
+    from server.preprocessing.tracking import load_tracker
     from training import prepare
     from training.data import DatasetError, read_meta
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.commands._model_args import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
+from server.model_options import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
                                          precision_option, read_config)
 
 NAME = "render"
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models import weights
     from server.engine import Engine
-    from server.motion import MotionError, read_motion
+    from server.preprocessing.motion import MotionError, read_motion
 
     try:
         motion = read_motion(args.motion)

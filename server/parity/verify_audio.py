@@ -3,7 +3,7 @@
 ``verify_audio_vectors(npz_path, layout_dir)`` recomputes every audio array of a
 ``vectors_audio_seed{N}.npz`` file (reference README_audio_3dmm.md) with this project's code on
 the seeded weights rebuilt from ``sadtalker_checkpoints.json`` and returns one
-:class:`server.reference.Comparison` per array, with the tolerances that README suggests:
+:class:`server.parity.reference.Comparison` per array, with the tolerances that README suggests:
 mel atol 1e-9, ``indiv_mels`` atol 1e-6, network outputs atol 1e-5 + rtol 1e-5, integer
 arrays (frame counts, window starts/lengths, 3DMM window rows, blink ratios) exact. The AudioWarper
 window spots are float64 in the file and float32 from the official-parity path
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from models.windows import window_indices
-from server import audio
-from server.reference import Comparison, load_layout, max_abs_error, seeded_part
+from server.parity.reference import Comparison, load_layout, max_abs_error, seeded_part
+from server.preprocessing import audio
 
 LAYOUT_FILE = "sadtalker_checkpoints.json"
 PTH_FILE = "checkpoints/auido2exp_00300-model.pth"

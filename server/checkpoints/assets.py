@@ -4,7 +4,7 @@ File names, URLs and target paths follow the official download script of
 OpenTalker/StyleHEAT (``bash/download.sh``): every asset except the BFM comes from the GitHub
 release ``FeiiYin/StyleHEAT`` tag ``styleheat``; the BFM fitting files come from the SadTalker
 release ``v0.0.1``. Target paths are relative to the checkpoint directory, which plays the role
-of the official ``checkpoints/`` folder (see :mod:`server.paths`).
+of the official ``checkpoints/`` folder (see :mod:`server.checkpoints.paths`).
 
 Two assets are zip archives: the InterfaceGAN directions are unpacked into the checkpoint
 directory (giving ``interfacegan_directions/age.pt`` and ``pose.pt``), the BFM archive's

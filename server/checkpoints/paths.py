@@ -2,7 +2,7 @@
 
 The checkpoint directory holds the official release assets under the same relative names the
 official ``checkpoints/`` folder uses (``StyleHEAT_visual.pt``, ``hfgi.pth``,
-``Deep3D/epoch_20.pth``, ``BFM/...``; see :mod:`server.assets`), plus ``manifest.json``
+``Deep3D/epoch_20.pth``, ``BFM/...``; see :mod:`server.checkpoints.assets`), plus ``manifest.json``
 written by ``styleheat download``.
 
 Choosing the directory, first match wins:

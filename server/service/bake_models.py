@@ -1,5 +1,5 @@
 """What the server needs besides the engine: the face aligner and the audio converter (optional
-collaborators, server/align.py and server/audio.py), and the bake models -- expression presets, the
+collaborators, server/preprocessing/align.py and server/preprocessing/audio.py), and the bake models -- expression presets, the
 tracker (``extract``; the engine shares it for the portraits' own rows) and Audio2Exp (``audio2exp``)
 -- with a note saying why one is missing."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ log = logging.getLogger("styleheat.server")
 def find_aligner() -> Callable | None:
     """image (H, W, 3) uint8 RGB -> (aligned square RGB, [warnings]); None when no aligner can run here."""
     try:
-        from server import align as align_mod
+        from server.preprocessing import align as align_mod
     except ImportError:
         return None
     fn = getattr(align_mod, "align_portrait", None)
@@ -40,7 +40,7 @@ def find_aligner() -> Callable | None:
     return aligner
 
 
-#: what server/audio.py needs to compute mel windows and resample (librosa loads its submodules lazily,
+#: what server/preprocessing/audio.py needs to compute mel windows and resample (librosa loads its submodules lazily,
 #: so ``import librosa`` alone proves little: the probe imports the parts the audio path calls)
 AUDIO_IMPORTS = ("librosa", "librosa.filters", "librosa.core.spectrum", "scipy.signal", "soxr")
 
@@ -65,12 +65,12 @@ def find_audio_converter() -> tuple[Callable | None, str]:
     so row ``i`` shows audio time ``(first_frame + i - frame_offset) / fps``.
     """
     try:
-        from server import audio as audio_mod
+        from server.preprocessing import audio as audio_mod
     except ImportError as exc:
-        return None, f"the server's audio module (server/audio.py) cannot be imported ({exc})"
+        return None, f"the server's audio module (server/preprocessing/audio.py) cannot be imported ({exc})"
     fn = getattr(audio_mod, "audio_windows_for_frames", None)
     if not callable(fn):
-        return None, "the server's audio module (server/audio.py) has no audio_windows_for_frames"
+        return None, "the server's audio module (server/preprocessing/audio.py) has no audio_windows_for_frames"
     missing = audio_unavailable()
     if missing is not None:
         return None, missing
@@ -78,7 +78,7 @@ def find_audio_converter() -> tuple[Callable | None, str]:
     def convert(samples, sample_rate, fps, n_rows, first_frame, frame_offset):
         return fn(samples, sample_rate, fps, n_rows, offset_frames=float(first_frame) - float(frame_offset))
 
-    return convert, "mel windows by server/audio.py"
+    return convert, "mel windows by server/preprocessing/audio.py"
 
 
 DEEP3D_FILE = "Deep3D/epoch_20.pth"
@@ -168,7 +168,7 @@ def load_presets(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def tiny_tracker(seed: int = 0, device: str = "cpu"):
     """The --tiny-random tracker: dlib landmarks and the seeded tiny Deep3D of :func:`tiny_deep3d`."""
-    from server.tracking import DlibDeep3DTracker, require_dlib
+    from server.preprocessing.tracking import DlibDeep3DTracker, require_dlib
 
     require_dlib()
     return DlibDeep3DTracker(tiny_deep3d(seed, device), description=f"dlib + tiny random Deep3D (seed {seed})")
@@ -179,7 +179,7 @@ def tiny_deep3d(seed: int = 0, device: str = "cpu"):
     import torch
 
     from models.deep3d import Deep3DConfig, ReconNet
-    from server.deep3d import Deep3DExtractor
+    from server.preprocessing.deep3d import Deep3DExtractor
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -224,7 +224,7 @@ def _load_bake_models(args, device: str) -> BakeModels:
     presets, pose, source = {}, {}, None
     checkpoints: Path | None = None
     if not args.tiny_random:
-        from server.paths import resolve_checkpoint_dir
+        from server.checkpoints.paths import resolve_checkpoint_dir
 
         path, _ = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
         checkpoints = path.parent if path.is_file() else path
@@ -254,7 +254,7 @@ def _load_bake_models(args, device: str) -> BakeModels:
         if args.audio2exp is None:
             return bake
     if not args.tiny_random:
-        from server.tracking import load_tracker
+        from server.preprocessing.tracking import load_tracker
 
         deep3d = checkpoints / DEEP3D_FILE
         if not deep3d.is_file():
@@ -276,7 +276,7 @@ def _load_bake_models(args, device: str) -> BakeModels:
                                f"{checkpoints}; pass --audio2exp PATH (SadTalker's auido2exp_00300-model.pth "
                                f"or SadTalker_V0.0.2_256.safetensors)")
     else:
-        from server.audio import load_audio2exp
+        from server.preprocessing.audio import load_audio2exp
 
         try:
             bake.audio2exp = load_audio2exp(a2e_path, device=device)

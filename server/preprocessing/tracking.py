@@ -3,7 +3,7 @@
 Official order, reproduced here:
 
 1. decode the frames (OpenCV, BGR -> RGB);
-2. landmarks of the first frame; the FFHQ crop square (``server.align.ffhq_quad``) of that frame is
+2. landmarks of the first frame; the FFHQ crop square (``server.preprocessing.align.ffhq_quad``) of that frame is
    fixed and applied to **every** frame (``Croper.crop``), giving 256x256 crops in which the head still
    moves -- that motion is what the 3DMM angles, translation and crop parameters record;
 3. landmarks again on each 256 crop;
@@ -33,8 +33,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from models.tracking import Cancelled, ProgressFn, VideoError  # noqa: F401  (the seam's; re-exported)
-from server import align
-from server.deep3d import WORK_SIZE, Deep3DExtractor, resize_nearest_256, row73
+from server.preprocessing import align
+from server.preprocessing.deep3d import WORK_SIZE, Deep3DExtractor, resize_nearest_256, row73
 
 
 @dataclass
@@ -310,7 +310,7 @@ def load_tracker(checkpoints: str | os.PathLike, device: str = "cpu", *,
                  landmark_sigma: float = 1.0) -> DlibDeep3DTracker:
     """The shipped tracker from ``<checkpoints>/Deep3D/epoch_20.pth`` (and the BFM landmarks when present).
 
-    Raises :class:`server.deep3d.CheckpointError` (weights missing, unreadable, wrong layout) and
+    Raises :class:`server.preprocessing.deep3d.CheckpointError` (weights missing, unreadable, wrong layout) and
     RuntimeError when the dlib landmark detector cannot run here; both messages say what to do.
     """
     require_dlib()

@@ -1,7 +1,7 @@
 """Check the Deep3D preprocessing and regressor against ``vectors_deep3d_seed*.npz``.
 
 ``verify_deep3d_vectors(npz_path, layout_dir)`` recomputes, from the stored inputs, every array the
-official run recorded and returns one :class:`server.reference.Comparison` per array:
+official run recorded and returns one :class:`server.parity.reference.Comparison` per array:
 
 * ``image_256`` (NEAREST 1024 -> 256 of the portrait, when the portrait is found next to the reference
   folder in ``fixtures/``), ``lm68`` (dlib, only when dlib is installed): exact;
@@ -19,10 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server import deep3d
-from server.reference import Comparison, compare, max_abs_error
+from server.parity.reference import Comparison, compare, load_layout, max_abs_error, seeded_part
+from server.preprocessing import deep3d
 
 LAYOUT_NAME = "deep3d_checkpoints.json"
+#: the Deep3D checkpoint's entry in that layout
+DEEP3D_LAYOUT_FILE = "checkpoints/Deep3D/epoch_20.pth"
+
+
+def seeded_deep3d_extractor(layout_path: str | os.PathLike, seed: int = 0,
+                            device: str | torch.device = "cpu") -> deep3d.Deep3DExtractor:
+    """A Deep3D extractor on the seeded reference weights of a layout JSON (``deep3d_checkpoints.json``)."""
+    layout = load_layout(layout_path)
+    state = seeded_part(layout, DEEP3D_LAYOUT_FILE, "net_recon", seed)
+    return deep3d.Deep3DExtractor(deep3d.build_regressor(state, source=f"seeded weights (seed {seed})"), None, device)
 
 
 def _exact(name: str, got, ref) -> Comparison:
@@ -59,7 +69,7 @@ def verify_deep3d_vectors(npz_path: str | os.PathLike, layout_dir: str | os.Path
             out.append(_exact("deep3d.image_256", deep3d.resize_nearest_256(np.asarray(im.convert("RGB"))),
                               d["image_256"]))
 
-    from server import align
+    from server.preprocessing import align
 
     if align.dlib_available():
         det = align.detect_landmarks(d["image_256"])
@@ -85,7 +95,7 @@ def verify_deep3d_vectors(npz_path: str | os.PathLike, layout_dir: str | os.Path
         out.append(_exact("deep3d.alt_image_224", alt.image, d["alt_image_224"]))
         out.append(compare("deep3d.alt_lm68_224", alt.landmarks, d["alt_lm68_224"], rel=1e-6))
 
-    extractor = deep3d.Deep3DExtractor.seeded(layout_file, seed=seed)
+    extractor = seeded_deep3d_extractor(layout_file, seed=seed)
     with torch.no_grad():
         feats = extractor.net.features(torch.from_numpy(d["input_224"]))
         coeff = extractor.net(torch.from_numpy(d["input_224"]))

@@ -53,6 +53,6 @@ def read_config(path: str | None):
 
 
 def checkpoint_dir(explicit: str | None) -> tuple[Path, str]:
-    from server.paths import resolve_checkpoint_dir
+    from server.checkpoints.paths import resolve_checkpoint_dir
 
     return resolve_checkpoint_dir(explicit, option="--checkpoints")

@@ -29,7 +29,6 @@ from models.ops import state_dict_mismatch
 #: relative paths inside a StyleHEAT ``checkpoints`` folder
 DEEP3D_CHECKPOINT = Path("Deep3D") / "epoch_20.pth"
 BFM_LANDMARKS = Path("BFM") / "similarity_Lm3D_all.mat"
-DEEP3D_LAYOUT_FILE = "checkpoints/Deep3D/epoch_20.pth"
 
 #: The BFM standard face's 5 landmarks (left eye, right eye, nose tip, mouth corners), 3-D, as
 #: ``load_lm3d`` reduces ``similarity_Lm3D_all.mat`` (a public file of Deep3DFaceRecon_pytorch's BFM
@@ -260,15 +259,6 @@ class Deep3DExtractor:
         path = Path(checkpoints) / DEEP3D_CHECKPOINT
         net = build_regressor(load_net_recon_state(path), source=str(path))
         return cls(net, load_standard_lm5(checkpoints), device)
-
-    @classmethod
-    def seeded(cls, layout_path: str | os.PathLike, seed: int = 0, device: str | torch.device = "cpu") -> "Deep3DExtractor":
-        """Seeded weights from a layout JSON (deep3d_checkpoints.json), for tests and demos."""
-        from server import reference
-
-        layout = reference.load_layout(layout_path)
-        state = reference.seeded_part(layout, DEEP3D_LAYOUT_FILE, "net_recon", seed)
-        return cls(build_regressor(state, source=f"seeded weights (seed {seed})"), None, device)
 
     def align(self, image_256: np.ndarray, lm68_ydown: np.ndarray) -> AlignedFace:
         """One 256x256 image and its y-down landmarks -> the 224 crop."""

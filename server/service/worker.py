@@ -8,18 +8,20 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import zmq
 
 from models.tracking import Cancelled, VideoError
 from server import protocol as P
-from server.images import decode_image, encode_png
-from server.scheduler import Job
+from server.service.images import decode_image, encode_png
+from server.service.scheduler import Job, Scheduler
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from server.service.bake_models import BakeModels
 
 log = logging.getLogger("styleheat.server")
 
@@ -53,16 +55,39 @@ def _video_suffix(data: bytes) -> str:
     return ".video"
 
 
-class Worker(threading.Thread):
-    """``steps``: the step for each job kind (``server.app.HANDLERS``' ``work`` entries)."""
+#: portraits whose coefficient note the worker remembers (oldest forgotten first)
+MAX_COEFFICIENT_NOTES = 256
 
-    def __init__(self, server: "Server", steps: Mapping[str, Callable[["Worker", Job], None]]):
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What the engine thread works with, handed in by the server (``server.service.app.Server``)."""
+
+    engine: Any                                   # server.engine.Engine or a stand-in with its methods
+    sched: Scheduler
+    ctx: zmq.Context
+    pair_endpoint: str                            # the inproc PAIR the main thread bound
+    decorate: Callable[[dict], dict]              # adds the server's fields to every reply header
+    bake: "BakeModels"                            # tracker (extract) and Audio2Exp (audio2exp)
+    aligner: Callable | None = None               # image -> (aligned square RGB, [warnings]); None: no aligner
+    audio_converter: Callable | None = None       # the converter of bake_models.find_audio_converter
+    tiny_random: bool = False
+    batch_size: int = 1
+    encoder_pool: Callable[[], ThreadPoolExecutor] | None = None   # threads for PNG encoding
+
+
+class Worker(threading.Thread):
+    """``steps``: the step for each job kind (``server.service.app.HANDLERS``' ``work`` entries)."""
+
+    def __init__(self, setup: WorkerSetup, steps: Mapping[str, Callable[["Worker", Job], None]]):
         super().__init__(name="styleheat-engine", daemon=True)
-        self.server = server
+        self.setup = setup
         self.steps = dict(steps)
-        self.engine = server.engine
-        self.sched = server.sched
+        self.engine = setup.engine
+        self.sched = setup.sched
         self.out: zmq.Socket | None = None
+        #: identity -> why it has no 3DMM coefficients (None: it has them), for the ``prepared`` reply
+        self.coefficient_notes: dict[str, str | None] = {}
 
     # every message leaves through the PAIR as [terminal id or b"", client, header, *parts]; the main
     # thread forwards [client, header, *parts] to the ROUTER and, for a request's terminal reply,
@@ -71,13 +96,13 @@ class Worker(threading.Thread):
         assert self.out is not None
         rid = header.get("id")
         terminal = rid.encode() if header["type"] in TERMINAL_TYPES and isinstance(rid, str) else b""
-        self.out.send_multipart([terminal, client, P.pack_header(self.server.decorate(header)), *parts],
+        self.out.send_multipart([terminal, client, P.pack_header(self.setup.decorate(header)), *parts],
                                 copy=False)
 
     def run(self) -> None:
-        self.out = self.server.ctx.socket(zmq.PAIR)
+        self.out = self.setup.ctx.socket(zmq.PAIR)
         self.out.setsockopt(zmq.LINGER, 0)
-        self.out.connect(self.server.pair_endpoint)
+        self.out.connect(self.setup.pair_endpoint)
         try:
             while True:
                 job = self.sched.next_job(timeout=0.25)
@@ -134,7 +159,7 @@ class Worker(threading.Thread):
         req: P.PrepareRequest = job.payload
         try:
             rgb = decode_image(req.image)
-            aligner = self.server.aligner
+            aligner = self.setup.aligner
             if req.align and aligner is not None:
                 try:
                     aligned, warnings = aligner(rgb)
@@ -150,18 +175,18 @@ class Worker(threading.Thread):
                                           f"send a square FFHQ-aligned portrait")
                 aligned, did_align = rgb, False
                 note = ("used as given (align=false): it must be an FFHQ-aligned portrait" if not req.align else
-                        "used as given: this server has no face aligner (server/align.py), so the image must "
+                        "used as given: this server has no face aligner (server/preprocessing/align.py), so the image must "
                         "already be an FFHQ-aligned portrait")
             try:
-                known = set(self.server.coefficient_notes)
+                known = set(self.coefficient_notes)
                 info = self.engine.prepare_identity(aligned)
                 if info.id not in known:
                     note_c = info.coefficient_note
                     if note_c is None and info.coefficients is None:
                         note_c = "no 3DMM regressor produced coefficients for this portrait"
-                    self.server.coefficient_notes[info.id] = note_c
-                    while len(self.server.coefficient_notes) > 256:
-                        self.server.coefficient_notes.pop(next(iter(self.server.coefficient_notes)))
+                    self.coefficient_notes[info.id] = note_c
+                    while len(self.coefficient_notes) > MAX_COEFFICIENT_NOTES:
+                        self.coefficient_notes.pop(next(iter(self.coefficient_notes)))
                 self._sync_identities()
             except ValueError as exc:
                 raise P.ProtocolError(P.E_BAD_IMAGE, str(exc)) from None
@@ -182,7 +207,7 @@ class Worker(threading.Thread):
             return
         self.send(job.client, P.reply(P.PREPARED, job.id, identity=info.id, aligned=did_align, align_note=note,
                                       coefficients=coeffs,
-                                      coefficient_note=self.server.coefficient_notes.get(info.id),
+                                      coefficient_note=self.coefficient_notes.get(info.id),
                                       width=int(aligned.shape[1]),
                                       height=int(aligned.shape[0]), encoding="png"), (png,))
 
@@ -198,7 +223,7 @@ class Worker(threading.Thread):
     def do_extract(self, job: Job) -> None:
         import tempfile
 
-        from server.tracking import resample_rows
+        from server.preprocessing.tracking import resample_rows
 
         req: P.ExtractRequest = job.payload
         tmp = None
@@ -221,7 +246,7 @@ class Worker(threading.Thread):
                     path = tmp
                 else:
                     path = req.path
-                result = self.server.bake.tracker.track(path, curve_sigma=req.smooth, progress=progress,
+                result = self.setup.bake.tracker.track(path, curve_sigma=req.smooth, progress=progress,
                                                         should_stop=lambda: job.abort is not None)
             finally:  # the copy is gone before any reply leaves
                 if tmp is not None:
@@ -253,18 +278,18 @@ class Worker(threading.Thread):
         if self._finish_or_abort(job):
             return
         warnings = list(result.warnings)
-        if self.server.tiny_random:
+        if self.setup.tiny_random:
             warnings.append("tiny random Deep3D weights: these coefficients are noise, not a real 3DMM fit")
         header, parts = P.extracted_reply(job.id, fps, rows, warnings)
         self.send(job.client, header, tuple(parts))
 
     def do_audio2exp(self, job: Job) -> None:
-        from server.audio import audio_to_expression
+        from server.preprocessing.audio import audio_to_expression
 
         req: P.Audio2ExpRequest = job.payload
         try:
             rows = audio_to_expression(req.audio.samples, req.audio.sample_rate, req.fps, req.ref_exp,
-                                       model=self.server.bake.audio2exp, n_frames=req.n_frames,
+                                       model=self.setup.bake.audio2exp, n_frames=req.n_frames,
                                        offset_frames=req.audio_offset_frames)
         except ValueError as exc:
             if not self._finish_or_abort(job):
@@ -352,9 +377,9 @@ class Worker(threading.Thread):
         req: P.RenderRequest = job.payload
         if job.gen is None and job.produced == 0:
             job.indices = req.indices
-            job.batch = self.server.batch_size
+            job.batch = self.setup.batch_size
             if req.audio is not None:
-                conv = self.server.audio_converter
+                conv = self.setup.audio_converter
                 a = req.audio
                 try:
                     job.audio = np.asarray(conv(a.samples, a.sample_rate, a.fps, req.rows.shape[0],
@@ -402,7 +427,7 @@ class Worker(threading.Thread):
             pulled.append((expected, img))
         # encode (PNG in parallel threads: OpenCV releases the GIL) and send in order
         if req.encoding == "png" and pulled:
-            datas = list(self.server.encoder_pool().map(encode_png, [img for _, img in pulled]))
+            datas = list(self._encoder_pool().map(encode_png, [img for _, img in pulled]))
         else:
             datas = [memoryview(img).cast("B") for _, img in pulled]
         for (row, img), data in zip(pulled, datas):
@@ -434,6 +459,11 @@ class Worker(threading.Thread):
                                           cancelled=False))
         elif finished:
             raise RuntimeError(f"the engine stopped after {job.produced} of {len(job.indices)} frames")
+
+    def _encoder_pool(self) -> ThreadPoolExecutor:
+        if self.setup.encoder_pool is None:
+            raise RuntimeError("this worker was set up without PNG encoder threads (WorkerSetup.encoder_pool)")
+        return self.setup.encoder_pool()
 
     def _fail(self, job: Job, code: str, message: str) -> None:
         self._close_gen(job)

@@ -1,4 +1,4 @@
-"""Fetch the release assets of :mod:`server.assets` into a checkpoint directory.
+"""Fetch the release assets of :mod:`server.checkpoints.assets` into a checkpoint directory.
 
 Guarantees:
 
@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
-from server.assets import Asset
+from server.checkpoints.assets import Asset
 
 MANIFEST = "manifest.json"
 PART_SUFFIX = ".part"
