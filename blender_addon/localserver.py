@@ -2,7 +2,7 @@
 
 The server is a separate process with its own Python (torch never loads inside Blender). The
 user gives either the Python interpreter of an environment where ``styleheat-blender`` is
-installed (the add-on runs ``python -m server.app``) or a full command (e.g. the
+installed (the add-on runs ``python -m server.service.app``) or a full command (e.g. the
 ``styleheat-server`` executable).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def build_command(interpreter: str = "", command: str = "", bind: str = "tcp://1
     if command.strip():
         argv = shlex.split(command, posix=os.name != "nt")
     elif interpreter.strip():
-        argv = [interpreter.strip(), "-m", "server.app"]
+        argv = [interpreter.strip(), "-m", "server.service.app"]
     else:
         raise ValueError("Set the server's Python interpreter or its command in the add-on preferences "
                          "(e.g. /path/to/venv/bin/styleheat-server).")

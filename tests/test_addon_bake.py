@@ -198,7 +198,7 @@ def _speech_like(seconds: float, rate: int = 16000) -> np.ndarray:
 def test_bake_audio_over_exactly_the_strip_frames(tmp_path, addon_zip, server, fixtures_dir):
     """A sound strip at frame 20 with its last 5 frames trimmed plays 20..39: expression keys land
     on exactly those frames; the server received the PCM of exactly those frames (its expressions
-    equal server.audio.audio_to_expression run here on that PCM with the same seeded tiny model);
+    equal server.preprocessing.audio.audio_to_expression run here on that PCM with the same seeded tiny model);
     scale and blend behave as documented and later renders' rows carry the keys."""
     require_audio()
     rate = 16000
@@ -245,7 +245,7 @@ def test_bake_audio_over_exactly_the_strip_frames(tmp_path, addon_zip, server, f
     base = np.asarray(out["base"])
     e0 = base[:64]
     # the server computed its rows from those samples for exactly frames 20..39
-    from server.audio import audio_to_expression
+    from server.preprocessing.audio import audio_to_expression
     model = tiny_audio2exp()
     expected = audio_to_expression(samples, rate, 25.0, e0, model=model, n_frames=n, offset_frames=0.0)
     np.testing.assert_allclose(exp, expected, atol=1e-4)
@@ -319,7 +319,7 @@ def test_presets_from_the_server_move_rows_and_stay_in_the_blend(tmp_path, addon
 
 def tiny_audio2exp():
     """The seeded tiny Audio2Exp a ``styleheat-server --tiny-random`` (seed 0) serves."""
-    from server.bake import tiny_audio2exp as make   # built by the server the same way
+    from server.service.bake_models import tiny_audio2exp as make   # built by the server the same way
 
     return make(seed=0)
 

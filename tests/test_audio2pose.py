@@ -12,10 +12,10 @@ from scipy.signal import savgol_filter
 
 import audio_reference_cases as arc
 from models.audio2pose import Audio2Pose, num_chunks, savgol_smooth, savgol_window
-from server import audio
+from server.preprocessing import audio
 from server import protocol as P
-from server.reference import load_layout, seeded_part
-from server.verify_audio import POSE_PTH_FILE, verify_audio_vectors
+from server.parity.reference import load_layout, seeded_part
+from server.parity.verify_audio import POSE_PTH_FILE, verify_audio_vectors
 from server_helpers import Client, ctx, serve_tiny  # noqa: F401  (ctx is a fixture)
 
 POSE_KEYS = ("audio.cvae_z", "audio.pose_pred_raw", "audio.coeff_3dmm_70[:, 64:]")

@@ -15,7 +15,7 @@ from PIL import Image
 from server.cli import main
 from server.evaluation import metrics as M
 from server.evaluation import networks as N
-from server.reference import load_layout, seeded_part
+from server.parity.reference import load_layout, seeded_part
 
 RNG = np.random.RandomState(0)
 

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         ref_row = read_reference(args.reference) if args.reference else default_reference_row()
         samples, sr = audio.read_audio(args.audio)
         if args.tiny_random:
-            from server.bake import tiny_audio2exp
+            from server.service.bake_models import tiny_audio2exp
 
             ckpt = "tiny-random"
             model = tiny_audio2exp(args.seed, args.device)
@@ -190,7 +190,7 @@ def _motion_option_problem(args) -> str | None:
 
 def _add_motion(args, rows: np.ndarray, samples, sr, ckpt) -> list[int] | None:
     """Write head motion into rows[:, 64:70] and blink offsets into rows[:, :64] (in place); the blink frames."""
-    from server import audio
+    from server.preprocessing import audio
 
     n = rows.shape[0]
     offset_frames = args.offset * args.fps
@@ -208,7 +208,7 @@ def _add_motion(args, rows: np.ndarray, samples, sr, ckpt) -> list[int] | None:
                                              pose_scale=args.pose_scale, seed=args.seed)
     if not args.blinks:
         return None
-    from server.bake import load_presets
+    from server.service.bake_models import load_presets
 
     presets, _pose = load_presets(args.presets)
     if "eyes" not in presets:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.commands._model_args import add_precision_argument
+from server.model_options import add_precision_argument
 
 NAME = "evaluate"
 HELP = "measure motion transfer as in the paper's Table 2 (same-id / cross-id: FID, LPIPS, PSNR, SSIM, CSIM, AED, APD)"
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and v < (2 if opt == "frames" else 1):
             print(f"{prog}: --{opt.replace('_', '-')} must be at least {2 if opt == 'frames' else 1}", file=sys.stderr)
             return 2
-    from server.paths import resolve_checkpoint_dir
+    from server.checkpoints.paths import resolve_checkpoint_dir
 
     root, origin = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
     paths = weight_paths(args, root)
@@ -153,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
     used = {n: p for m in metrics for n in NEEDS.get(m, ()) for p in [paths.get(n)] if p is not None}
     try:
         from models import weights as W
-        from server.deep3d import CheckpointError  # lazy: moving to server.preprocessing
+        from server.preprocessing.deep3d import CheckpointError  # lazy: moving to server.preprocessing
         from server.engine import Engine
-        from server.tracking import load_tracker
+        from server.preprocessing.tracking import load_tracker
 
         tracker = load_tracker(root, device="cpu" if args.device == "auto" else args.device)
         precision = {"precision": args.precision} if args.precision else {}

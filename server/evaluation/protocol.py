@@ -113,7 +113,7 @@ class MetricNets:
         """73-value rows of generated frames (dlib landmarks at 256; the driving frame's when none found)."""
         import cv2
 
-        from server import align  # lazy: being moved to server.preprocessing
+        from server.preprocessing import align
 
         imgs, lms, fallbacks = [], [], 0
         for img, lm in zip(images, fallback_lm256):

@@ -314,12 +314,12 @@ class Worker(threading.Thread):
 
     def _audio2exp_motion(self, req: "P.Audio2ExpRequest", rows):
         """Head motion (Audio2Pose) and blinks (an additive offset toward the 'eyes' preset) of audio2exp."""
-        from server import audio
+        from server.preprocessing import audio
 
         m = req.motion
         pose = blinks = None
         if m.pose:
-            bake = self.server.bake
+            bake = self.setup.bake
             model = getattr(bake, "audio2pose", None)
             if model is None:
                 if bake.tiny:
@@ -337,7 +337,7 @@ class Worker(threading.Thread):
                                        n_frames=req.n_frames, offset_frames=req.audio_offset_frames,
                                        pose_style=m.pose_style, pose_scale=m.pose_scale, seed=m.seed)
         if m.blinks:
-            presets = self.server.bake.presets
+            presets = self.setup.bake.presets
             if "eyes" not in presets:
                 raise _Unsupported("blinks need the 'eyes' expression preset; start the server with --presets "
                                    "FILE (e.g. expression_presets.json) or with expression.pth in the checkpoints")
