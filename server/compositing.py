@@ -131,10 +131,13 @@ class Placement:
 
     def _roi_affine(self, size: int, roi: tuple[int, int, int, int]) -> np.ndarray:
         """source_to_crop with the ROI's origin as (0, 0)."""
-        m = self.source_to_crop(size).copy()
-        x0, y0 = roi[0], roi[1]
-        m[:, 2] += m[:, 0] * x0 + m[:, 1] * y0
-        return m
+        key = ("affine", size, roi)
+        if key not in self._cache:
+            m = self.source_to_crop(size).copy()
+            x0, y0 = roi[0], roi[1]
+            m[:, 2] += m[:, 0] * x0 + m[:, 1] * y0
+            self._cache[key] = m
+        return self._cache[key]
 
     def source_alpha(self, size: int, spec: MaskSpec = DEFAULT_MASK) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
         """The crop mask in source space over the ROI: (roi, (h, w) float32 alpha), cached per size."""
@@ -150,7 +153,27 @@ class Placement:
                 a = cv2.warpAffine(crop_mask(size, spec), m, (roi[2] - roi[0], roi[3] - roi[1]),
                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
                                    borderValue=0.0)
-                self._cache[key] = (roi, np.clip(a, 0.0, 1.0))
+                a = np.clip(a, 0.0, 1.0)
+                ys, xs = np.nonzero(a > 0)
+                if len(xs) == 0:
+                    self._cache[key] = None
+                else:  # shrink the region to where alpha > 0: only those pixels are ever touched
+                    bx0, by0, bx1, by1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+                    tight = (roi[0] + bx0, roi[1] + by0, roi[0] + bx1, roi[1] + by1)
+                    self._cache[key] = (tight, np.ascontiguousarray(a[by0:by1, bx0:bx1]))
+        return self._cache[key]
+
+
+    def _outside(self, size: int, spec: MaskSpec) -> np.ndarray:
+        key = ("outside", size, spec)
+        if key not in self._cache:
+            self._cache[key] = (self.source_alpha(size, spec)[1] <= 0.0)[:, :, None]
+        return self._cache[key]
+
+    def _one_minus(self, size: int, spec: MaskSpec) -> np.ndarray:
+        key = ("1-alpha", size, spec)
+        if key not in self._cache:
+            self._cache[key] = np.ascontiguousarray(1.0 - self.source_alpha(size, spec)[1])
         return self._cache[key]
 
 
@@ -206,11 +229,11 @@ def composite(frame: np.ndarray, source: np.ndarray, placement: Placement, *, sp
             mk = cv2.copyMakeBorder(inside, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
             cloned = cv2.seamlessClone(srcp, dst, mk, (centre[0] + pad, centre[1] + pad), cv2.NORMAL_CLONE)
             warped = cloned[pad:-pad, pad:-pad]
-    a = alpha[:, :, None]
-    blended = base.astype(np.float32) + a * (warped.astype(np.float32) - base.astype(np.float32))
-    region = np.rint(blended).astype(np.uint8)
-    keep = alpha <= 0.0
-    region[keep] = base[keep]            # exactly the source where the mask is 0
+    # (alpha * crop + (1 - alpha) * source) / (1 + 1e-5), rounded: where alpha is 0 this is the
+    # source's own value (255 / 1.00001 still rounds to 255); OpenCV does it in one pass
+    region = cv2.blendLinear(warped, np.ascontiguousarray(base), alpha, placement._one_minus(size, spec))
+    # exactly the source where the mask is 0, whatever the rounding
+    np.copyto(region, base, where=placement._outside(size, spec))
     out[y0:y1, x0:x1] = region
     return out
 
