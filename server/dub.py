@@ -349,7 +349,7 @@ def dub(plate: str | os.PathLike, speech: Any, *, engine, tracker, write: Callab
         raise DubError(f"the plate {plate_name} could not be decoded again; re-encode it (e.g. H.264 MP4)")
     shape = (int(ident_frame.shape[0]), int(ident_frame.shape[1]))
     crop = tracking.CropSquare(quad, track.crop.qsize, ref, 1).crop(ident_frame, engine.native_size)
-    ident = engine.prepare_identity(np.ascontiguousarray(crop))
+    ident = engine.prepare_identity(np.array(crop, dtype=np.uint8))  # a writable copy
 
     # mask centres (crop fractions), steady placement
     if follow_face:
