@@ -343,7 +343,7 @@ def dub(plate: str | os.PathLike, speech: Any, *, engine, tracker, write: Callab
 
     # identity: the first frame with a face, cut with the fixed square
     ident_frame = None
-    for i, frame in enumerate(tracking.iter_frames(plate, ref + 1)):
+    for frame in tracking.iter_frames(plate, ref + 1):
         ident_frame = frame
     if ident_frame is None:
         raise DubError(f"the plate {plate_name} could not be decoded again; re-encode it (e.g. H.264 MP4)")

@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         result = dub(video, (speech[0], speech[1]), engine=engine, tracker=tracker, write=write, audio2exp=a2e,
                      presets=presets, output=args.output, size=args.size, batch_size=args.batch_size,
                      follow_face=not args.steady_mask, progress=progress)
-    except DubError as exc:
+    except ValueError as exc:  # DubError, or the engine refusing a value
         return _fail(str(exc))
     except OSError as exc:
         return _fail(f"cannot write frames to {out} ({exc.strerror or exc}); free some space or choose another "
