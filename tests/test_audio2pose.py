@@ -1,4 +1,4 @@
-"""Audio2Pose (models/audio2pose.py), its loader and audio_to_pose (server/audio.py), blinks, and the
+"""Audio2Pose (models/audio2pose.py), its loader and audio_to_pose (server/preprocessing/audio.py), blinks, and the
 head-motion / blink options of the ``audio2exp`` request against a real server on 127.0.0.1."""
 from __future__ import annotations
 

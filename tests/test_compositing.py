@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server import align
-from server.compositing import (DEFAULT_MASK, MaskSpec, Placement, composite, crop_mask, matte, place)
+from server.preprocessing import align
+from server.shots.compositing import (DEFAULT_MASK, MaskSpec, Placement, composite, crop_mask, matte, place)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from PIL import Image
 
 import dlib  # noqa: F401  (a pinned dependency: a missing dlib must fail these tests)
 
-from server import dub as D
+from server.shots import dub as D
 from server.cli import main
 
 W, H = 480, 360
@@ -119,7 +119,7 @@ def test_frame_count_and_size_equal_the_plate(dubbed):
 
 
 def test_far_pixels_equal_the_plate_and_the_face_is_replaced(dubbed, plate):
-    from server.compositing import Placement
+    from server.shots.compositing import Placement
 
     out, rep = dubbed
     frames = decode(plate)
@@ -290,8 +290,8 @@ def test_fill_rows_interpolates_frames_without_a_face():
 
 def test_the_fixed_square_pastes_back_onto_the_plate(plate):
     """The identity crop (cut with the tracker's square) pasted with the dub's Placement reproduces the plate."""
-    from server import tracking
-    from server.compositing import Placement, composite
+    from server.preprocessing import tracking
+    from server.shots.compositing import Placement, composite
 
     square = tracking.find_crop_square(plate, 1)
     frame = next(tracking.iter_frames(plate, 1))

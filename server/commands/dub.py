@@ -82,7 +82,7 @@ def _load_models(args):
     notes = []
     presets: dict = {}
     if args.tiny_random:
-        from server.bake import tiny_audio2exp, tiny_tracker
+        from server.service.bake_models import tiny_audio2exp, tiny_tracker
 
         engine = Engine.tiny_random(seed=args.seed, device=args.device, audio=True,
                                     **({"precision": args.precision} if args.precision else {}))
@@ -90,7 +90,7 @@ def _load_models(args):
         a2e = tiny_audio2exp(args.seed, "cpu") if not args.audio2exp else None
         root = None
     else:
-        from server.tracking import load_tracker
+        from server.preprocessing.tracking import load_tracker
 
         root, _ = checkpoint_dir(args.checkpoints)
         if args.bundle:
@@ -101,15 +101,15 @@ def _load_models(args):
         tracker = load_tracker(root, device=str(engine.device))
         a2e = None
     if args.audio2exp or root is not None:
-        from server.audio import load_audio2exp
-        from server.bake import find_audio2exp
+        from server.preprocessing.audio import load_audio2exp
+        from server.service.bake_models import find_audio2exp
 
         path = Path(args.audio2exp) if args.audio2exp else find_audio2exp(root)
         if path is not None:
             a2e = load_audio2exp(path, device=str(engine.device) if not args.tiny_random else "cpu")
         else:
             notes.append(f"no Audio2Exp checkpoint in {root}; pass --audio2exp PATH for Audio2Exp mouth shapes")
-    from server.bake import PRESET_FILES, load_presets
+    from server.service.bake_models import PRESET_FILES, load_presets
 
     if args.presets:
         presets, _ = load_presets(args.presets)
@@ -123,8 +123,8 @@ def _load_models(args):
 
 def run(args: argparse.Namespace) -> int:
     from models import weights
-    from server.deep3d import CheckpointError
-    from server.dub import DubError, dub, load_speech
+    from server.preprocessing.deep3d import CheckpointError
+    from server.shots.dub import DubError, dub, load_speech
 
     if args.tiny_random and (args.checkpoints or args.bundle):
         return _fail("give --tiny-random or --checkpoints/--bundle, not both")

@@ -7,10 +7,10 @@ The story of :func:`dub`, in order:
    mel windows, which closes the mouth), longer audio is cut at the plate's end; both with a warning.
 2. **plate**: decoded with OpenCV (an undecodable file is an error); the FFHQ crop square of the first
    frame that shows a face is found (no face in any frame is an error naming the file) and the tracker
-   (dlib landmarks + Deep3D, :mod:`server.tracking`) gives a 73-value row per frame, with that square
+   (dlib landmarks + Deep3D, :mod:`server.preprocessing.tracking`) gives a 73-value row per frame, with that square
    fixed for every frame.
 3. **identity**: the first frame with a face, cut with the fixed square, is inverted once. Every output
-   frame is pasted back with the same :class:`~server.compositing.Placement` (the fixed quad): the paste
+   frame is pasted back with the same :class:`~server.shots.compositing.Placement` (the fixed quad): the paste
    region never jitters; the head moves inside the crop as in the plate, which is what the rows' angles,
    translation and crop parameters reproduce.
 4. **rows**: pose (angles, translation, crop) is the plate's track. The expression is split
@@ -61,7 +61,7 @@ class DubError(ValueError):
 # --------------------------------------------------------------------------------------------
 def load_speech(speech: Any) -> tuple[np.ndarray, int, str]:
     """(mono-or-multichannel float32 samples, sample rate, name) of a path or a (samples, rate) pair."""
-    from server.audio import AudioError, read_audio
+    from server.preprocessing.audio import AudioError, read_audio
 
     if isinstance(speech, (str, os.PathLike)):
         name = str(speech)
@@ -177,7 +177,7 @@ def mask_centres(landmarks: np.ndarray, ref_index: int, crop_side: float, *, sig
 
 def mask_spec_at(cx: float, cy: float):
     """The default head ellipse moved to (cx, cy), its radii shrunk where it would leave the crop."""
-    from server.compositing import DEFAULT_MASK, MaskSpec
+    from server.shots.compositing import DEFAULT_MASK, MaskSpec
 
     rx = min(DEFAULT_MASK.rx, cx, 1.0 - cx)
     ry = min(DEFAULT_MASK.ry, cy, 1.0 - cy)
@@ -192,7 +192,7 @@ class _Placements:
         self._items: OrderedDict = OrderedDict()
 
     def get(self, spec):
-        from server.compositing import Placement
+        from server.shots.compositing import Placement
 
         p = self._items.get(spec)
         if p is None:
@@ -253,14 +253,15 @@ def dub(plate: str | os.PathLike, speech: Any, *, engine, tracker, write: Callab
         progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> DubReport:
     """Dub ``plate`` (a video file) with ``speech`` (audio file path or (samples, rate)); see the module docstring.
 
-    ``engine``: :class:`server.engine.Engine`; ``tracker``: a :class:`server.tracking.DlibDeep3DTracker`;
+    ``engine``: :class:`server.engine.Engine`; ``tracker``: a :class:`server.preprocessing.tracking.DlibDeep3DTracker`;
     ``audio2exp``: an Audio2Exp model or None; ``presets``: expression presets {name: 64 floats} (the split
     needs center, mouth, eyes, eyebrow). ``write(index, image)`` receives every output frame in order:
     (H, W, 3) uint8 RGB for "composite", (H, W, 4) RGBA for "matte", at the plate's size. Raises
     :class:`DubError` for unusable input (the message says what to do).
     """
     from models.tracking import VideoError
-    from server import compositing, tracking
+    from server.preprocessing import tracking
+    from server.shots import compositing
 
     if output not in OUTPUTS:
         raise DubError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
@@ -303,7 +304,7 @@ def dub(plate: str | os.PathLike, speech: Any, *, engine, tracker, write: Callab
     rows = fill_rows(track.rows, found)
     ref_exp = rows[ref, :64].copy()
     if audio2exp is not None:
-        from server.audio import AudioError, audio_to_expression
+        from server.preprocessing.audio import AudioError, audio_to_expression
 
         try:
             speech_exp = audio_to_expression(fitted, sr, fps, ref_exp, model=audio2exp, n_frames=n)
@@ -334,7 +335,7 @@ def dub(plate: str | os.PathLike, speech: Any, *, engine, tracker, write: Callab
 
     mel = None
     if engine.model.has_audio:
-        from server.audio import AudioError, audio_windows_for_frames
+        from server.preprocessing.audio import AudioError, audio_windows_for_frames
 
         try:
             mel = audio_windows_for_frames(fitted, sr, fps, n)
