@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.commands._model_args import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
+from server.model_options import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
                                          precision_option, read_config)
 
 NAME = "dub"
