@@ -329,13 +329,28 @@ class Client:
 
         ``audio`` is like render's: {"samples", "sample_rate", "fps", "frame_offset"}; output frame
         ``i`` shows audio time ``(i + offset_frames) / fps`` from the first sample (docs/protocol.md)."""
+        return self.audio2motion(audio, fps, n_frames, ref_exp, offset_frames, timeout)[0]
+
+    def audio2motion(self, audio: Mapping[str, Any], fps: float, n_frames: int, ref_exp: np.ndarray,
+                     offset_frames: float = 0.0, timeout: float = 300.0, **motion: Any):
+        """:meth:`audio2exp` with the head-motion / blink options of the request (``pose``, ``pose_style``,
+        ``pose_scale``, ``seed``, ``ref_pose`` (6,), ``blinks``, ``blink_rate``, ``blink_seed``; None values
+        are left out). Returns (rows (n_frames, 64), pose (n_frames, 6) or None, blink frames or None)."""
         parts: list = []
         fields = {"audio": _audio_field(audio, parts), "fps": float(fps), "n_frames": int(n_frames),
                   "offset_frames": float(offset_frames),
                   "ref_exp": P.array_field(np.asarray(ref_exp, dtype=np.float32).reshape(64))}
+        for key, val in motion.items():
+            if val is None:
+                continue
+            if key == "ref_pose":
+                val = P.array_field(np.asarray(val, dtype=np.float32).reshape(6))
+            fields[key] = val
         header, rparts = self.call(P.AUDIO2EXP, fields, parts, timeout=max(self.timeout, float(timeout)),
                                    expect=(P.EXPRESSIONS,))
-        return P.decode_array(header.get("rows"), "rows", (int(n_frames), 64), rparts)
+        rows = P.decode_array(header.get("rows"), "rows", (int(n_frames), 64), rparts)
+        pose, blinks = P.decode_expression_motion(header, rparts)
+        return rows, pose, blinks
 
     def close(self) -> None:
         self._stop.set()

@@ -3,14 +3,16 @@ the sidecar JSON, atomic PNG writes. Only numpy and the standard library (Blende
 
 Row layout (the Deep3D 73-value descriptor StyleHEAT consumes)::
 
-    [0:64]  expression   = e0 + raw + sum_k w_k * (P_k - e0)
+    [0:64]  expression   = e0 + raw + sum_k w_k * (P_k - e0) + b * (P_eyes - P_center)
     [64:67] angles (rad) = a0 + (rot_x, rot_z, rot_y)        Deep3D order: about x (pitch), y (yaw), z (roll)
     [67:70] translation  = t0 + (loc_x, loc_z, -loc_y)       Deep3D axes: x right, y up, z towards the camera
     [70:73] crop         = c0                                 always the portrait's own (s, t0, t1)
 
 ``e0, a0, t0, c0`` are the portrait's own coefficients (what the server measured on it), so a rig
 at rest reproduces the portrait. ``P_k`` are the official intuitive-edit presets (mouth, eyebrow,
-eyes, center) and ``w_k`` their keyframable weights. The rig object's rotation is an XYZ Euler in
+eyes, center) and ``w_k`` their keyframable weights; ``b`` is the blink weight (1 = eyes fully
+closed), the server's blink offset ``w * (eyes - center)`` (``P_center`` zeros when the server has no
+center preset, as the server does). The rig object's rotation is an XYZ Euler in
 radians; Blender's Z is up and a face looks towards -Y, hence the axis swap.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ class RigSample:
     expression: Sequence[float]              # 64 raw expression offsets
     presets: Mapping[str, float] = field(default_factory=dict)     # preset weights
     attributes: Mapping[str, float] = field(default_factory=dict)  # attribute strengths
+    blink: float = 0.0                       # blink weight (1 = eyes closed as the 'eyes' preset)
 
 
 def rows_from_samples(samples: Sequence[RigSample], base: np.ndarray,
@@ -56,6 +59,8 @@ def rows_from_samples(samples: Sequence[RigSample], base: np.ndarray,
         for name, weight in s.presets.items():
             if weight and name in presets:
                 exp = exp + float(weight) * (np.asarray(presets[name], dtype=np.float64) - e0)
+        if s.blink and "eyes" in presets:
+            exp = exp + float(s.blink) * blink_direction(presets)
         rx, ry, rz = (float(v) for v in s.rotation)
         lx, ly, lz = (float(v) for v in s.location)
         rows[i, 0:64] = exp
@@ -68,6 +73,16 @@ def rows_from_samples(samples: Sequence[RigSample], base: np.ndarray,
 
 
 EXPRESSION_PATH = "styleheat.expression"
+BLINK_PATH = "styleheat.blink"
+
+
+def blink_direction(presets: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """(64,) what a blink weight of 1 adds to the expression: ``P_eyes - P_center`` (the server's
+    blink offset; ``P_center`` zeros when absent, as on the server)."""
+    eyes = np.asarray(presets["eyes"], dtype=np.float64).reshape(64)
+    center = presets.get("center")
+    center = np.zeros(64) if center is None else np.asarray(center, dtype=np.float64).reshape(64)
+    return eyes - center
 
 
 def rig_channels_from_rows(rows: np.ndarray, base: np.ndarray) -> dict[tuple[str, int], np.ndarray]:

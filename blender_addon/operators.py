@@ -3,7 +3,7 @@ headless runs and tests execute the same code without an event loop."""
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from . import bake as B
 from . import connection, localserver, preferences, render as R, rig as rig_mod
@@ -284,6 +284,23 @@ def finish_session(context, session: R.RenderSession):
 
 # --- bake ----------------------------------------------------------------------------------
 
+_GROUP_ITEMS = [("ROTATION", "Head Rotation", "Key the rig's rotation (the head angles)"),
+                ("LOCATION", "Head Position", "Key the rig's location (the head translation)"),
+                ("EXPRESSION", "Expression", "Key the 64 raw expression coefficients")]
+_TARGET_ITEMS = [("LAYER", "Own Layer", "Write into this bake's own NLA layer (an action on a track named after the "
+                                         "source, or Layer below), replacing only that layer; blends additively"),
+                 ("ACTION", "Rig's Action", "Write into the rig's own action, replacing its keys in the baked range")]
+
+
+def _bake_target(op):
+    """``layer`` argument of the bake functions: None for the rig's own action."""
+    return None if op.target == "ACTION" else op.layer
+
+
+def _channels_prop(default):
+    return EnumProperty(name="Channels", items=_GROUP_ITEMS, options={"ENUM_FLAG"}, default=default,
+                        description="Which channel groups this bake keys (the others stay as they are)")
+
 def _status_bar(context, text: str | None) -> None:
     try:
         if context.workspace is not None:
@@ -311,10 +328,16 @@ class STYLEHEAT_OT_bake_video(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
     start_frame: IntProperty(name="Start Frame", default=1, description="Scene frame of the movie's first frame")
     smooth: FloatProperty(name="Smooth", default=0.0, min=0.0, max=100.0,
                           description="Gaussian smoothing of the curves, in frames (0 = none)")
+    channels: _channels_prop({"ROTATION", "LOCATION", "EXPRESSION"})
+    target: EnumProperty(name="Write Into", items=_TARGET_ITEMS, default="LAYER")
+    layer: StringProperty(name="Layer", default="",
+                          description="Name of the layer (NLA track) to write; empty: 'Video: <movie or strip>'")
+
     def _start(self, context):
         s = preferences.settings(context)
         return start_video_bake(context, rig_mod.find_rig(context), s, filepath=self.filepath, strip=self.strip,
-                                start_frame=self.start_frame if self.use_start_frame else None, smooth=self.smooth)
+                                start_frame=self.start_frame if self.use_start_frame else None, smooth=self.smooth,
+                                groups=set(self.channels), layer=_bake_target(self))
 
     def execute(self, context):
         if context.window is not None and not bpy.app.background:   # after the file browser: modal
@@ -363,7 +386,8 @@ class STYLEHEAT_OT_bake_video(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
         for w in bake.warnings:
             self.report({"WARNING"}, f"StyleHEAT: {w}")
         if bake.keyed:
-            self.report({"INFO"}, f"StyleHEAT: baked {bake.source} to frames {bake.keyed[0]}..{bake.keyed[1]}")
+            where = f" in layer {bake.layer!r}" if bake.layer else ""
+            self.report({"INFO"}, f"StyleHEAT: baked {bake.source} to frames {bake.keyed[0]}..{bake.keyed[1]}{where}")
         return {"FINISHED"}
 
 
@@ -379,15 +403,41 @@ class STYLEHEAT_OT_bake_audio(_NeedsIdleRig, bpy.types.Operator):
     scale: FloatProperty(name="Scale", default=1.0, soft_min=0.0, soft_max=2.0,
                          description="Mouth motion strength: 1 = as predicted, < 1 softer, > 1 louder")
     blend: BoolProperty(name="Blend With Existing", default=False,
-                        description="Add to the expression keys already there (off: replace them in the range)")
+                        description="Rig's Action only: add to the expression keys already there (off: replace them "
+                                    "in the range); layers always add up")
+    channels: _channels_prop({"ROTATION", "LOCATION", "EXPRESSION"})
+    target: EnumProperty(name="Write Into", items=_TARGET_ITEMS, default="LAYER")
+    layer: StringProperty(name="Layer", default="",
+                          description="Name of the layer (NLA track) to write; empty: 'Audio: <strip>'")
+    pose: BoolProperty(name="Head Motion", default=False,
+                       description="Also key head motion predicted from the audio (SadTalker's Audio2Pose) on the "
+                                   "chosen Head Rotation / Head Position channels")
+    pose_style: IntProperty(name="Style", default=0, min=0, max=B.MAX_POSE_STYLE,
+                            description="Audio2Pose's learned motion style (0..45)")
+    pose_scale: FloatProperty(name="Motion Scale", default=1.0, min=0.0, max=B.MAX_POSE_SCALE, soft_max=2.0,
+                              description="Head motion amplitude: 0 = still, 1 = as predicted")
+    seed: IntProperty(name="Motion Seed", default=0, min=0, description="Picks one of the possible head motions")
+    blinks: BoolProperty(name="Blinks", default=False,
+                         description="Key the Blink channel (1 = eyes closed as the 'eyes' preset) at random times and "
+                                     "put a 'blink' timeline marker where the eyes are fully closed")
+    blink_rate: FloatProperty(name="Blinks per Minute", default=15.0, min=0.0, max=B.MAX_BLINK_RATE)
+    blink_seed: IntProperty(name="Blink Seed", default=0, min=0, description="Picks one set of blink times")
+
     def execute(self, context):
         s = preferences.settings(context)
         try:
             result = B.bake_audio(context.scene, rig_mod.find_rig(context), s.address, s.timeout, strip=self.strip,
-                                  scale=self.scale, blend=self.blend, frame_timeout=s.frame_timeout)
+                                  scale=self.scale, blend=self.blend, frame_timeout=s.frame_timeout,
+                                  groups=set(self.channels), layer=_bake_target(self), pose=self.pose,
+                                  pose_style=self.pose_style, pose_scale=self.pose_scale, seed=self.seed,
+                                  blinks=self.blinks, blink_rate=self.blink_rate, blink_seed=self.blink_seed)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
-        self.report({"INFO"}, f"StyleHEAT: expression keys baked over frames {result.first}..{result.last}")
+        where = f" in layer {result.layer!r}" if result.layer else ""
+        self.report({"INFO"}, f"StyleHEAT: audio baked over frames {result.first}..{result.last}{where}")
+        if self.blinks:
+            self.report({"INFO"}, "StyleHEAT: eyes fully closed at frames "
+                        + (", ".join(map(str, result.blink_frames)) or "none (a clip shorter than a blink gap)"))
         return {"FINISHED"}
 
 

@@ -54,6 +54,7 @@ class STYLEHEAT_PT_expression(_RigChild, bpy.types.Panel):
         col = self.layout.column(align=True)
         for name in PRESET_NAMES:
             col.prop(rig, name, slider=True)
+        col.prop(rig, "blink", slider=True)
         if not rig.has_base:
             self.layout.label(text="Prepare the portrait to use its own expression", icon="INFO")
         if not rig_mod.stored_presets(context.scene):
@@ -95,6 +96,14 @@ class STYLEHEAT_PT_bake(_RigChild, bpy.types.Panel):
         col = self.layout.column(align=True)
         col.operator("styleheat.bake_video", icon="FILE_MOVIE")
         col.operator("styleheat.bake_audio", icon="SPEAKER")
+        ad = rig_mod.find_rig(context).animation_data
+        if ad is not None and len(ad.nla_tracks):
+            box = self.layout.box()
+            box.label(text="Bake layers (they add up)")
+            for track in reversed(list(ad.nla_tracks)):
+                row = box.row(align=True)
+                row.prop(track, "mute", text="", invert_checkbox=True)
+                row.label(text=track.name)
         if connection.progress["text"] and connection.progress["running"]:
             self.layout.label(text=connection.progress["text"])
 

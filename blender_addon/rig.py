@@ -14,7 +14,7 @@ import numpy as np
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, FloatVectorProperty,
                        IntProperty, PointerProperty, StringProperty)
 
-from . import compat
+from . import layers
 from .frames import PRESET_NAMES, RigSample, clip_range, rows_from_samples
 
 RIG_PROP = "styleheat"
@@ -70,6 +70,10 @@ class StyleHEATRig(bpy.types.PropertyGroup):
     eyes: _preset_prop("eyes", "eyes")
     center: _preset_prop("center", "neutral centre expression")
 
+    blink: FloatProperty(
+        name="Blink", default=0.0, min=-1.0, max=2.0, soft_min=0.0, soft_max=1.0,
+        description="Eye closing: adds this weight times ('eyes' preset - 'center' preset) to the expression; "
+                    "1 = eyes fully closed (what Bake Audio's blinks key)")
     expression: FloatVectorProperty(
         name="Expression Coefficients", size=(2, 32), default=[[0.0] * 32] * 2, soft_min=-3.0, soft_max=3.0,
         description="Raw Deep3D expression offsets (64 = 2 x 32), added to the portrait's own expression")
@@ -229,11 +233,12 @@ def sample_now(obj) -> RigSample:
     rig.expression.foreach_get(buf)
     return RigSample(rotation=_rotation_xyz(obj), location=tuple(obj.location), expression=buf,
                      presets={n: float(getattr(rig, n)) for n in PRESET_NAMES},
-                     attributes={a.name: float(a.value) for a in rig.attributes})
+                     attributes={a.name: float(a.value) for a in rig.attributes}, blink=float(rig.blink))
 
 
 def keyed_range(obj):
-    return compat.keyed_frame_range(obj, ANIMATED_PREFIXES)
+    """Frames the rig's animation covers: its own action's keys and its unmuted bake layers."""
+    return layers.evaluated_range(obj, ANIMATED_PREFIXES)
 
 
 _sampling = [0]   # > 0 while sample_frames moves the playhead (frame-change handlers ignore those changes)

@@ -46,6 +46,7 @@ MATRIX = (
 # the numpy each Blender line ships with (bpy 4.5/5.0 require numpy<2, 5.1+ numpy>=2.2)
 NUMPY = {"3.11": "1.26.4", "3.13": "2.5.5"}
 TEST_FILES = ("tests/test_addon_blender.py", "tests/test_addon_render.py", "tests/test_addon_bake.py",
+              "tests/test_addon_layers.py",
               "tests/test_addon_matrix.py")
 STAMP = "styleheat-matrix.json"
 

@@ -77,7 +77,8 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         obj.keyframe_insert("styleheat.expression", index=3, frame=40)     # outside: stays
         prefs_mod = sub("preferences")
         # the modal operator's body, driven the way its timer events would drive it
-        b = ops.start_video_bake(bpy.context, obj, prefs_mod.settings(), filepath={str(long)!r}, start_frame=10)
+        b = ops.start_video_bake(bpy.context, obj, prefs_mod.settings(), filepath={str(long)!r}, start_frame=10,
+                                 layer=None)
         OUT["progress"] = [sub("connection").progress["text"]]
         running = True
         while running:   # record after every step, the last included (it may handle progress and result)
@@ -93,12 +94,13 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         c = rig_mod.sample_clip(scene, obj, 10, 15, {{}})
         OUT["sampled"] = c.rows[c.index(10):c.index(15) + 1].tolist()
         # re-bake a shorter clip from frame 12 (blocking helper)
-        b2 = bake.bake_video(scene, obj, ADDRESS, 10.0, filepath={str(short)!r}, start_frame=12)
+        b2 = bake.bake_video(scene, obj, ADDRESS, 10.0, filepath={str(short)!r}, start_frame=12, layer=None)
         OUT["keyed2"] = list(b2.keyed)
         OUT["rows2"] = b2.job.result["rows"].tolist()
         OUT["keys2"] = keys()
         # Esc right after the start: nothing is written
-        b3 = ops.start_video_bake(bpy.context, obj, prefs_mod.settings(), filepath={str(long)!r}, start_frame=100)
+        b3 = ops.start_video_bake(bpy.context, obj, prefs_mod.settings(), filepath={str(long)!r}, start_frame=100,
+                                  layer=None)
         b3.cancel()
         OUT["cancel_error"] = repr(ops.finish_video_bake(bpy.context, b3))
         OUT["keys3"] = keys()
@@ -107,13 +109,13 @@ def test_bake_from_video_then_rebake_a_shorter_range(tmp_path, addon_zip, server
         ms = compat.top_strips(scene).new_movie("drive", {str(fast)!r}, channel=2, frame_start=50)
         ms.frame_offset_start = 1
         OUT["movie_strip"] = [ms.frame_final_start, ms.frame_final_end]
-        b4 = bake.bake_video(scene, obj, ADDRESS, 10.0, strip="drive")
+        b4 = bake.bake_video(scene, obj, ADDRESS, 10.0, strip="drive", layer=None)
         OUT["keyed4"] = list(b4.keyed)
         OUT["rows4"] = b4.job.result["rows"].tolist()
         OUT["keys4"] = keys()
         # the operator (blocking in the background) from a file at a custom start frame
         OUT["op_video"] = sorted(bpy.ops.styleheat.bake_video(filepath={str(short)!r}, use_start_frame=True,
-                                                               start_frame=200))
+                                                               start_frame=200, target="ACTION"))
         OUT["op_keys"] = [x for x, _ in keys()["location[0]"] if x >= 200]
         try:
             bake.bake_video(scene, obj, ADDRESS, 10.0, filepath={str(tmp_path / 'missing.avi')!r})
@@ -214,18 +216,18 @@ def test_bake_audio_over_exactly_the_strip_frames(tmp_path, addon_zip, server, f
         buf = [0.0] * 64; buf[0] = 0.3; obj.styleheat.expression.foreach_set(buf)
         for f in (5, 30, 50):                                  # 30 is inside the strip: replaced
             obj.keyframe_insert("styleheat.expression", index=0, frame=f)
-        r = bake.bake_audio(scene, obj, ADDRESS, 10.0, strip="line", scale=0.5)
+        r = bake.bake_audio(scene, obj, ADDRESS, 10.0, strip="line", scale=0.5, layer=None)
         OUT["range"] = [r.first, r.last]
         OUT["samples"] = r.samples.tolist()
         OUT["expressions"] = r.expressions.tolist()
         OUT["base"] = rig_mod.base_coefficients(obj.styleheat).tolist()
         OUT["keys1"] = keys()
-        r2 = bake.bake_audio(scene, obj, ADDRESS, 10.0, scale=1.0, blend=True)     # all unmuted strips
+        r2 = bake.bake_audio(scene, obj, ADDRESS, 10.0, scale=1.0, blend=True, layer=None)     # all unmuted strips
         OUT["expressions2"] = r2.expressions.tolist()
         OUT["keys2"] = keys()
         c = rig_mod.sample_clip(scene, obj, 20, 39, {{}})
         OUT["rows"] = c.rows[c.index(20):c.index(39) + 1].tolist()
-        OUT["op_audio"] = sorted(bpy.ops.styleheat.bake_audio(strip="line", scale=0.0))   # the operator
+        OUT["op_audio"] = sorted(bpy.ops.styleheat.bake_audio(strip="line", scale=0.0, target="ACTION"))   # the operator
         OUT["op_keys"] = [y for x, y in keys()["styleheat.expression[9]"] if 20 <= x <= 39]
         strip.mute = True
         try:
