@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.audio",
     "server.commands.verify_reference",
     "server.commands.render",
+    "server.commands.farm",
     "server.commands.convert",
     "server.commands.prepare_data",
     "server.commands.train",

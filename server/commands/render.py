@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output side in pixels (default: native 1024; 256 and 512 are cheaper previews)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None, help="frames per batch (default 8 on GPU, 2 on CPU)")
-    add_precision_argument(parser)
+    add_precision_argument(parser, tiny_random=True)
+    parser.add_argument("--tiny-random", action="store_true",
+                        help="a tiny model with seeded random weights instead of checkpoints (tests and demos; "
+                             "the same engine as 'styleheat-server --tiny-random')")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --tiny-random (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -85,7 +89,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.time()
     try:
-        if args.bundle:
+        if getattr(args, "tiny_random", False):
+            if args.bundle or args.checkpoints or args.config:
+                print("styleheat render: --tiny-random takes no --checkpoints, --bundle or --config", file=sys.stderr)
+                return 2
+            engine = Engine.tiny_random(seed=args.seed, device=args.device, **precision_option(args))
+        elif args.bundle:
             if args.checkpoints:
                 print("styleheat render: give --checkpoints or --bundle, not both", file=sys.stderr)
                 return 2
