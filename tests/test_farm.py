@@ -327,3 +327,12 @@ def test_bad_input_is_a_clear_error_and_starts_no_cluster(clip, tmp_path, case):
     assert want in output and "Traceback" not in output, output
     assert not pids, "a process (Ray cluster) was started for bad input"
     assert time.monotonic() - t0 < 60
+
+
+def test_render_tiny_random_takes_no_checkpoints(clip, tmp_path, capsys):
+    from server import cli
+
+    d, _ = clip
+    rc = cli.main(["render", "--tiny-random", "--checkpoints", str(tmp_path), "--source", str(d / "face.png"),
+                   "--motion", str(d / "motion.json"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2 and "--tiny-random takes no --checkpoints" in capsys.readouterr().err
