@@ -304,7 +304,7 @@ def test_resume_renders_only_missing_and_changed_frames(clip, farmed, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["planned"] == []
 
 
-@pytest.mark.parametrize("case", ["row_width", "missing_portrait", "bad_chunk"])
+@pytest.mark.parametrize("case", ["row_width", "missing_portrait", "bad_chunk", "bad_size"])
 def test_bad_input_is_a_clear_error_and_starts_no_cluster(clip, tmp_path, case):
     d, rows = clip
     source, motion, extra = d / "face.png", d / "motion.json", []
@@ -317,9 +317,12 @@ def test_bad_input_is_a_clear_error_and_starts_no_cluster(clip, tmp_path, case):
     elif case == "missing_portrait":
         source = tmp_path / "nobody.png"
         want = f"--source {source}: file not found"
-    else:
+    elif case == "bad_chunk":
         extra = ["--chunk", "0"]
         want = "--chunk must be at least 1"
+    else:
+        extra = ["--size", "100"]
+        want = "unsupported --size 100; this model renders [64, 128]"
     t0 = time.monotonic()
     rc, output, pids, _ = farm("--tiny-random", "--source", str(source), "--motion", str(motion),
                                "--out", str(tmp_path / "out"), "--quiet", *extra, timeout=60)

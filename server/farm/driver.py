@@ -108,6 +108,25 @@ def _engine_spec(o: FarmOptions) -> tuple[dict, str, str]:
     return spec, model, extra
 
 
+def _check_size(o: FarmOptions, spec: dict) -> None:
+    """--size against the sizes Engine.render accepts (powers of two from max(64, native/4) to native),
+    where the native size is known without loading weights (a bundle's is checked by the workers)."""
+    if o.size is None or spec["kind"] == "bundle":
+        return
+    from models.styleheat import StyleHEATConfig
+
+    if spec["kind"] == "tiny":
+        native = StyleHEATConfig.tiny().size
+    else:
+        native = (StyleHEATConfig.from_dict(spec["config"]) if spec.get("config") else StyleHEATConfig()).size
+    sizes, s = [], native
+    while s >= max(64, native // 4):
+        sizes.append(s)
+        s //= 2
+    if o.size not in sizes:
+        raise FarmError(f"unsupported --size {o.size}; this model renders {sorted(sizes)}", 2)
+
+
 def _read_audio(path: str, fps: float, n: int, first_frame: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(mono PCM, mel windows (n, 80, 32), sample rate); FarmError if the audio path is unavailable here."""
     from server.audio import AudioError, read_audio
@@ -150,6 +169,7 @@ def prepare(o: FarmOptions) -> Job:
     except (MotionError, ValueError) as e:
         raise FarmError(str(e), 2) from None
     spec, model, extra = _engine_spec(o)
+    _check_size(o, spec)
     out = Path(o.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
