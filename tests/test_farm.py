@@ -106,9 +106,10 @@ def _listening(pids: set[int]) -> set[str]:
     return found
 
 
-def farm(*args: str, timeout: float = RUN_TIMEOUT) -> tuple[int, str, set[int], set[str]]:
+def farm(*args: str, timeout: float = RUN_TIMEOUT, interrupt_when=None) -> tuple[int, str, set[int], set[str]]:
     """Run `styleheat farm render ARGS`; (rc, stderr+stdout, pids of every descendant seen, listening
-    addresses seen). Fails the test (after killing them by pid) if it overruns or leaves a process."""
+    addresses seen). ``interrupt_when()`` true: send it SIGINT (Ctrl-C) once. Fails the test (after killing
+    them by pid) if it overruns or leaves a process."""
     argv = cli_command("farm", "render", *args)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_AUTH_MODE", None)
@@ -120,6 +121,9 @@ def farm(*args: str, timeout: float = RUN_TIMEOUT) -> tuple[int, str, set[int], 
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 raise AssertionError(f"farm run exceeded {timeout} s: {' '.join(argv)}")
+            if interrupt_when is not None and interrupt_when():
+                proc.send_signal(signal.SIGINT)
+                interrupt_when = None
             now = _descendants(proc.pid)
             pids |= now
             listening |= _listening(now)
@@ -330,6 +334,28 @@ def test_bad_input_is_a_clear_error_and_starts_no_cluster(clip, tmp_path, case):
     assert want in output and "Traceback" not in output, output
     assert not pids, "a process (Ray cluster) was started for bad input"
     assert time.monotonic() - t0 < 60
+
+
+def test_ctrl_c_stops_the_cluster_and_leaves_only_complete_frames(clip, tmp_path):
+    from server.motion import write_motion
+
+    d, rows = clip
+    motion = tmp_path / "long.json"
+    write_motion(motion, np.tile(rows, (10, 1)))      # 600 rows: seconds of work left at the Ctrl-C
+    out = tmp_path / "out"
+    rc, output, pids, _ = farm("--tiny-random", "--source", str(d / "face.png"), "--motion", str(motion),
+                               "--out", str(out), "--workers", "2", "--chunk", "4", "--quiet",
+                               interrupt_when=lambda: len(list(out.glob("frame_*.png"))) >= 12)
+    assert rc == 130 and "cancelled" in output and "run the same command again" in output, output
+    assert pids   # a cluster ran, and (checked in farm()) none of its processes is left
+    files = sorted(p.name for p in out.glob("frame_*.png"))
+    assert 12 <= len(files) < 600
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    for name in files:   # complete PNGs only
+        img = cv2.imread(str(out / name))
+        assert img is not None and img.shape == (128, 128, 3), name
+    recorded = json.loads((out / "styleheat_farm.json").read_text())["frames"]
+    assert {e["file"] for e in recorded.values()} <= set(files)
 
 
 def test_render_tiny_random_takes_no_checkpoints(clip, tmp_path, capsys):
