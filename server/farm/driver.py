@@ -318,7 +318,7 @@ def _farm(ray, job: Job, report: dict, say, log) -> int:
     spec = dict(job.spec, device=device)
     actor_cls = ray.remote(max_restarts=o.max_restarts, max_task_retries=o.max_restarts, **resources)(FarmWorker)
     shared = [ray.put(x) for x in (job.portrait, job.rows, job.attributes or None, job.mel)]
-    actors = [actor_cls.remote(spec, *shared, str(job.out.resolve()), o.size, o.batch_size) for _ in range(count)]
+    actors = [actor_cls.remote(spec, str(job.out.resolve()), o.size, o.batch_size) for _ in range(count)]
     say(f"starting {count} {'GPU' if gpus else 'CPU'} worker(s) on {report['cluster']['address']} cluster")
     pids: dict[int, set[int]] = {i: set() for i in range(count)}
     try:
@@ -332,7 +332,7 @@ def _farm(ray, job: Job, report: dict, say, log) -> int:
     def submit(i: int) -> None:
         if queue:
             chunk = queue.popleft()
-            pending[actors[i].render_chunk.remote(chunk)] = (i, chunk)
+            pending[actors[i].render_chunk.remote(chunk, *shared)] = (i, chunk)
 
     for i in range(count):
         submit(i)

@@ -1,7 +1,7 @@
 """The farm's actor: one per GPU (``num_gpus=1``) or per requested CPU worker.
 
-It builds the engine once and inverts the portrait once (in the constructor, which Ray runs again
-only when it restarts a dead actor), then renders the chunks the driver hands it and writes each
+It builds the engine once (in the constructor, which Ray runs again only when it restarts a dead actor)
+and inverts the portrait once (at its first chunk; the engine caches the inversion), then renders the chunks the driver hands it and writes each
 frame atomically into the job folder (shared storage). It never writes the manifest.
 """
 from __future__ import annotations
@@ -43,19 +43,15 @@ def build_engine(spec: Mapping[str, Any]):
 class FarmWorker:
     """Plain class; the driver turns it into a Ray actor (``ray.remote(...)(FarmWorker)``)."""
 
-    def __init__(self, spec: Mapping[str, Any], portrait: np.ndarray, rows: np.ndarray,
-                 attributes: Mapping[str, np.ndarray] | None, mel: np.ndarray | None, out: str,
-                 size: int | None, batch_size: int | None):
+    def __init__(self, spec: Mapping[str, Any], out: str, size: int | None, batch_size: int | None):
+        # only small arguments here: Ray re-runs the constructor on restart, and keeps no large ones for it
         t0 = time.time()
         self.pid = os.getpid()
         self.engine = build_engine(spec)
         self.engines_built = 1
         self.load_seconds = time.time() - t0
         self.inversions = 0
-        self.identity = self._identity(portrait)
-        self.rows = np.asarray(rows, dtype=np.float32)
-        self.attributes = dict(attributes) if attributes else None
-        self.mel = mel
+        self.identity: str | None = None
         self.out = Path(out)
         self.size = size
         self.batch = int(batch_size) if batch_size else self.engine.default_batch_size
@@ -63,11 +59,13 @@ class FarmWorker:
         self.chunks_done = 0
         self.oom_halvings = 0
 
-    def _identity(self, portrait: np.ndarray) -> str:
+    def prepare(self, portrait: np.ndarray) -> str:
+        """Invert the portrait unless this process already did (the engine caches it by content hash)."""
         before = set(self.engine.identity_ids())
         info = self.engine.prepare_identity(portrait)
         if info.id not in before:
             self.inversions += 1
+        self.identity = info.id
         return info.id
 
     def info(self) -> dict:
@@ -79,18 +77,22 @@ class FarmWorker:
                 "model": self.engine.model_name, "load_seconds": round(self.load_seconds, 2),
                 "node": _node_address()}
 
-    def render_chunk(self, frames: list[int]) -> dict:
+    def render_chunk(self, frames: list[int], portrait: np.ndarray, rows: np.ndarray,
+                     attributes: Mapping[str, np.ndarray] | None, mel: np.ndarray | None) -> dict:
         """Render ``frames`` (clip rows) and write them; on out-of-memory halve the batch (as the server
-        does) and go on with the frames not yet written. Returns {"frames": rows written, **info()}."""
+        does) and go on with the frames not yet written. The clip's arrays come with every chunk as
+        object-store references (no copy on the same machine; the portrait is inverted once per process).
+        Returns {"frames": rows written, **info()}."""
         from server.commands.render import write_png_atomic
         from server.worker import is_out_of_memory, release_device_memory
 
+        identity = self.prepare(portrait)
         todo = [int(f) for f in frames]
         done: list[int] = []
         while todo:
             try:
-                for row, image in self.engine.render(self.identity, self.rows, todo, audio=self.mel,
-                                                     attributes=self.attributes, size=self.size,
+                for row, image in self.engine.render(identity, rows, todo, audio=mel,
+                                                     attributes=attributes or None, size=self.size,
                                                      batch_size=self.batch):
                     write_png_atomic(self.out / f"frame_{row:05d}.png", image)
                     done.append(row)
