@@ -149,6 +149,24 @@ def farm(*args: str, timeout: float = RUN_TIMEOUT, interrupt_when=None) -> tuple
 
 
 # ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def ray_tmpdir():
+    """Ray's session folders (logs, sockets) of these runs go to a short temporary folder, removed at the end."""
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="sh-ray-", dir="/tmp")   # short: Ray's unix socket paths must stay < 108 chars
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = d
+    try:
+        yield d
+    finally:
+        if old is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """Portrait, a 60-row motion, and the single-process `styleheat render --tiny-random` of it."""
