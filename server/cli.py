@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "server.commands.verify_reference",
     "server.commands.render",
     "server.commands.dub",
+    "server.commands.farm",
     "server.commands.convert",
     "server.commands.prepare_data",
     "server.commands.train",

@@ -22,10 +22,11 @@ Helpers here:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -856,4 +857,50 @@ def decode_presets(value: Any, width: int = EXP_WIDTH, name: str = "presets") ->
         if not isinstance(k, str) or not k:
             raise ProtocolError(E_BAD_FIELD, f"{name}: names must be non-empty strings")
         out[k] = decode_array(v, f"{name}[{k!r}]", (width,))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Per-frame input hashes (resume: the add-on's sidecar and `styleheat farm render`'s manifest)
+# --------------------------------------------------------------------------------------------
+FRAME_WINDOW_RADIUS = 13  # StyleHEAT's 27-frame coefficient window [i-13, i+13]
+
+
+def _hash_array(h, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    h.update(str(arr.dtype).encode())
+    h.update(str(arr.shape).encode())
+    h.update(arr.tobytes())
+
+
+def frame_hashes(identity: str, model: str, size: int, rows: np.ndarray, frames: Iterable[int],
+                 audio: np.ndarray | None = None, samples_per_frame: float = 0.0,
+                 attributes: Mapping[str, np.ndarray] | None = None,
+                 extra: str = "") -> dict[int, str]:
+    """{row: sha256 hex} of everything that decides the pixels of each frame in ``frames``.
+
+    rows: (N, 73) clip rows (the frame's clamped 27-row window is hashed); audio: mono PCM of the
+    clip (row 0 at sample 0; the samples under the frame's window are hashed, with
+    ``samples_per_frame`` = sample rate / fps); attributes: per-row strengths (the window's values,
+    a server may smooth them); ``identity``/``model``/``size``/``extra``: what else the caller wants
+    in the key. A frame whose hash is unchanged need not be rendered again. The algorithm is fixed
+    (key ``styleheat-frame/1``): the add-on's sidecars and the farm's manifests depend on it.
+    """
+    n = rows.shape[0]
+    out: dict[int, str] = {}
+    for i in frames:
+        win = np.clip(np.arange(int(i) - FRAME_WINDOW_RADIUS, int(i) + FRAME_WINDOW_RADIUS + 1), 0, n - 1)
+        h = hashlib.sha256()
+        h.update(f"styleheat-frame/1|{identity}|{model}|{size}|{extra}".encode())
+        _hash_array(h, rows[win].astype(np.float32))
+        if attributes:
+            for name in sorted(attributes):
+                h.update(name.encode())
+                _hash_array(h, np.asarray(attributes[name], dtype=np.float32)[win])
+        if audio is not None and samples_per_frame > 0:
+            a = int(round((i - FRAME_WINDOW_RADIUS) * samples_per_frame))
+            b = int(round((i + FRAME_WINDOW_RADIUS + 1) * samples_per_frame))
+            h.update(f"audio|{a}|{b}".encode())
+            _hash_array(h, np.asarray(audio, dtype=np.float32)[max(a, 0):max(b, 0)])
+        out[int(i)] = h.hexdigest()
     return out

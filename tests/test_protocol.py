@@ -24,7 +24,7 @@ def test_module_imports_only_stdlib_msgpack_numpy(tmp_path):
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "protocol.py must not import relative modules (it is vendored)"
             roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "math", "re", "dataclasses", "typing", "msgpack", "numpy"}, roots
+    assert roots <= {"__future__", "hashlib", "math", "re", "dataclasses", "typing", "msgpack", "numpy"}, roots
     # a vendored copy (as the add-on build makes it) loads alone and pulls in no torch, zmq, bpy, cv2
     (tmp_path / "vendored_protocol.py").write_bytes((REPO / "server" / "protocol.py").read_bytes())
     code = ("import sys, vendored_protocol as m; "

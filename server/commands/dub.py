@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from server.frame_files import write_bytes_atomic, write_png_atomic
 from server.model_options import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
                                          precision_option, read_config)
 
@@ -51,28 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _fail(message: str, code: int = 2) -> int:
     print(f"styleheat dub: {message}", file=sys.stderr)
     return code
-
-
-def write_png_atomic(path: Path, image) -> None:
-    """RGB or RGBA uint8 -> PNG, written to a temporary name and renamed (no half-written frames)."""
-    import cv2
-
-    conv = cv2.COLOR_RGBA2BGRA if image.shape[2] == 4 else cv2.COLOR_RGB2BGR
-    ok, data = cv2.imencode(".png", cv2.cvtColor(image, conv))
-    if not ok:
-        raise OSError(f"could not encode {path.name} as PNG")
-    _write_atomic(path, data.tobytes())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_models(args):
@@ -184,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     result.warnings = notes + result.warnings
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    _write_atomic(out / "dub.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode("utf-8"))
+    write_bytes_atomic(out / "dub.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode("utf-8"))
     dt = time.time() - t1
     print(f"wrote {result.frames} frames ({result.width}x{result.height}, {result.output}) and dub.json to {out} "
           f"({dt / max(result.frames, 1):.2f} s/frame)")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from server.frame_files import read_portrait, write_png_atomic
 from server.model_options import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
                                          precision_option, read_config)
 
@@ -28,40 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output side in pixels (default: native 1024; 256 and 512 are cheaper previews)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None, help="frames per batch (default 8 on GPU, 2 on CPU)")
-    add_precision_argument(parser)
+    add_precision_argument(parser, tiny_random=True)
+    parser.add_argument("--tiny-random", action="store_true",
+                        help="a tiny model with seeded random weights instead of checkpoints (tests and demos; "
+                             "the same engine as 'styleheat-server --tiny-random')")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --tiny-random (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def read_portrait(path: Path):
-    """(H, W, 3) uint8 RGB of an image file; ValueError with a clear message."""
-    import cv2
-
-    if not path.is_file():
-        raise ValueError(f"--source {path}: file not found")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"--source {path}: not an image OpenCV can read (use PNG or JPEG)")
-    h, w = bgr.shape[:2]
-    if h != w:
-        raise ValueError(f"--source {path}: the portrait is {w}x{h}, not square; align it first "
-                         f"('styleheat align --image {path} --out aligned.png')")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def write_png_atomic(path: Path, rgb) -> None:
-    import cv2
-
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"could not encode {path.name} as PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written leftovers next to the frames
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.time()
     try:
-        if args.bundle:
+        if getattr(args, "tiny_random", False):
+            if args.bundle or args.checkpoints or args.config:
+                print("styleheat render: --tiny-random takes no --checkpoints, --bundle or --config", file=sys.stderr)
+                return 2
+            engine = Engine.tiny_random(seed=args.seed, device=args.device, **precision_option(args))
+        elif args.bundle:
             if args.checkpoints:
                 print("styleheat render: give --checkpoints or --bundle, not both", file=sys.stderr)
                 return 2
