@@ -13,16 +13,32 @@ from pathlib import Path
 import numpy as np
 
 
+#: the largest photo side read (as the server's MAX_IMAGE_SIDE): 8192 px is 8K; larger files are refused
+#: from their header, before any pixel is decoded
+MAX_PHOTO_SIDE = 8192
+
+
 def read_portrait(path: Path, *, square: bool = True, option: str = "--source") -> np.ndarray:
     """(H, W, 3) uint8 RGB of an image file; ValueError with a clear message.
 
     ``square``: the image must be an FFHQ-aligned square portrait (the crop path); say how to align it.
+    16-bit and CMYK files are converted to 8-bit RGB by OpenCV (16-bit: the high byte; CMYK JPEG: its
+    colour conversion); a side over MAX_PHOTO_SIDE is refused from the file's header.
     """
     import cv2
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{option} {path}: file not found")
+    try:
+        with Image.open(path) as im:      # reads the header only
+            w0, h0 = im.size
+    except Exception:  # not an image PIL knows; OpenCV below says so
+        w0 = h0 = 0
+    if max(w0, h0) > MAX_PHOTO_SIDE:
+        raise ValueError(f"{option} {path}: the image is {w0}x{h0}; sides must be at most {MAX_PHOTO_SIDE} "
+                         f"pixels (scale it down: a face needs no more than about 2000 pixels a side)")
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError(f"{option} {path}: not an image OpenCV can read (use PNG or JPEG)")

@@ -72,6 +72,9 @@ ROW_LAYOUT = ("exp", 64, "angle", 3, "trans", 3, "crop", 3)
 ENCODINGS = ("raw", "png")
 #: render qualities (models.styleheat.QUALITIES says what each computes; the hello carries those sentences)
 QUALITIES = ("full", "preview")
+#: render outputs (server/shots/compositing.py OUTPUT_TEXT says what each is; the hello carries those sentences):
+#: the aligned crop, the crop blended back into the prepared photo at its own size, or that placement as RGBA
+OUTPUTS = ("crop", "composite", "matte")
 
 # --------------------------------------------------------------------------------------------
 # Message types
@@ -137,7 +140,7 @@ REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     HELLO: ("client",),
     PREPARE: ("align",),
     RENDER: ("identity", "rows", "first_frame", "frames", "size", "encoding", "credit", "attributes", "audio",
-             "quality"),
+             "quality", "output"),
     CREDIT: ("frames",),
     CANCEL: (),
     FORGET: ("identity",),
@@ -150,10 +153,10 @@ REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
 REPLY_FIELDS: dict[str, tuple[str, ...]] = {
     HELLO: ("protocol", "server", "device", "model", "real_weights", "tiny_random", "sizes", "native_size",
             "attributes", "audio", "align", "encodings", "limits", "jobs", "presets", "pose_presets",
-            "capabilities", "qualities", "precision"),
+            "capabilities", "qualities", "precision", "outputs"),
     PREPARED: ("identity", "aligned", "align_note", "coefficients", "coefficient_note", "width", "height",
-               "encoding"),
-    ACCEPTED: ("total", "size", "encoding", "credit", "quality"),
+               "encoding", "source_width", "source_height"),
+    ACCEPTED: ("total", "size", "encoding", "credit", "quality", "output"),
     PROGRESS: ("done", "total", "stage", "message", "batch_size"),
     FRAME: ("frame", "index", "total", "width", "height", "channels", "dtype", "encoding"),
     DONE: ("sent", "total", "cancelled"),
@@ -479,6 +482,7 @@ class RenderRequest:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (N,) float32
     audio: AudioInput | None = None
     quality: str = "full"        # one of the hello's ``qualities``
+    output: str = "crop"         # one of OUTPUTS (the hello's ``outputs``)
 
     @property
     def indices(self) -> list[int]:
@@ -547,8 +551,11 @@ def validate_render(h: Mapping, parts: Sequence) -> RenderRequest:
     quality = h.get("quality", "full")
     if quality not in QUALITIES:
         raise ProtocolError(E_BAD_FIELD, f"quality must be one of {list(QUALITIES)}, got {quality!r:.40}")
+    output = h.get("output", "crop")
+    if output not in OUTPUTS:
+        raise ProtocolError(E_BAD_FIELD, f"output must be one of {list(OUTPUTS)}, got {output!r:.40}")
     return RenderRequest(id=rid, identity=identity, rows=rows, first_frame=first, frames=frames, size=size,
-                         encoding=enc, credit=credit, attributes=attrs, audio=audio, quality=quality)
+                         encoding=enc, credit=credit, attributes=attrs, audio=audio, quality=quality, output=output)
 
 
 def decode_audio(a: Any, parts: Sequence = (), fps_required: bool = True) -> AudioInput:
@@ -769,21 +776,25 @@ def error_reply(id_: str | None, code: str, message: str, **fields: Any) -> dict
 
 
 def frame_reply(id_: str, frame: int, index: int, total: int, width: int, height: int,
-                encoding: str, **fields: Any) -> dict:
-    """Header of a ``frame`` message; its single part holds the pixels."""
+                encoding: str, channels: int = 3, **fields: Any) -> dict:
+    """Header of a ``frame`` message; its single part holds the pixels (3 channels RGB, 4 RGBA for a matte)."""
     return reply(FRAME, id_, frame=frame, index=index, total=total, width=width, height=height,
-                 channels=3, dtype="uint8", encoding=encoding, **fields)
+                 channels=channels, dtype="uint8", encoding=encoding, **fields)
 
 
 def decode_raw_frame(header: Mapping, part: Any) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, top row first, from a ``frame`` reply with ``encoding == "raw"``."""
+    """(H, W, C) uint8 RGB (C = 3) or straight-alpha RGBA (C = 4, output "matte"), top row first, from a
+    ``frame`` reply with ``encoding == "raw"``."""
     if header.get("encoding") != "raw":
         raise ValueError("decode_raw_frame handles encoding 'raw' only; PNG parts are plain PNG files")
     w, hgt = int(header["width"]), int(header["height"])
+    c = int(header.get("channels", 3))
+    if c not in (3, 4):
+        raise ValueError(f"frame has {c} channels; expected 3 (RGB) or 4 (RGBA)")
     buf = _as_buffer(part)
-    if len(buf) != w * hgt * 3:
-        raise ValueError(f"frame part has {len(buf)} bytes, expected {w * hgt * 3} for {w}x{hgt} RGB8")
-    return np.frombuffer(buf, dtype=np.uint8).reshape(hgt, w, 3)
+    if len(buf) != w * hgt * c:
+        raise ValueError(f"frame part has {len(buf)} bytes, expected {w * hgt * c} for {w}x{hgt} with {c} channels")
+    return np.frombuffer(buf, dtype=np.uint8).reshape(hgt, w, c)
 
 
 def extracted_reply(id_: str, fps: float, rows: np.ndarray, warnings: Sequence[str] = ()) -> tuple[dict, list]:

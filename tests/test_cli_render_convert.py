@@ -81,6 +81,8 @@ def test_render_errors(tiny, tmp_path, capsys):
             "--motion", str(d / "motion.json"), "--out", str(tmp_path / "o"), "--quiet"]
     cv2.imwrite(str(tmp_path / "wide.png"), np.zeros((64, 80, 3), np.uint8))
     assert cli.main(base + ["--source", str(tmp_path / "wide.png")]) == 2
+    assert "no face found" in capsys.readouterr().err          # not square: it must be aligned, and has no face
+    assert cli.main(base + ["--source", str(tmp_path / "wide.png"), "--align", "no"]) == 2
     assert "not square" in capsys.readouterr().err
     assert cli.main(base + ["--source", str(tmp_path / "missing.png")]) == 2
     assert "file not found" in capsys.readouterr().err

@@ -7,21 +7,35 @@ import time
 from pathlib import Path
 
 from server.frame_files import read_portrait, write_png_atomic
+from server.shots.compositing import OUTPUTS, SEAMS
+from server.shots.source import ALIGN_MODES
 from server.model_options import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
                                          precision_option, read_config)
 
 NAME = "render"
 HELP = "render a talking-face frame sequence from a portrait and a motion file"
-DESCRIPTION = ("Invert the FFHQ-aligned square portrait once (e4e + HFGI), then render one frame per row of "
-               "the motion file (styleheat extract / the Blender add-on write them) as OUT/frame_00000.png, "
-               "frame_00001.png, ... (row index; each file is written atomically). Per-row attribute "
-               "strengths in the motion file are applied.")
+DESCRIPTION = ("Align the source photo (unless it already is an FFHQ-aligned square portrait), invert the "
+               "face once (e4e + HFGI), then render one frame per row of the motion file (styleheat extract / "
+               "the Blender add-on write them) as OUT/frame_00000.png, frame_00001.png, ... (row index; each "
+               "file is written atomically): the face crop, or with --output composite/matte the frame pasted "
+               "back into the photo at its own size. Per-row attribute strengths in the motion file are applied.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser, bundle=True)
     parser.add_argument("--source", required=True, metavar="IMAGE",
-                        help="FFHQ-aligned square portrait (PNG/JPEG); 'styleheat align' makes one from a photo")
+                        help="a photo with one face (PNG/JPEG, any size): it is aligned here unless it already is an "
+                             "FFHQ-aligned square portrait (see --align)")
+    parser.add_argument("--output", choices=OUTPUTS, default="crop",
+                        help="crop: the aligned square face (default); composite: each frame pasted back into the "
+                             "source photo at its own size with a soft head mask; matte: the same placement as RGBA "
+                             "PNGs (straight alpha) to lay over other footage (docs/compositing.md)")
+    parser.add_argument("--align", choices=ALIGN_MODES, default="auto",
+                        help="auto: align unless the photo already is an FFHQ-aligned square portrait (default); "
+                             "yes: always align; no: use the photo as given (it must be an aligned square)")
+    parser.add_argument("--seam", choices=SEAMS, default="feather",
+                        help="composite only: feather (soft mask, default) or poisson (OpenCV seamless cloning: "
+                             "matches colours at the seam, slower)")
     parser.add_argument("--motion", required=True, metavar="JSON", help="styleheat-motion file")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG frames (created)")
     parser.add_argument("--size", type=int, default=None,
@@ -42,10 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from models import weights
     from server.engine import Engine
     from server.preprocessing.motion import MotionError, read_motion
+    from server.shots.compositing import place
+    from server.shots.source import portrait_from_photo
 
     try:
         motion = read_motion(args.motion)
-        portrait = read_portrait(Path(args.source))
+        photo = read_portrait(Path(args.source), square=False)
     except (MotionError, ValueError) as e:
         print(f"styleheat render: {e}", file=sys.stderr)
         return 2
@@ -78,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"loaded {engine.model_name} on {engine.device} in {time.time() - t0:.1f} s", file=sys.stderr)
     n = motion.num_frames
     try:
-        ident = engine.prepare_identity(portrait)
+        src = portrait_from_photo(photo, align=args.align, name=f"--source {args.source}")
+        if not args.quiet:
+            for note in src.notes:
+                print(f"styleheat render: {note}", file=sys.stderr)
+        ident = engine.prepare_identity(src.portrait)
         frames = engine.render(ident.id, motion.rows, range(n), attributes=motion.attributes or None,
                                size=args.size, batch_size=args.batch_size)
     except ValueError as e:
@@ -88,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=n, unit="frame", desc="render", file=sys.stderr, disable=args.quiet)
     try:
         for index, image in frames:
+            image = place(image, args.output, source=photo, placement=src.placement, seam=args.seam)
             write_png_atomic(out / f"frame_{index:05d}.png", image)
             bar.update(1)
     except OSError as e:  # disk full, folder removed, ...

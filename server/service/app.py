@@ -169,11 +169,19 @@ class Server:
             capabilities=self.capabilities(),
             qualities={str(k): str(v) for k, v in info.get("qualities", {"full": "every network"}).items()},
             precision=str(info.get("precision", "float32")),
+            outputs=self.outputs(),
             limits=dict(max_message_bytes=self.max_message_bytes, max_header_bytes=self.max_header_bytes,
                         max_part_bytes=self.max_part_bytes, max_parts=P.MAX_PARTS, max_rows=P.MAX_ROWS,
                         max_frames=P.MAX_FRAMES, max_credit=P.MAX_CREDIT, default_credit=P.DEFAULT_CREDIT,
                         max_image_side=P.MAX_IMAGE_SIDE, max_jobs=self.sched.max_jobs,
                         max_jobs_per_client=self.sched.max_per_client, batch_size=self.batch_size))
+
+    def outputs(self) -> dict[str, str]:
+        """The render outputs offered, each with a sentence saying what it is (composite and matte need the
+        photo an identity was prepared from; every server keeps it)."""
+        from server.shots.compositing import OUTPUT_TEXT
+
+        return {name: OUTPUT_TEXT[name] for name in P.OUTPUTS}
 
     def capabilities(self) -> dict[str, bool]:
         return {"extract": self.bake.tracker is not None,
@@ -262,7 +270,7 @@ class Server:
         self.sched.submit(Job(client, req.id, "render", req, credit=req.credit))
         self.reply_to(client, P.reply(P.ACCEPTED, req.id, total=len(req.frames), size=req.size or
                                       int(self.info.get("native_size", 0)), encoding=req.encoding,
-                                      credit=req.credit, quality=req.quality))
+                                      credit=req.credit, quality=req.quality, output=req.output))
 
     def on_extract(self, client, header, parts):
         req = P.validate_extract(header, parts)

@@ -19,7 +19,10 @@ log = logging.getLogger("styleheat.server")
 
 
 def find_aligner() -> Callable | None:
-    """image (H, W, 3) uint8 RGB -> (aligned square RGB, [warnings]); None when no aligner can run here."""
+    """image (H, W, 3) uint8 RGB -> (aligned square RGB, [warnings], quad); None when no aligner can run here.
+
+    ``quad``: (4, 2) corners of the crop in the input image (``AlignedPortrait.quad``), for pasting frames back.
+    """
     try:
         from server.preprocessing import align as align_mod
     except ImportError:
@@ -35,7 +38,9 @@ def find_aligner() -> Callable | None:
     def aligner(rgb: np.ndarray):
         out = fn(rgb)
         image = getattr(out, "image", out)
-        return np.ascontiguousarray(image, dtype=np.uint8), list(getattr(out, "warnings", []) or [])
+        quad = getattr(out, "quad", None)
+        return (np.ascontiguousarray(image, dtype=np.uint8), list(getattr(out, "warnings", []) or []),
+                None if quad is None else np.asarray(quad, dtype=np.float64))
 
     return aligner
 

@@ -10,9 +10,11 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) RGB or (H, W, 4) straight-alpha RGBA uint8 -> PNG bytes."""
     import cv2
 
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    bgr = rgb[..., [2, 1, 0, 3]] if rgb.shape[2] == 4 else rgb[..., ::-1]
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise RuntimeError("OpenCV could not encode a PNG")
     return buf.tobytes()

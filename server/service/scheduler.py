@@ -32,6 +32,7 @@ class Job:
         self.indices: list[int] = []
         self.batch = 1
         self.audio = None
+        self.placer = None            # render output "composite"/"matte": crop -> placed frame
 
     @property
     def key(self) -> tuple[bytes, str]:

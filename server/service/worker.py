@@ -76,6 +76,56 @@ class WorkerSetup:
     encoder_pool: Callable[[], ThreadPoolExecutor] | None = None   # threads for PNG encoding
 
 
+def _finisher(placer: Callable[[np.ndarray], np.ndarray] | None, png: bool):
+    """rendered crop -> (shape of what is sent, bytes): placed by ``placer`` (composite/matte), PNG-encoded."""
+    def finish(img: np.ndarray):
+        out = placer(img) if placer is not None else img
+        return out.shape, (encode_png(out) if png else memoryview(np.ascontiguousarray(out)).cast("B"))
+    return finish
+
+
+class SourcePhotos:
+    """Per identity, the photo it was prepared from (its encoded bytes) and where the crop sits in it.
+
+    The encoded bytes are kept (a few MB at most), and only the most recently used photo is held decoded.
+    """
+
+    def __init__(self):
+        self._by_id: dict[str, tuple[bytes, tuple[int, int], np.ndarray | None]] = {}
+        self._decoded: tuple[str, np.ndarray] | None = None
+
+    def remember(self, identity: str, data: bytes, shape: tuple[int, int], quad: np.ndarray | None) -> None:
+        self._by_id[identity] = (bytes(data), (int(shape[0]), int(shape[1])), quad)
+        if self._decoded is not None and self._decoded[0] == identity:
+            self._decoded = None
+
+    def keep_only(self, identities) -> None:
+        keep = set(identities)
+        for ident in [i for i in self._by_id if i not in keep]:
+            del self._by_id[ident]
+        if self._decoded is not None and self._decoded[0] not in keep:
+            self._decoded = None
+
+    def placer(self, identity: str, output: str) -> Callable[[np.ndarray], np.ndarray]:
+        """crop -> composite or matte frame of ``identity``; ValueError when it has no photo to go back to."""
+        from server.shots.compositing import Placement, place
+
+        if identity not in self._by_id:
+            raise ValueError(f"output {output!r} needs the photo the identity was prepared from; this server "
+                             f"prepared {identity!r} before it kept photos, or forgot it: send 'prepare' again")
+        data, shape, quad = self._by_id[identity]
+        if quad is None:   # used as given (align=false / no aligner): the crop is its own photo
+            placement = Placement.identity(shape[0])
+        else:
+            placement = Placement(quad, shape)
+        photo = None
+        if output == "composite":
+            if self._decoded is None or self._decoded[0] != identity:
+                self._decoded = (identity, decode_image(data))
+            photo = self._decoded[1]
+        return lambda img: place(img, output, source=photo, placement=placement)
+
+
 class Worker(threading.Thread):
     """``steps``: the step for each job kind (``server.service.app.HANDLERS``' ``work`` entries)."""
 
@@ -88,6 +138,7 @@ class Worker(threading.Thread):
         self.out: zmq.Socket | None = None
         #: identity -> why it has no 3DMM coefficients (None: it has them), for the ``prepared`` reply
         self.coefficient_notes: dict[str, str | None] = {}
+        self.sources = SourcePhotos()   # identity -> where its crop sits in the photo it was prepared from
 
     # every message leaves through the PAIR as [terminal id or b"", client, header, *parts]; the main
     # thread forwards [client, header, *parts] to the ROUTER and, for a request's terminal reply,
@@ -160,9 +211,10 @@ class Worker(threading.Thread):
         try:
             rgb = decode_image(req.image)
             aligner = self.setup.aligner
+            quad = None
             if req.align and aligner is not None:
                 try:
-                    aligned, warnings = aligner(rgb)
+                    aligned, warnings, quad = aligner(rgb)
                 except ValueError as exc:
                     raise P.ProtocolError(P.E_BAD_IMAGE, f"face alignment failed: {exc}") from None
                 did_align = True
@@ -187,6 +239,7 @@ class Worker(threading.Thread):
                     self.coefficient_notes[info.id] = note_c
                     while len(self.coefficient_notes) > MAX_COEFFICIENT_NOTES:
                         self.coefficient_notes.pop(next(iter(self.coefficient_notes)))
+                self.sources.remember(info.id, req.image, rgb.shape[:2], quad)
                 self._sync_identities()
             except ValueError as exc:
                 raise P.ProtocolError(P.E_BAD_IMAGE, str(exc)) from None
@@ -209,7 +262,8 @@ class Worker(threading.Thread):
                                       coefficients=coeffs,
                                       coefficient_note=self.coefficient_notes.get(info.id),
                                       width=int(aligned.shape[1]),
-                                      height=int(aligned.shape[0]), encoding="png"), (png,))
+                                      height=int(aligned.shape[0]), encoding="png",
+                                      source_width=int(rgb.shape[1]), source_height=int(rgb.shape[0])), (png,))
 
     # extract / audio2exp ----------------------------------------------------------------------
     def _finish_or_abort(self, job: Job) -> bool:
@@ -359,7 +413,9 @@ class Worker(threading.Thread):
         """The engine's cache is an LRU: mirror which identities it still holds."""
         ids = getattr(self.engine, "identity_ids", None)
         if callable(ids):
-            self.sched.set_identities(ids())
+            held = ids()
+            self.sched.set_identities(held)
+            self.sources.keep_only(held)
 
     # render --------------------------------------------------------------------------------
     def _start(self, job: Job, indices: list[int]):
@@ -386,6 +442,12 @@ class Worker(threading.Thread):
                                                 req.first_frame, a.frame_offset), dtype=np.float32)
                 except ValueError as exc:
                     self._fail(job, P.E_BAD_FIELD, f"audio: {exc}")
+                    return
+            if req.output != "crop":
+                try:
+                    job.placer = self.sources.placer(req.identity, req.output)
+                except ValueError as exc:
+                    self._fail(job, P.E_BAD_FIELD, str(exc))
                     return
             try:
                 job.gen = self._start(job, job.indices)
@@ -425,14 +487,18 @@ class Worker(threading.Thread):
             if req.size is not None and img.shape[:2] != (req.size, req.size):
                 raise RuntimeError(f"engine yielded {img.shape[1]}x{img.shape[0]}, requested {req.size}")
             pulled.append((expected, img))
-        # encode (PNG in parallel threads: OpenCV releases the GIL) and send in order
-        if req.encoding == "png" and pulled:
-            datas = list(self._encoder_pool().map(encode_png, [img for _, img in pulled]))
+        # paste back into the source (composite/matte) and encode (PNG), in parallel threads (OpenCV releases
+        # the GIL), then send in order
+        placer = job.placer
+        if pulled and (placer is not None or req.encoding == "png"):
+            finish = _finisher(placer, req.encoding == "png")
+            done = list(self._encoder_pool().map(finish, [img for _, img in pulled]))
         else:
-            datas = [memoryview(img).cast("B") for _, img in pulled]
-        for (row, img), data in zip(pulled, datas):
+            done = [(img.shape, memoryview(img).cast("B")) for _, img in pulled]
+        for (row, _), (shape, data) in zip(pulled, done):
             hdr = P.frame_reply(job.id, frame=req.first_frame + row, index=job.produced, total=len(job.indices),
-                                width=int(img.shape[1]), height=int(img.shape[0]), encoding=req.encoding)
+                                width=int(shape[1]), height=int(shape[0]), encoding=req.encoding,
+                                channels=int(shape[2]))
             self.send(job.client, hdr, (data,))
             self.sched.produced_one(job)
         if pulled and job.produced < len(job.indices) and job.produced % job.batch < len(pulled):
