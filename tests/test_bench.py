@@ -56,6 +56,11 @@ def test_tiny_benchmark_prints_valid_json_with_the_required_keys():
     for name in ("preview_fp32", "preview_bf16", "full_synthesis_stopped_fp32"):
         q = r["preview_quality"][name]
         assert 0 < q["psnr_db"] < 100 and -1 <= q["ssim"] <= 1, (name, q)
+    c = r["compositing"]                       # the 4K paste-back row, beside the frame it is compared with
+    assert c["photo"] == "3840x2160" and c["composite_s"] > 0 and c["matte_s"] > 0
+    assert math.isclose(c["pct_of_full_frame_fp32"], 100 * c["composite_s"] / r["official_s_per_frame"]
+                        * r["speedup_1024_fp32"], rel_tol=1e-6)
+    assert r["targets"]["composite_4k_pct_of_frame"]["lower_is_better"] is True
     full = r["render"]["full_128_fp32"]
     assert full["frames"] == 6 and full["fps"] > 0 and r["render"]["preview_64_fp32"]["fps"] > 0
     assert r["official_procedure"]
