@@ -383,3 +383,39 @@ def test_render_tiny_random_takes_no_checkpoints(clip, tmp_path, capsys):
     rc = cli.main(["render", "--tiny-random", "--checkpoints", str(tmp_path), "--source", str(d / "face.png"),
                    "--motion", str(d / "motion.json"), "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2 and "--tiny-random takes no --checkpoints" in capsys.readouterr().err
+
+
+def test_composite_output_matches_the_single_process_render(tmp_path, fixtures_dir):
+    """--output composite from an ordinary photo: the farm pastes each frame back exactly as `styleheat render`
+    does (same frames, bit for bit), at the photo's size."""
+    import torch
+    from PIL import Image
+
+    from server import cli
+    from server.preprocessing.motion import write_motion
+
+    face = np.asarray(Image.open(fixtures_dir / "portrait_40.jpg").convert("RGB"))
+    m = cv2.getRotationMatrix2D((512, 512), 8, 0.3)
+    m[:, 2] += (200 - 512, 150 - 512)
+    photo = cv2.warpAffine(face, m, (360, 300), borderValue=(70, 120, 160))
+    cv2.imwrite(str(tmp_path / "photo.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    rows = np.random.default_rng(5).standard_normal((8, 73)).astype(np.float32) * 0.3
+    rows[:, 70] += 1
+    write_motion(tmp_path / "m.json", rows)
+    common = ["--tiny-random", "--source", str(tmp_path / "photo.png"), "--motion", str(tmp_path / "m.json"),
+              "--output", "composite", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["render", "--device", "cpu", "--out", str(tmp_path / "ref"), *common]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "farm"
+    # chunks of 4 keep the batches of 2 the single-process render makes (batch boundaries can move a level)
+    rc, output, _, _ = farm(*common, "--out", str(out), "--workers", "2", "--chunk", "4")
+    assert rc == 0, output
+    a, b = _frames(out), _frames(tmp_path / "ref")
+    assert sorted(a) == sorted(b) and len(a) == 8
+    for name in a:
+        assert a[name].shape == (300, 360, 3)
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

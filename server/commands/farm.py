@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # the shared model options, through render (which imports them from wherever they live)
     from server.model_options import add_checkpoint_arguments, add_precision_argument
     from server.farm.driver import DEFAULT_CHUNK
+    from server.shots.compositing import OUTPUTS, SEAMS
+    from server.shots.source import ALIGN_MODES
 
     sub = parser.add_subparsers(dest="farm_command", metavar="ACTION")
     p = sub.add_parser("render", help="render a clip on the cluster", description=DESCRIPTION)
@@ -25,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny-random", action="store_true",
                    help="a tiny model with seeded random weights (tests and demos; as 'styleheat render --tiny-random')")
     p.add_argument("--seed", type=int, default=0, help="seed for --tiny-random (default 0)")
-    p.add_argument("--source", required=True, metavar="IMAGE", help="FFHQ-aligned square portrait (PNG/JPEG)")
+    p.add_argument("--source", required=True, metavar="IMAGE",
+                   help="a photo with one face (PNG/JPEG, any size), aligned as 'styleheat render' does (--align)")
+    p.add_argument("--output", choices=OUTPUTS, default="crop",
+                   help="crop (default), composite or matte, as 'styleheat render --output' (docs/compositing.md)")
+    p.add_argument("--align", choices=ALIGN_MODES, default="auto", help="as 'styleheat render --align'")
+    p.add_argument("--seam", choices=SEAMS, default="feather", help="composite only: feather or poisson")
     p.add_argument("--motion", required=True, metavar="JSON", help="styleheat-motion file")
     p.add_argument("--audio", metavar="WAV", default=None,
                    help="speech audio driving the AudioWarper (sample 0 plays at the motion's first row); the "
@@ -61,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
                        chunk=args.chunk, workers=args.workers, cpu=args.cpu, tiny_random=args.tiny_random,
                        seed=args.seed, checkpoints=args.checkpoints, bundle=args.bundle, config=args.config,
                        size=args.size, precision=args.precision, batch_size=args.batch_size,
-                       max_restarts=args.max_restarts, quiet=args.quiet, report=args.report)
+                       max_restarts=args.max_restarts, quiet=args.quiet, report=args.report,
+                       output=args.output, align=args.align, seam=args.seam)
     return run_farm(opts)

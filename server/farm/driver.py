@@ -54,6 +54,9 @@ class FarmOptions:
     max_restarts: int = 2
     quiet: bool = False
     report: str | None = None
+    output: str = "crop"          # crop | composite | matte (server/shots/compositing.py)
+    align: str = "auto"           # auto | yes | no (server/shots/source.py)
+    seam: str = "feather"
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Job:
     rows: np.ndarray
     attributes: dict
     mel: np.ndarray | None
+    placing: dict | None          # output != crop: {output, photo, quad, shape, seam} for the workers
     hashes: dict[int, str]
     manifest: Manifest
     planned: list[int]
@@ -160,12 +164,23 @@ def prepare(o: FarmOptions) -> Job:
         raise FarmError(f"--workers must be at least 1, got {o.workers}", 2)
     if o.batch_size is not None and o.batch_size < 1:
         raise FarmError(f"--batch-size must be at least 1, got {o.batch_size}", 2)
+    from server.shots.source import portrait_from_photo
+
     try:
         motion = read_motion(o.motion)
-        portrait = read_portrait(Path(o.source))
+        photo = read_portrait(Path(o.source), square=False)
+        src = portrait_from_photo(photo, align=o.align, name=f"--source {o.source}")
     except (MotionError, ValueError) as e:
         raise FarmError(str(e), 2) from None
+    portrait = src.portrait
+    placing = None
+    if o.output != "crop":
+        placing = {"output": o.output, "photo": photo if o.output == "composite" else None,
+                   "quad": src.placement.quad, "shape": src.placement.source_shape, "seam": o.seam}
     spec, model, extra = _engine_spec(o)
+    extra += f"|output={o.output}|seam={o.seam if o.output == 'composite' else '-'}"
+    if o.output != "crop":   # the photo and where the crop sits in it decide the placed frame's pixels too
+        extra += f"|placement={src.placement.key()}|photo={portrait_identity(photo)}"
     _check_size(o, spec)
     out = Path(o.out)
     try:
@@ -186,10 +201,10 @@ def prepare(o: FarmOptions) -> Job:
     manifest = Manifest.load(out)
     planned = frames_to_render(manifest, out, hashes)
     job = Job(options=o, out=out, spec=spec, portrait=portrait, rows=rows, attributes=attributes, mel=mel,
-              hashes=hashes, manifest=manifest, planned=planned, chunks=make_chunks(planned, o.chunk))
+              placing=placing, hashes=hashes, manifest=manifest, planned=planned, chunks=make_chunks(planned, o.chunk))
     manifest.info = {"model": model, "source": str(Path(o.source).resolve()),
                      "motion": str(Path(o.motion).resolve()), "audio": o.audio and str(Path(o.audio).resolve()),
-                     "size": o.size, "precision": o.precision, "frames": n}
+                     "size": o.size, "precision": o.precision, "frames": n, "output": o.output}
     return job
 
 
@@ -314,7 +329,7 @@ def _farm(ray, job: Job, report: dict, say, log) -> int:
     count = min(count, len(job.chunks))
     spec = dict(job.spec, device=device)
     actor_cls = ray.remote(max_restarts=o.max_restarts, max_task_retries=o.max_restarts, **resources)(FarmWorker)
-    shared = [ray.put(x) for x in (job.portrait, job.rows, job.attributes or None, job.mel)]
+    shared = [ray.put(x) for x in (job.portrait, job.rows, job.attributes or None, job.mel, job.placing)]
     actors = [actor_cls.remote(spec, str(job.out.resolve()), o.size, o.batch_size) for _ in range(count)]
     say(f"starting {count} {'GPU' if gpus else 'CPU'} worker(s) on {report['cluster']['address']} cluster")
     pids: dict[int, set[int]] = {i: set() for i in range(count)}

@@ -78,13 +78,22 @@ class FarmWorker:
                 "node": _node_address()}
 
     def render_chunk(self, frames: list[int], portrait: np.ndarray, rows: np.ndarray,
-                     attributes: Mapping[str, np.ndarray] | None, mel: np.ndarray | None) -> dict:
+                     attributes: Mapping[str, np.ndarray] | None, mel: np.ndarray | None,
+                     placing: Mapping[str, Any] | None = None) -> dict:
         """Render ``frames`` (clip rows) and write them; on out-of-memory halve the batch (as the server
         does) and go on with the frames not yet written. The clip's arrays come with every chunk as
         object-store references (no copy on the same machine; the portrait is inverted once per process).
-        Returns {"frames": rows written, **info()}."""
+        ``placing`` (output composite/matte): the photo, the crop's quad in it and the seam; each frame is
+        pasted back before it is written. Returns {"frames": rows written, **info()}."""
         from server.frame_files import write_png_atomic
         from server.service.worker import is_out_of_memory, release_device_memory
+        from server.shots.compositing import Placement, place
+
+        finish = (lambda img: img)
+        if placing:
+            placement = Placement(placing["quad"], tuple(placing["shape"]))
+            finish = (lambda img: place(img, placing["output"], source=placing["photo"], placement=placement,
+                                        seam=placing.get("seam", "feather")))
 
         identity = self.prepare(portrait)
         todo = [int(f) for f in frames]
@@ -94,7 +103,7 @@ class FarmWorker:
                 for row, image in self.engine.render(identity, rows, todo, audio=mel,
                                                      attributes=attributes or None, size=self.size,
                                                      batch_size=self.batch):
-                    write_png_atomic(self.out / f"frame_{row:05d}.png", image)
+                    write_png_atomic(self.out / f"frame_{row:05d}.png", finish(image))
                     done.append(row)
                     self.frames_written += 1
                     if len(done) == 1 and len(frames) > 1:
