@@ -295,7 +295,7 @@ class Client:
         if audio is not None:
             fields["audio"] = _audio_field(audio, parts)
         q = self._open_route(rid)
-        stream = RenderStream(self, rid, q, len(fields["frames"]), frame_timeout)
+        stream = RenderStream(self, rid, q, len(fields["frames"]), frame_timeout, requested=fields["frames"])
         self._send(P.request(P.RENDER, rid, **fields), parts, errq=q)
         return stream
 
@@ -512,8 +512,12 @@ class ExtractJob(_ReplyStream):
 class RenderStream(_ReplyStream):
     """Frames of one render request, in order. Iterate, or call :meth:`next` with a timeout."""
 
-    def __init__(self, client: Client, rid: str, q: queue.Queue, total: int, frame_timeout: float):
+    def __init__(self, client: Client, rid: str, q: queue.Queue, total: int, frame_timeout: float,
+                 requested: Sequence[int] | None = None):
         self._start_stream(client, rid, q)
+        # the scene frames this render asked for: a frame the server sends outside them is refused
+        # before anything is written for it (issue 27)
+        self.requested = None if requested is None else frozenset(int(f) for f in requested)
         self.total = total
         self.frame_timeout = frame_timeout
         self.accepted: dict | None = None
@@ -546,6 +550,12 @@ class RenderStream(_ReplyStream):
             elif t == P.FRAME:
                 if not parts:
                     raise ClientError("the server sent a frame without pixels")
+                number = header.get("frame")
+                if self.requested is not None and (not isinstance(number, int) or number not in self.requested):
+                    self.cancel()
+                    raise ClientError(f"the server sent frame {str(number)[:20]}, which this render did not ask "
+                                      f"for; nothing was written for it and the render was stopped -- check "
+                                      f"that the server is a StyleHEAT server of this add-on's version")
                 self.received += 1
                 if not self.cancelled:
                     self._try_send(P.request(P.CREDIT, self.id, frames=1))

@@ -37,7 +37,7 @@ PROTOCOL_VERSION = 1
 # Limits (the server advertises them in its hello reply; a client should respect them)
 # --------------------------------------------------------------------------------------------
 MiB = 1 << 20
-MAX_HEADER_BYTES = 32 * MiB        # msgpack header of one message
+MAX_HEADER_BYTES = 2 * MiB         # msgpack header of one message (see "Hostile input limits" below)
 MAX_PART_BYTES = 96 * MiB          # one bulk part (encoded image, PCM samples)
 MAX_PARTS = 4                      # bulk parts after the header
 MAX_MESSAGE_BYTES = 128 * MiB      # zmq MAXMSGSIZE per frame; bigger frames drop the connection
@@ -125,9 +125,10 @@ E_STALLED = "stalled"                    # no credit granted for too long; job d
 E_SHUTTING_DOWN = "shutting_down"        # server is stopping
 E_INTERNAL = "internal"                  # unexpected server failure (message has the reason)
 E_BAD_VIDEO = "bad_video"                # extract: video unreadable, or no face in it
+E_FORBIDDEN = "forbidden"                # a remote client asked for what only local clients may (shutdown)
 ERROR_CODES = (E_BAD_MESSAGE, E_TOO_LARGE, E_VERSION, E_UNKNOWN_TYPE, E_BAD_FIELD, E_BAD_IMAGE,
                E_UNKNOWN_IDENTITY, E_UNKNOWN_REQUEST, E_DUPLICATE, E_UNSUPPORTED, E_BUSY,
-               E_OUT_OF_MEMORY, E_STALLED, E_SHUTTING_DOWN, E_INTERNAL, E_BAD_VIDEO)
+               E_OUT_OF_MEMORY, E_STALLED, E_SHUTTING_DOWN, E_INTERNAL, E_BAD_VIDEO, E_FORBIDDEN)
 
 # --------------------------------------------------------------------------------------------
 # Field names (docs/protocol.md documents every one; tests check both ways)
@@ -185,6 +186,76 @@ class ProtocolError(Exception):
 
 
 # --------------------------------------------------------------------------------------------
+# Hostile input limits (docs/protocol.md, "Hostile input"): what a header may hold, what an extract
+# video may be, how much of a client's text an error reply echoes
+# --------------------------------------------------------------------------------------------
+MAX_HEADER_ARRAY_LEN = max(MAX_ROWS, MAX_FRAMES)   # one msgpack array (rows or frames sent as lists)
+MAX_HEADER_MAP_LEN = 256                           # one msgpack map (fields, attributes)
+MAX_HEADER_STR_LEN = 64 * 1024                     # one msgpack string (paths, ids, names)
+MAX_HEADER_CONTAINERS = MAX_HEADER_ARRAY_LEN + 1024   # arrays + maps in one header
+MAX_ECHO = 64                                      # characters of a client's value quoted in an error
+MAX_EXTRACT_FRAMES = 9_000                         # extract: frames of one video (5 min at 30 fps)
+MAX_EXTRACT_SECONDS = 600.0                        # extract: duration of one video
+MAX_EXTRACT_PIXELS = 3840 * 2160                   # extract: pixels of one video frame (4K UHD)
+#: video containers extract accepts, by their first bytes (see :func:`video_container`)
+VIDEO_CONTAINERS = ("mp4", "avi", "mkv")
+_QT_ATOMS = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot")
+
+
+def _brief(value: Any, limit: int = MAX_ECHO) -> str:
+    """A short quote of a client's value for an error message: never builds the repr of anything big."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, (list, tuple, dict)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)[:limit]
+    return f"<{type(value).__name__}>"
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+class _ContainerBudget:
+    """msgpack hooks counting the arrays and maps of one header; unpacking stops past the limit, so a
+    header of millions of empty containers costs milliseconds and little memory."""
+
+    def __init__(self, limit: int = MAX_HEADER_CONTAINERS):
+        self.left = limit
+
+    def list_hook(self, value: list) -> list:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers()
+        return value
+
+    def map_hook(self, value: dict) -> dict:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers()
+        return value
+
+
+def video_container(data: bytes) -> str | None:
+    """The container of uploaded video bytes by their first bytes ("mp4" for MP4/MOV/M4V/3GP, "avi",
+    "mkv" for Matroska/WebM), or None: playlists (#EXTM3U), ffconcat lists, images and everything else.
+    Only these are handed to the video decoder, so an upload can never make it open other files."""
+    head = bytes(data[:16])
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "mkv"
+    if len(head) >= 8 and head[4:8] in _QT_ATOMS:
+        size = int.from_bytes(head[:4], "big")      # box size: 0 (to the end), 1 (64-bit size follows) or >= 8
+        if size in (0, 1) or size >= 8:
+            return "mp4"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # Framing
 # --------------------------------------------------------------------------------------------
 def _as_bytes(frame: Any) -> bytes:
@@ -200,7 +271,7 @@ def _as_buffer(frame: Any) -> Any:
 def _part_at(parts: Sequence[Any], idx: Any, name: str) -> Any:
     """``parts[idx]`` for a ``part`` index taken from a header; ProtocolError(bad_field) if it names none."""
     if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(parts):
-        raise ProtocolError(E_BAD_FIELD, f"{name}: 'part' {idx!r:.40} does not name one of the "
+        raise ProtocolError(E_BAD_FIELD, f"{name}: 'part' {_brief(idx)} does not name one of the "
                                          f"{len(parts)} parts of this message")
     return parts[idx]
 
@@ -216,13 +287,20 @@ def unpack_header(data: bytes, max_bytes: int = MAX_HEADER_BYTES) -> dict:
     if len(data) > max_bytes:
         raise ProtocolError(E_TOO_LARGE, f"the header is {len(data)} bytes, over the limit of "
                                          f"{max_bytes}; put bulk data in parts")
+    budget = _ContainerBudget()
     try:
         obj = msgpack.unpackb(
-            data, raw=False, strict_map_key=True, use_list=True, max_str_len=max_bytes, max_bin_len=max_bytes, max_array_len=max_bytes,
-            max_map_len=1 << 16, max_ext_len=0)
+            data, raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_HEADER_STR_LEN,
+            max_bin_len=max_bytes, max_array_len=MAX_HEADER_ARRAY_LEN, max_map_len=MAX_HEADER_MAP_LEN,
+            max_ext_len=0, list_hook=budget.list_hook, object_hook=budget.map_hook)
+    except _TooManyContainers:
+        raise ProtocolError(E_TOO_LARGE, f"the header holds more than {MAX_HEADER_CONTAINERS} arrays and maps; "
+                                         f"send bulk data as array maps in parts") from None
     except Exception as exc:  # msgpack raises several types for garbage
         raise ProtocolError(E_BAD_MESSAGE, f"the header is not valid msgpack ({type(exc).__name__}: "
-                                           f"{exc}); encode a map with msgpack") from None
+                                           f"{_brief(str(exc))}); encode a map with msgpack, with strings "
+                                           f"under {MAX_HEADER_STR_LEN} bytes and arrays under "
+                                           f"{MAX_HEADER_ARRAY_LEN} items") from None
     if not isinstance(obj, dict):
         raise ProtocolError(E_BAD_MESSAGE, f"the header must be a msgpack map, got {type(obj).__name__}")
     if not all(isinstance(k, str) for k in obj):
@@ -240,6 +318,10 @@ def unpack(frames: Sequence[Any], max_parts: int = MAX_PARTS, max_part_bytes: in
     """Split received frames (without the ROUTER identity) into (header, parts), checking limits."""
     if not frames:
         raise ProtocolError(E_BAD_MESSAGE, "empty message")
+    size = len(_as_buffer(frames[0]))
+    if size > max_header_bytes:      # before any copy of the frame
+        raise ProtocolError(E_TOO_LARGE, f"the header is {size} bytes, over the limit of "
+                                         f"{max_header_bytes}; put bulk data in parts")
     header = unpack_header(_as_bytes(frames[0]), max_header_bytes)
     parts = list(frames[1:])
     if len(parts) > max_parts:
@@ -312,7 +394,7 @@ def decode_array(value: Any, name: str, shape: Sequence[int | None], parts: Sequ
                                              f"'data' or 'part' (got keys {sorted(keys)})")
         dt = value["dtype"]
         if not isinstance(dt, str) or dt not in _DTYPES:
-            raise ProtocolError(E_BAD_FIELD, f"{name}: dtype {dt!r} is not one of {sorted(_DTYPES)}")
+            raise ProtocolError(E_BAD_FIELD, f"{name}: dtype {_brief(dt)} is not one of {sorted(_DTYPES)}")
         shp = value["shape"]
         if (not isinstance(shp, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                  for s in shp)):
@@ -396,7 +478,7 @@ def _get(h: Mapping, key: str, default: Any = _MISSING) -> Any:
 def check_id(value: Any, name: str = "id") -> str:
     if not isinstance(value, str) or not _ID_RE.match(value):
         raise ProtocolError(E_BAD_FIELD, f"{name} must be a string of 1-{MAX_ID_LENGTH} characters from "
-                                         f"[A-Za-z0-9._:@/+=-], got {value!r:.80}")
+                                         f"[A-Za-z0-9._:@/+=-], got {_brief(value)}")
     return value
 
 
@@ -426,9 +508,10 @@ def check_bool(value: Any, name: str) -> bool:
 
 
 def _no_extra(h: Mapping, allowed: set[str], what: str) -> None:
-    extra = sorted(k for k in h if k not in allowed)
+    extra = [k for k in h if k not in allowed]
     if extra:
-        raise ProtocolError(E_BAD_FIELD, f"{what}: unknown field(s) {extra}; allowed: {sorted(allowed)}")
+        shown = ", ".join(_brief(k) for k in extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+        raise ProtocolError(E_BAD_FIELD, f"{_brief(what)}: unknown field(s) {shown}; allowed: {sorted(allowed)}")
 
 
 _BASE = {"v", "type", "id"}
@@ -440,11 +523,11 @@ def check_envelope(h: Mapping) -> tuple[str, str | None]:
     if v is _MISSING:
         raise ProtocolError(E_VERSION, f"the header has no 'v'; this server speaks protocol {PROTOCOL_VERSION}")
     if v != PROTOCOL_VERSION or isinstance(v, bool):
-        raise ProtocolError(E_VERSION, f"protocol version {v!r} is not supported; this server speaks "
+        raise ProtocolError(E_VERSION, f"protocol version {_brief(v)} is not supported; this server speaks "
                                        f"{PROTOCOL_VERSION}: update the add-on or the server")
     t = h.get("type")
     if not isinstance(t, str) or t not in REQUEST_TYPES:
-        raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {t!r:.40}; known: {list(REQUEST_TYPES)}")
+        raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {_brief(t)}; known: {list(REQUEST_TYPES)}")
     rid = h.get("id")
     if rid is not None:
         check_id(rid)
@@ -533,7 +616,7 @@ def validate_render(h: Mapping, parts: Sequence) -> RenderRequest:
         size = check_int(size, "size", 1, 4096)
     enc = h.get("encoding", "raw")
     if enc not in ENCODINGS:
-        raise ProtocolError(E_BAD_FIELD, f"encoding must be one of {list(ENCODINGS)}, got {enc!r:.40}")
+        raise ProtocolError(E_BAD_FIELD, f"encoding must be one of {list(ENCODINGS)}, got {_brief(enc)}")
     credit = check_int(h.get("credit", DEFAULT_CREDIT), "credit", 0, MAX_CREDIT)
     attrs: dict[str, np.ndarray] = {}
     av = h.get("attributes")
@@ -550,10 +633,10 @@ def validate_render(h: Mapping, parts: Sequence) -> RenderRequest:
         audio = decode_audio(h["audio"], parts)
     quality = h.get("quality", "full")
     if quality not in QUALITIES:
-        raise ProtocolError(E_BAD_FIELD, f"quality must be one of {list(QUALITIES)}, got {quality!r:.40}")
+        raise ProtocolError(E_BAD_FIELD, f"quality must be one of {list(QUALITIES)}, got {_brief(quality)}")
     output = h.get("output", "crop")
     if output not in OUTPUTS:
-        raise ProtocolError(E_BAD_FIELD, f"output must be one of {list(OUTPUTS)}, got {output!r:.40}")
+        raise ProtocolError(E_BAD_FIELD, f"output must be one of {list(OUTPUTS)}, got {_brief(output)}")
     return RenderRequest(id=rid, identity=identity, rows=rows, first_frame=first, frames=frames, size=size,
                          encoding=enc, credit=credit, attributes=attrs, audio=audio, quality=quality, output=output)
 
@@ -632,6 +715,10 @@ def validate_extract(h: Mapping, parts: Sequence = ()) -> ExtractRequest:
     data = None
     if video is not None:
         data = _part_bytes(video, "video", parts)
+        if video_container(data) is None:
+            raise ProtocolError(E_BAD_FIELD, "video: the bytes are not a video file (MP4/MOV, AVI or "
+                                             "Matroska/WebM); playlists, lists of files and other formats are "
+                                             "refused -- send the video file itself")
     else:
         if not isinstance(path, str) or not path or len(path) > MAX_PATH_LENGTH or "\0" in path:
             raise ProtocolError(E_BAD_FIELD, f"path must be a non-empty string of at most {MAX_PATH_LENGTH} "

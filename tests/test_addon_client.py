@@ -298,3 +298,50 @@ def test_a_busy_server_is_not_dead_a_stopped_one_is(addon, server, identity, tmp
         assert c.dead_after - 1.1 <= noticed < c.dead_after + 3.0   # the last message may predate the stop by <1 s
     with Client(server.address, timeout=10.0) as c:             # alive again after SIGCONT
         assert c.hello()["type"] == "hello"
+
+
+def test_frames_the_render_did_not_ask_for_are_refused(addon, tmp_path):
+    """A hostile (or broken) server on a real ROUTER socket answers a render with frame 999, never
+    requested: the stream raises a clear error before handing the frame to anything that writes files."""
+    import threading
+
+    import zmq
+    from styleheat import protocol as P
+    from styleheat.client import Client, ClientError
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    got: list = []
+
+    def serve():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not got:
+            if not router.poll(100):
+                continue
+            ident, header, *parts = router.recv_multipart()
+            h = P.unpack_header(header)
+            if h["type"] != P.RENDER:
+                continue
+            got.append(h)
+            rid = h["id"]
+            router.send_multipart([ident, P.pack_header(P.reply(P.ACCEPTED, rid, total=1, size=2, encoding="raw",
+                                                                credit=4, quality="full"))])
+            bogus = P.frame_reply(rid, frame=999, index=0, total=1, width=2, height=2, encoding="raw")
+            router.send_multipart([ident, P.pack_header(bogus), bytes(12)])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    c = Client(f"tcp://127.0.0.1:{port}", timeout=5.0)
+    try:
+        stream = c.render("someone", np.zeros((1, 73), np.float32), 5, [5], encoding="raw")
+        with pytest.raises(ClientError, match="did not ask"):
+            stream.next(timeout=10)
+        assert got and got[0]["frames"] == [5]
+    finally:
+        c.close()
+        t.join(25)
+        router.close()
+        ctx.term()
+    assert not t.is_alive()

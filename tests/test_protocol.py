@@ -305,13 +305,41 @@ def test_bake_types_and_codes_are_registered():
     assert P.check_envelope(P.request(P.EXTRACT, "x")) == ("extract", "x")
 
 
+MP4_HEAD = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00"
+AVI_HEAD = b"RIFF\x00\x00\x00\x00AVI LIST"
+
+
+def test_extract_takes_only_video_containers():
+    for data, kind in ((MP4_HEAD, "mp4"), (AVI_HEAD, "avi"), (b"\x1a\x45\xdf\xa3\x01", "mkv"),
+                       (b"#EXTM3U\n/etc/passwd\n", None), (b"ffconcat version 1.0\n", None),
+                       (b"\x89PNG\r\n\x1a\n", None), (b"\x00\x00\x00\x02ftyp", None)):
+        assert P.video_container(data) == kind, data
+    with pytest.raises(P.ProtocolError) as e:
+        P.validate_extract(P.request(P.EXTRACT, "e", video=b"#EXTM3U\n#EXTINF:1,\n/etc/passwd\n"))
+    assert e.value.code == P.E_BAD_FIELD and "not a video file" in e.value.message
+
+
+def test_header_limits_and_short_echoes():
+    import msgpack
+
+    with pytest.raises(P.ProtocolError) as e:       # 1 M empty arrays in 1 MB: stopped by the budget
+        P.unpack_header(msgpack.packb({"x": [[[]] * 20000] * 50}))
+    assert e.value.code == P.E_TOO_LARGE
+    with pytest.raises(P.ProtocolError) as e:
+        P.unpack_header(msgpack.packb({"x": [0] * (P.MAX_HEADER_ARRAY_LEN + 1)}))
+    assert e.value.code == P.E_BAD_MESSAGE
+    with pytest.raises(P.ProtocolError) as e:
+        P.validate_simple({"v": 1, "type": "heartbeat", **{"k" * 60000 + str(i): 0 for i in range(10)}})
+    assert len(e.value.message) < 600 and "6 more" in e.value.message
+
+
 def test_extract_round_trip_video_part_inline_and_path():
-    h, parts = P.extract_request("e1", b"\x00\x01video", smooth=2.0, fps=25.0)
-    assert h["video"] == {"part": 0} and parts == [b"\x00\x01video"]
+    h, parts = P.extract_request("e1", MP4_HEAD, smooth=2.0, fps=25.0)
+    assert h["video"] == {"part": 0} and parts == [MP4_HEAD]
     req = P.validate_extract(*P.unpack(P.pack(h, parts)))
-    assert (req.id, req.video, req.path, req.smooth, req.fps) == ("e1", b"\x00\x01video", None, 2.0, 25.0)
-    inline = P.validate_extract(P.request(P.EXTRACT, "e2", video=b"abc"))
-    assert inline.video == b"abc" and inline.smooth == 0.0 and inline.fps is None
+    assert (req.id, req.video, req.path, req.smooth, req.fps) == ("e1", MP4_HEAD, None, 2.0, 25.0)
+    inline = P.validate_extract(P.request(P.EXTRACT, "e2", video=AVI_HEAD))
+    assert inline.video == AVI_HEAD and inline.smooth == 0.0 and inline.fps is None
     by_path = P.validate_extract(P.request(P.EXTRACT, "e3", path="/tmp/v.mp4", smooth=0, fps=None))
     assert by_path.path == "/tmp/v.mp4" and by_path.video is None and by_path.fps is None
 

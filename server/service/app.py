@@ -36,7 +36,8 @@ import zmq
 
 from server import protocol as P
 from server.service.bake_models import BakeModels, find_aligner, find_audio_converter, load_bake_models
-from server.service.curve_keys import is_loopback_endpoint, load_server_keys, make_keys
+from server.service.curve_keys import is_loopback_address, is_loopback_endpoint, load_server_keys, make_keys
+from server.service.images import check_image_size
 from server.service.scheduler import Job, Scheduler
 from server.service.worker import Worker, WorkerSetup
 
@@ -63,6 +64,8 @@ class ServerSettings:
     max_jobs: int = 16
     max_jobs_per_client: int = 8
     stall_timeout: float = 600.0
+    no_credit_timeout: float = 10.0        # a render never granted credit (credit: 0) holds its slot this long
+    local_trust: bool = True               # clients on this machine get detailed errors, shutdown, any forget
     max_part_bytes: int = P.MAX_PART_BYTES
 
     @classmethod
@@ -88,12 +91,20 @@ class Server:
         self.tiny_random = settings.tiny_random
         self.bake = bake or BakeModels(tiny=settings.tiny_random)
         # extract's 'path' names a file on this machine: only for clients on this machine
-        self.allow_path = is_loopback_endpoint(bind)
+        self.loopback_bind = is_loopback_endpoint(bind)
+        self.local_trust = settings.local_trust
+        self.allow_path = self.loopback_bind and self.local_trust
+        self.curve = curve_dir is not None
+        # the client of the message being handled (set by on_message): who it is for the per-client job
+        # cap and identity ownership, and whether it is trusted (on this machine) -- see peer_of
+        self.peer: bytes = b""
+        self.trusted = False
         batch_size = settings.batch_size
         if batch_size is None:
             batch_size = engine.default_batch_size        # the engine's own default (server.engine)
         self.batch_size = max(1, int(batch_size))
         self.stall_timeout = settings.stall_timeout
+        self.no_credit_timeout = settings.no_credit_timeout
         self.max_part_bytes = int(min(settings.max_part_bytes, P.MAX_PART_BYTES))
         self.max_header_bytes = int(min(self.max_part_bytes, P.MAX_HEADER_BYTES))
         # frames over MAXMSGSIZE drop the connection (no reply possible); between the part limit and
@@ -208,9 +219,31 @@ class Server:
         return self.route([client, P.pack_header(self.decorate(header)), *parts])
 
     # requests (main thread) -------------------------------------------------------------------
+    def peer_of(self, client: bytes, frame) -> tuple[bytes, bool]:
+        """(peer, trusted) of a message: the peer is the client's CURVE public key (stable across its
+        sockets and reconnects) or, without CURVE, its socket; trusted means on this machine (a loopback
+        bind, or a loopback peer address) unless --no-local-trust."""
+        user = address = None
+        try:
+            user = frame.get("User-Id") if self.curve else None
+        except (zmq.ZMQError, AttributeError, TypeError):
+            user = None
+        try:
+            address = frame.get("Peer-Address")
+        except (zmq.ZMQError, AttributeError, TypeError):
+            address = None
+        peer = b"curve:" + user.encode() if user else client
+        trusted = self.local_trust and (self.loopback_bind or (address is not None and is_loopback_address(address)))
+        return peer, trusted
+
+    def submit(self, job: Job) -> None:
+        job.peer, job.trusted = self.peer, self.trusted
+        self.sched.submit(job)
+
     def on_message(self, frames: list) -> None:
         client = frames[0].bytes
         rid = None
+        self.peer, self.trusted = self.peer_of(client, frames[1] if len(frames) > 1 else frames[0])
         try:
             header, parts = P.unpack(frames[1:], max_part_bytes=self.max_part_bytes,
                                      max_header_bytes=self.max_header_bytes)
@@ -226,8 +259,8 @@ class Server:
             self.reply_to(client, P.error_reply(rid, exc.code, exc.message))
         except Exception as exc:
             log.exception("unexpected failure handling a message")
-            self.reply_to(client, P.error_reply(rid, P.E_INTERNAL, f"the server failed on this message "
-                                                                  f"({type(exc).__name__}: {exc})"))
+            detail = f" ({type(exc).__name__}: {exc})" if self.trusted else " (the details are in the server's log)"
+            self.reply_to(client, P.error_reply(rid, P.E_INTERNAL, f"the server failed on this message{detail}"))
 
     def on_hello(self, client, header, parts):
         rid = P.validate_hello(header, parts)
@@ -239,7 +272,8 @@ class Server:
 
     def on_prepare(self, client, header, parts):
         req = P.validate_prepare(header, parts)
-        self.sched.submit(Job(client, req.id, "prepare", req))
+        check_image_size(req.image)        # refused here, before queueing: no decoding of a bomb
+        self.submit(Job(client, req.id, "prepare", req))
 
     def on_render(self, client, header, parts):
         req = P.validate_render(header, parts)
@@ -267,7 +301,7 @@ class Server:
                    else self.audio_note)
             raise P.ProtocolError(P.E_UNSUPPORTED, f"audio-driven rendering is not available: {why}; "
                                                    f"send 3DMM rows without audio")
-        self.sched.submit(Job(client, req.id, "render", req, credit=req.credit))
+        self.submit(Job(client, req.id, "render", req, credit=req.credit))
         self.reply_to(client, P.reply(P.ACCEPTED, req.id, total=len(req.frames), size=req.size or
                                       int(self.info.get("native_size", 0)), encoding=req.encoding,
                                       credit=req.credit, quality=req.quality, output=req.output))
@@ -281,15 +315,15 @@ class Server:
                 raise P.ProtocolError(P.E_UNSUPPORTED, "extract by 'path' is only allowed when the server is bound "
                                                        "to a loopback address; send the video bytes in 'video'")
             if not os.path.isfile(req.path):
-                raise P.ProtocolError(P.E_BAD_VIDEO, f"video not found on the server machine: {req.path!r:.300}; "
+                raise P.ProtocolError(P.E_BAD_VIDEO, f"video not found on the server machine: {P._brief(req.path, 300)}; "
                                                      f"give an existing file's path or send its bytes in 'video'")
-        self.sched.submit(Job(client, req.id, "extract", req))
+        self.submit(Job(client, req.id, "extract", req))
 
     def on_audio2exp(self, client, header, parts):
         req = P.validate_audio2exp(header, parts)
         if self.bake.audio2exp is None:
             raise P.ProtocolError(P.E_UNSUPPORTED, f"audio2exp is not available: {self.bake.audio2exp_note}")
-        self.sched.submit(Job(client, req.id, "audio2exp", req))
+        self.submit(Job(client, req.id, "audio2exp", req))
 
     def on_credit(self, client, header, parts):
         rid, n = P.validate_credit(header, parts)
@@ -302,12 +336,19 @@ class Server:
 
     def on_forget(self, client, header, parts):
         rid, identity = P.validate_forget(header, parts)
-        if not self.sched.known_identity(identity):
-            raise P.ProtocolError(P.E_UNKNOWN_IDENTITY, f"identity {identity!r} is not known to this server")
-        self.sched.submit(Job(client, rid or f"forget-{identity}", "forget", identity))
+        known = self.sched.known_identity(identity)
+        if known and not self.trusted and not self.sched.owns(self.peer, identity):
+            known = False     # the same answer as for an unknown identity: no oracle of others' portraits
+        if not known:
+            raise P.ProtocolError(P.E_UNKNOWN_IDENTITY, f"identity {identity!r} is not known to this server"
+                                  + ("" if self.trusted else " (or was prepared by another client)"))
+        self.submit(Job(client, rid or f"forget-{identity}", "forget", identity))
 
     def on_shutdown(self, client, header, parts):
         rid = P.validate_simple(header, parts)
+        if not self.trusted:
+            raise P.ProtocolError(P.E_FORBIDDEN, "only a client on the server's own machine may shut it down; "
+                                                 "ask whoever runs the server to stop it")
         self.reply_to(client, P.reply(P.BYE, rid))
         log.info("shutdown requested by a client")
         self.stopping = True
@@ -326,7 +367,7 @@ class Server:
     def _tick(self) -> None:
         for client in self.sched.clients():
             self.reply_to(client, P.reply(P.HEARTBEAT, None))
-        self.sched.expire_stalled(self.stall_timeout)
+        self.sched.expire_stalled(self.stall_timeout, self.no_credit_timeout)
 
     def serve(self, ready: Callable[[str], None] | None = None) -> int:
         self.worker.start()
@@ -488,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-jobs-per-client", type=int, default=8, help="jobs queued or running per client")
     p.add_argument("--stall-timeout", type=float, default=600.0,
                    help="seconds a render may wait for credit before it is dropped")
+    p.add_argument("--no-credit-timeout", type=float, default=10.0,
+                   help="seconds a render that was never granted credit (credit 0) may hold a job slot")
+    p.add_argument("--no-local-trust", dest="local_trust", action="store_false",
+                   help="treat clients on this machine like remote ones (a shared machine): generic error "
+                        "messages, no 'shutdown', 'forget' only of their own portraits, no extract by 'path'")
     p.add_argument("--max-part-bytes", type=int, default=P.MAX_PART_BYTES,
                    help=f"largest bulk part (image, audio) a client may send (default and maximum "
                         f"{P.MAX_PART_BYTES}); frames over 4/3 of this drop the connection")

@@ -28,24 +28,57 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False  # '*', 0.0.0.0-like names, interface names, host names
 
 
+def is_loopback_address(address: str) -> bool:
+    """True for a peer's IP address on this machine (127.0.0.0/8, ::1, IPv4-mapped loopback)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _write_key_file(path: Path, public: bytes, secret: bytes | None) -> None:
+    """A ZeroMQ certificate file (the format zmq.auth.load_certificate reads), created with its final
+    mode: 0600 for a secret, 0644 for a public key; O_EXCL, so an existing file is never overwritten."""
+    lines = ["#   ZeroMQ CURVE certificate written by styleheat-server --make-keys",
+             "#   " + ("SECRET: keep this file private" if secret is not None else "public key: share freely"),
+             "", "metadata", "curve", f'    public-key = "{public.decode("ascii")}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode("ascii")}"')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret is not None else 0o644)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def make_keys(directory: str | os.PathLike) -> dict[str, Path]:
-    """Create a CURVE key set: server.key(_secret), client.key(_secret), authorized_clients/client.key."""
-    import zmq.auth
+    """Create a CURVE key set: server.key(_secret), client.key(_secret), authorized_clients/client.key.
+
+    The folder is made (or tightened to) 0700 and every secret file is created 0600 from the start: no
+    moment at which another user could read a secret.
+    """
+    import zmq
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    out = {}
     for name in ("server", "client"):
         if (d / f"{name}.key_secret").exists():
             raise FileExistsError(f"{d / (name + '.key_secret')} already exists; use another directory "
                                   f"or delete the old keys first")
+    old = os.umask(0o077)            # new folders 0700 whatever the caller's umask
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    finally:
+        os.umask(old)
+    os.chmod(d, 0o700)
+    out = {}
     for name in ("server", "client"):
-        pub, sec = zmq.auth.create_certificates(d, name)
-        os.chmod(sec, 0o600)
-        out[name] = Path(pub)
-        out[name + "_secret"] = Path(sec)
+        pub, sec = zmq.curve_keypair()
+        _write_key_file(d / f"{name}.key", pub, None)
+        _write_key_file(d / f"{name}.key_secret", pub, sec)
+        out[name] = d / f"{name}.key"
+        out[name + "_secret"] = d / f"{name}.key_secret"
     auth_dir = d / "authorized_clients"
-    auth_dir.mkdir(exist_ok=True)
+    auth_dir.mkdir(mode=0o700, exist_ok=True)
     shutil.copy(out["client"], auth_dir / "client.key")
     out["authorized_clients"] = auth_dir
     return out

@@ -23,6 +23,8 @@ class Job:
         self.id = rid
         self.kind = kind              # "prepare" | "render" | "forget" | "extract" | "audio2exp"
         self.payload = payload
+        self.peer = client            # who the per-client job cap counts: the CURVE key, else the socket
+        self.trusted = True           # loopback client: error replies may carry details (paths, exceptions)
         self.abort: tuple | None = None   # ("cancelled",) | ("error", code, msg) | ("gone",)
         self.granted = credit
         self.produced = 0
@@ -58,6 +60,7 @@ class Scheduler:
         self.max_per_client = max_jobs_per_client
         self.closed = False
         self.identities: set[str] = set()
+        self.owners: dict[str, set[bytes]] = {}     # identity -> peers that prepared it
         self.ending: OrderedDict[tuple[bytes, str], None] = OrderedDict()
 
     # main thread -------------------------------------------------------------------------
@@ -70,7 +73,7 @@ class Scheduler:
             if len(self.jobs) >= self.max_jobs:
                 raise P.ProtocolError(P.E_BUSY, f"the server already has {len(self.jobs)} jobs queued or running "
                                                 f"(limit {self.max_jobs}); retry when some finish")
-            mine = sum(1 for k in self.jobs if k[0] == job.client)
+            mine = sum(1 for j in self.jobs.values() if j.peer == job.peer)
             if mine >= self.max_per_client:
                 raise P.ProtocolError(P.E_BUSY, f"this client already has {mine} jobs queued or running "
                                                 f"(limit {self.max_per_client}); wait for one to finish")
@@ -110,14 +113,20 @@ class Scheduler:
             self.cv.notify_all()
             return n
 
-    def expire_stalled(self, timeout: float) -> None:
+    def expire_stalled(self, timeout: float, no_credit_timeout: float | None = None) -> None:
+        """Abort renders waiting for credit longer than ``timeout`` s; a render never granted any credit
+        (sent with ``credit: 0`` and no ``credit`` message since) already after ``no_credit_timeout`` s,
+        so requests that never mean to take frames cannot hold job slots."""
         now = self.clock()
+        short = timeout if no_credit_timeout is None else min(timeout, no_credit_timeout)
         with self.cv:
             for job in self.jobs.values():
-                if (job.kind == "render" and job.abort is None and job.granted <= job.produced
-                        and now - job.last_credit > timeout):
+                if job.kind != "render" or job.abort is not None or job.granted > job.produced:
+                    continue
+                limit = short if job.granted == 0 else timeout
+                if now - job.last_credit > limit:
                     job.abort = ("error", P.E_STALLED,
-                                 f"no credit granted for {timeout:.0f} s; the render was dropped "
+                                 f"no credit granted for {limit:.0f} s; the render was dropped "
                                  f"(send 'credit' messages as frames arrive)")
             self.cv.notify_all()
 
@@ -140,6 +149,11 @@ class Scheduler:
     def known_identity(self, identity: str) -> bool:
         with self.cv:
             return identity in self.identities
+
+    def owns(self, peer: bytes, identity: str) -> bool:
+        """True when ``peer`` prepared ``identity`` (only owners and trusted clients may forget it)."""
+        with self.cv:
+            return peer in self.owners.get(identity, ())
 
     # worker thread -----------------------------------------------------------------------
     def _runnable(self, job: Job) -> bool:
@@ -182,17 +196,22 @@ class Scheduler:
         with self.cv:
             self.ending.pop((client, rid), None)
 
-    def add_identity(self, identity: str) -> None:
+    def add_identity(self, identity: str, owner: bytes | None = None) -> None:
         with self.cv:
             self.identities.add(identity)
+            if owner is not None:
+                self.owners.setdefault(identity, set()).add(owner)
 
     def set_identities(self, identities) -> None:
         with self.cv:
             self.identities = set(identities)
+            for gone in [i for i in self.owners if i not in self.identities]:
+                del self.owners[gone]
 
     def remove_identity(self, identity: str) -> None:
         with self.cv:
             self.identities.discard(identity)
+            self.owners.pop(identity, None)
 
     def idle(self) -> bool:
         with self.cv:

@@ -46,13 +46,35 @@ def release_device_memory() -> None:
 
 
 def _video_suffix(data: bytes) -> str:
-    if data[:4] == b"RIFF":
-        return ".avi"
-    if data[4:8] == b"ftyp":
-        return ".mp4"
-    if data[:4] == b"\x1aE\xdf\xa3":
-        return ".mkv"
-    return ".video"
+    """The temporary file's suffix; the bytes were checked by ``P.video_container`` (validate_extract)."""
+    kind = P.video_container(data)
+    if kind is None:
+        raise VideoError("the bytes are not a video file (MP4/MOV, AVI or Matroska/WebM)")
+    return "." + kind
+
+
+# FFmpeg (behind OpenCV) may read only local files: no network protocols, whatever a container says
+os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "protocol_whitelist;file")
+
+
+def check_extract_video(path: str) -> None:
+    """Refuse a video over the extract limits (frames, duration, pixels) from its container's header,
+    before any frame is decoded; VideoError says which limit and what to do."""
+    from server.preprocessing.tracking import probe_video
+
+    info = probe_video(path)
+    pixels = info.width * info.height
+    if info.width <= 0 or info.height <= 0:
+        raise VideoError("the video's frame size cannot be read; re-encode it as MP4 (H.264)")
+    if pixels > P.MAX_EXTRACT_PIXELS:
+        raise VideoError(f"the video is {info.width}x{info.height}, over the extract limit of "
+                         f"{P.MAX_EXTRACT_PIXELS} pixels per frame; downscale it (e.g. to 1920x1080)")
+    if info.frame_count > P.MAX_EXTRACT_FRAMES:
+        raise VideoError(f"the video has {info.frame_count} frames, over the extract limit of "
+                         f"{P.MAX_EXTRACT_FRAMES}; cut it into shorter clips")
+    if info.frame_count / info.fps > P.MAX_EXTRACT_SECONDS:
+        raise VideoError(f"the video lasts {info.frame_count / info.fps:.0f} s, over the extract limit of "
+                         f"{P.MAX_EXTRACT_SECONDS:.0f} s; cut it into shorter clips")
 
 
 #: portraits whose coefficient note the worker remembers (oldest forgotten first)
@@ -168,10 +190,11 @@ class Worker(threading.Thread):
                     self._close_gen(job)
                     self.sched.finish(job)
                     if job.abort is None or job.abort[0] != "gone":
+                        detail = (f" ({type(exc).__name__}: {exc})" if job.trusted
+                                  else " (the details are in the server's log)")
                         self.send(job.client, P.error_reply(job.id, P.E_INTERNAL,
-                                                            f"the server failed on this request "
-                                                            f"({type(exc).__name__}: {exc}); other requests "
-                                                            f"are unaffected"))
+                                                            f"the server failed on this request{detail}; "
+                                                            f"other requests are unaffected"))
         finally:
             self.out.close(linger=1000)
 
@@ -253,7 +276,7 @@ class Worker(threading.Thread):
             self.sched.finish(job)
             self.send(job.client, P.error_reply(job.id, exc.code, exc.message))
             return
-        self.sched.add_identity(info.id)
+        self.sched.add_identity(info.id, job.peer)
         png = encode_png(aligned)
         coeffs = None if info.coefficients is None else [float(x) for x in np.asarray(info.coefficients).ravel()]
         if self._finish_or_abort(job):
@@ -300,7 +323,9 @@ class Worker(threading.Thread):
                     path = tmp
                 else:
                     path = req.path
+                check_extract_video(path)
                 result = self.setup.bake.tracker.track(path, curve_sigma=req.smooth, progress=progress,
+                                                        max_frames=P.MAX_EXTRACT_FRAMES,
                                                         should_stop=lambda: job.abort is not None)
             finally:  # the copy is gone before any reply leaves
                 if tmp is not None:
@@ -311,14 +336,20 @@ class Worker(threading.Thread):
             rows, fps = np.asarray(result.rows, dtype=np.float32), float(result.fps)
             if req.fps is not None and abs(req.fps - fps) > 1e-6:
                 rows, fps = resample_rows(rows, fps, req.fps), float(req.fps)
+            if len(rows) > P.MAX_ROWS:
+                raise VideoError(f"the video gives {len(rows)} rows at {fps:g} fps, over the limit of "
+                                 f"{P.MAX_ROWS}; ask for a lower fps or send a shorter video")
             if not np.isfinite(rows).all():
                 raise RuntimeError("the 3DMM regressor produced non-finite coefficients")
         except Cancelled:
             self._finish_or_abort(job)
             return
         except VideoError as exc:
+            message = str(exc)
+            if tmp is not None:   # never name the server's temporary file
+                message = message.replace(tmp, "the uploaded video")
             if not self._finish_or_abort(job):
-                self.send(job.client, P.error_reply(job.id, P.E_BAD_VIDEO, str(exc)))
+                self.send(job.client, P.error_reply(job.id, P.E_BAD_VIDEO, message))
             return
         except Exception as exc:
             if not is_out_of_memory(exc):
