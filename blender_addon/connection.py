@@ -174,7 +174,8 @@ CODE_TEXT = {
     "busy": ("The server is busy with other jobs", "Wait until they finish, then try again."),
     "out_of_memory": ("The server ran out of memory", "Lower the Size, close other GPU programs, then try again."),
     "stalled": ("The server dropped the job because Blender stopped taking frames", "Render again."),
-    "shutting_down": ("The server is shutting down", "Start it again, then retry."),
+    "shutting_down": ("The server is shutting down",
+                      "Start it again and retry; frames already written are kept."),
     "internal": ("The server failed unexpectedly", "Look at the server's log, restart it and try again."),
     "bad_video": ("The movie could not be used", "Use an MP4, MOV or AVI file that shows one face."),
 }
