@@ -169,7 +169,7 @@ CODE_TEXT = {
                   "Check the rig's values (sizes, frame range) and try again."),
     "bad_image": ("The portrait was rejected", "Use a PNG or JPEG photo with one clearly visible face."),
     "unknown_identity": ("The server no longer knows the portrait (it was restarted)",
-                         "Press Prepare, then render again."),
+                         "Press Prepare Portrait, then render again."),
     "unsupported": ("This server cannot do that", "Start the server with the weights that provide it."),
     "busy": ("The server is busy with other jobs", "Wait until they finish, then try again."),
     "out_of_memory": ("The server ran out of memory", "Lower the Size, close other GPU programs, then try again."),

@@ -65,7 +65,7 @@ class STYLEHEAT_PT_main(_Base, bpy.types.Panel):
         layout.prop(rig, "portrait")
         row = layout.row()
         row.prop(rig, "align")
-        row.operator("styleheat.prepare_portrait", text="Prepare", icon="IMPORT")
+        row.operator("styleheat.prepare_portrait", icon="IMPORT")
         if rig.identity and not rig.has_base:
             draw_wrapped(layout, context, "The server measured no expression on this portrait ("
                          + (rig.base_note or "no details").rstrip(".") + "), so the sliders start from a neutral "
@@ -91,7 +91,7 @@ class STYLEHEAT_PT_expression(_RigChild, bpy.types.Panel):
             col.prop(rig, name, slider=True)
         col.prop(rig, "blink", slider=True)
         if not rig.has_base and not rig.identity:
-            draw_wrapped(self.layout, context, "Press Prepare to start the sliders from the portrait's own "
+            draw_wrapped(self.layout, context, "Press Prepare Portrait to start the sliders from the portrait's own "
                          "expression.", icon="INFO")
         if not rig_mod.stored_presets(context.scene):
             draw_wrapped(self.layout, context, "This server sent no expression presets (the --tiny-random demo "

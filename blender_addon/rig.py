@@ -81,7 +81,7 @@ class StyleHEATRig(bpy.types.PropertyGroup):
     is_rig: BoolProperty(name="Is StyleHEAT Rig", default=False, options={"HIDDEN"})
     portrait: StringProperty(name="Portrait", subtype="FILE_PATH", default="",
                              description="The photo to animate (PNG or JPEG, one clearly visible face); the server "
-                                         "prepares it once when you press Prepare or render")
+                                         "prepares it once when you press Prepare Portrait or render")
     align: BoolProperty(name="Align Face", default=True,
                         description="Let the server find the face and crop the photo around it (off: the photo is "
                                     "already a square crop centred on the face, as the model expects)")
