@@ -8,15 +8,16 @@ write this module; it imports none of them, so it is also usable (and tested) wi
 """
 from __future__ import annotations
 
+import re
 import time
 
 from . import localserver
 from . import protocol as P
-from .client import DEAD_AFTER, Client, ServerDead, ServerError
+from .client import DEAD_AFTER, Client, ServerDead, ServerError, ServerUnavailable
 
 __all__ = ["DEAD_AFTER", "clients", "server_info", "curve_keys", "status", "progress", "get_client", "connect",
            "close_clients", "set_curve_keys_dir", "info_field", "presets_from_info", "set_status", "explain",
-           "failure_text", "last_heartbeat", "can_restart_local"]
+           "failure_text", "last_heartbeat", "can_restart_local", "sentence", "join", "CODE_TEXT", "wrap"]
 
 clients: dict[str, Client] = {}          # address -> client
 server_info: dict[str, dict] = {}        # address -> the server's last hello reply
@@ -27,7 +28,20 @@ curve_keys = {"dir": ""}
 #: server that stopped answering ("" otherwise)
 status = {"state": "unknown", "text": "Not connected", "device": "", "model": "", "dead": ""}
 #: the running render or bake (operators and panels; the live preview stands aside while ``running``)
-progress = {"text": "", "running": False}
+progress = {"text": "", "running": False, "failed": False, "message": ""}
+
+
+def set_progress(text: str, failed: bool = False, message: str = "") -> None:
+    """The panel's job line; ``failed`` with the full error ``message`` (shown in a box under it)."""
+    progress["text"], progress["failed"], progress["message"] = text, bool(failed), message or ""
+
+
+def wrap(text: str, width_px: float, char_px: float = 7.0) -> list[str]:
+    """``text`` split into lines that fit a sidebar ``width_px`` wide (about ``char_px`` per character)."""
+    import textwrap
+
+    cols = max(12, int(width_px / char_px))
+    return textwrap.wrap(text, cols) or [""]
 
 
 def set_curve_keys_dir(path: str) -> None:
@@ -50,9 +64,44 @@ def close_clients() -> None:
     clients.clear()
 
 
+def local_server_problem(address: str) -> str | None:
+    """A sentence when the local server this Blender started for ``address`` has exited (said at once,
+    without waiting for a connect timeout), else None."""
+    if not localserver.serves(address):
+        return None
+    code = localserver.exit_code()
+    if code is None:
+        return None
+    line = localserver.last_log_line()
+    return (f"The local server this Blender started for {address} has exited (code {code})"
+            + (f"; its last log line: {line.rstrip('.')}" if line else "") + ". Fix what it names, then press "
+            "Restart Local Server (StyleHEAT panel or Preferences).")
+
+
 def connect(address: str, timeout: float) -> dict:
-    """hello -> the server's info (cached per address); raises ServerUnavailable with advice."""
-    info = get_client(address, timeout).hello()
+    """hello -> the server's info (cached per address); raises ServerUnavailable with advice. A local
+    server that has exited is reported at once; one that runs but does not answer yet is "starting"."""
+    dead = local_server_problem(address)
+    if dead is not None:
+        exc = ServerUnavailable(dead)
+        exc.local_reported = True
+        raise exc
+    try:
+        info = get_client(address, timeout).hello()
+    except ServerUnavailable as exc:
+        if isinstance(exc, ServerDead) or not localserver.serves(address):
+            raise
+        dead = local_server_problem(address)     # it may have exited while we waited
+        if dead is None and localserver.running():
+            line = localserver.last_log_line()
+            dead = (f"The local server (pid {localserver.pid()}) is still starting: it loads the model before "
+                    f"it answers" + (f" (last log line: {line.rstrip('.')})" if line else "")
+                    + ". Press refresh again in a few seconds.")
+        if dead is None:
+            raise
+        new = ServerUnavailable(dead)
+        new.local_reported = True
+        raise new from None
     server_info[address] = info
     if status["dead"] == address:
         status["dead"] = ""
@@ -103,23 +152,93 @@ def can_restart_local() -> bool:
     return localserver.last_command() is not None
 
 
+_ACTION_WORDS = ("use ", "pick ", "send ", "run ", "restart ", "retry", "choose ", "start ", "set ", "press ",
+                 "install ", "try ", "free ", "lower ", "raise ", "add ", "connect ", "update ", "check ")
+
+#: error codes -> (what went wrong, what to do); the code itself never reaches the user
+CODE_TEXT = {
+    "bad_message": ("The server could not read the add-on's request",
+                    "Update the add-on and the server to the same release."),
+    "too_large": ("The request is larger than the server accepts",
+                  "Render fewer frames at once or use a smaller portrait or movie."),
+    "version_mismatch": ("The add-on and the server speak different protocol versions",
+                         "Install the add-on and the server from the same release."),
+    "unknown_type": ("The server does not know this request",
+                     "Update the server to the add-on's release."),
+    "bad_field": ("The server refused a value the add-on sent",
+                  "Check the rig's values (sizes, frame range) and try again."),
+    "bad_image": ("The portrait was rejected", "Use a PNG or JPEG photo with one clearly visible face."),
+    "unknown_identity": ("The server no longer knows the portrait (it was restarted)",
+                         "Press Prepare Portrait, then render again."),
+    "unsupported": ("This server cannot do that", "Start the server with the weights that provide it."),
+    "busy": ("The server is busy with other jobs", "Wait until they finish, then try again."),
+    "out_of_memory": ("The server ran out of memory", "Lower the Size, close other GPU programs, then try again."),
+    "stalled": ("The server dropped the job because Blender stopped taking frames", "Render again."),
+    "shutting_down": ("The server is shutting down",
+                      "Start it again and retry; frames already written are kept."),
+    "internal": ("The server failed unexpectedly", "Look at the server's log, restart it and try again."),
+    "bad_video": ("The movie could not be used", "Use an MP4, MOV or AVI file that shows one face."),
+}
+
+
+def sentence(text: str) -> str:
+    """``text`` as one sentence: capital first letter, one full stop (no code suffix like ``[busy]``)."""
+    text = " ".join(str(text).split()).strip()
+    text = re.sub(r"\s*\[[a-z_]+\]$", "", text)
+    if not text:
+        return ""
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+def says_what_to_do(text: str) -> bool:
+    low = " " + text.lower()
+    return any((" " + w) in low or (";" + w) in low for w in _ACTION_WORDS)
+
+
+def join(what: str, detail: str = "", advice: str = "") -> str:
+    """``what`` (what went wrong), the server's ``detail`` and ``advice``, each once, as full sentences;
+    the advice is left out when the detail already says what to do."""
+    parts = [sentence(what)]
+    d = sentence(detail)
+    if d and d.rstrip(".").lower() not in parts[0].lower():
+        parts[0] = parts[0].rstrip(".") + ": " + d[0].lower() + d[1:]
+    if advice and not (d and says_what_to_do(d)):
+        parts.append(sentence(advice))
+    return " ".join(parts)
+
+
+def _video_text(message: str) -> str:
+    low = message.lower()
+    if "no face" in low:
+        return ("No face was found in any frame of the movie. Use a movie that shows one face clearly from the "
+                "front (not too small, not turned away).")
+    if "not found" in low:
+        return "The server cannot find that movie file. Pick a movie that exists on the server's machine."
+    if "cannot open" in low or "no decodable frames" in low or "is empty" in low or "not a video" in low:
+        return ("The file is not a movie the server can read. Pick an MP4, MOV or AVI file (not an image, audio "
+                "file or playlist).")
+    # other problems (too long, too large, ...): the server's sentence without its paths
+    return join("The movie could not be used", re.sub(r"(/[^\s:;,]+)+", "the file", message),
+                CODE_TEXT["bad_video"][1])
+
+
 def explain(exc: Exception) -> str:
-    """One sentence for the user, with what to do."""
+    """What went wrong and what to do, as full sentences, once; internal codes stay out."""
     if isinstance(exc, ServerError):
-        code = exc.code
-        if code == "bad_image" and "face" in exc.message.lower():
-            return f"No usable face in the portrait: {exc.message} Pick a photo with one clearly visible face."
-        if code == "bad_image":
-            return f"The portrait was rejected: {exc.message} Use a PNG/JPEG photo with one clearly visible face."
-        if code in ("no_face", "face_not_found") or "no face" in exc.message.lower():
-            return f"No face was found in the portrait: {exc.message} Pick a photo with one frontal face."
-        if code in ("weights_missing", "no_weights") or "weights" in exc.message.lower():
-            return (f"The server is missing model weights: {exc.message} "
-                    "Run 'styleheat download' and restart the server with --checkpoints.")
-        if code == "version_mismatch":
-            return f"Add-on and server speak different protocol versions: {exc.message}"
-        return f"Server error: {exc}"
-    return str(exc)
+        code, message = exc.code, str(exc.message or "")
+        low = message.lower()
+        if code == "bad_video":
+            return _video_text(message)
+        if code == "bad_image" and "face" in low:
+            return join("No usable face was found in the portrait", message,
+                        "Pick a photo with one clearly visible, front-facing face.")
+        if code in ("weights_missing", "no_weights") or (code == "internal" and "weights" in low):
+            return join("The server is missing model weights", message,
+                        "Run 'styleheat download' and restart the server with --checkpoints.")
+        what, advice = CODE_TEXT.get(code, ("The server could not do this", "Check the server's log."))
+        return join(what, message, advice)
+    return sentence(str(exc))
 
 
 def failure_text(exc: Exception) -> str:
@@ -127,9 +246,9 @@ def failure_text(exc: Exception) -> str:
     remembered in :data:`status` (the panels then offer Restart Local Server when it was local)."""
     msg = explain(exc)
     code = localserver.exit_code()
-    if code not in (None, 0):  # the server this Blender started has died: say why
-        tail = [ln for ln in localserver.log_tail().splitlines() if ln.strip()]
-        msg += f" The local server exited with code {code}" + (f": {tail[-1]}" if tail else ".")
+    if code not in (None, 0) and not getattr(exc, "local_reported", False):  # our local server died: say why
+        line = localserver.last_log_line()
+        msg += f" The local server exited with code {code}" + (f": {sentence(line)}" if line else ".")
     if isinstance(exc, ServerDead):
         status["dead"] = exc.address
         if can_restart_local():

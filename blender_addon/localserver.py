@@ -87,6 +87,25 @@ def log_tail(n: int = 2000) -> str:
         return f.read().decode("utf-8", "replace")
 
 
+def last_log_line() -> str:
+    """The server log's last non-empty line ("" when there is none), at most 300 characters."""
+    lines = [ln.strip() for ln in log_tail().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def serves(address: str) -> bool:
+    """True when the last server this Blender started was bound to ``address`` (its ``--bind``)."""
+    argv = _argv
+    if argv is None:
+        return False
+    for i, a in enumerate(argv):
+        if a == "--bind" and i + 1 < len(argv):
+            return argv[i + 1] == address
+        if a.startswith("--bind="):
+            return a.split("=", 1)[1] == address
+    return address == "tcp://127.0.0.1:5555"      # the server's default bind
+
+
 def exit_code() -> int | None:
     return None if _proc is None else _proc.poll()
 

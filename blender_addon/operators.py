@@ -2,12 +2,14 @@
 headless runs and tests execute the same code without an event loop."""
 from __future__ import annotations
 
+import os
+
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from . import bake as B
 from . import connection, localserver, preferences, render as R, rig as rig_mod
-from .client import ClientError
+from .client import ClientError, ServerError
 
 def fail_text(exc: Exception) -> str:
     """The sentence to report for ``exc``; a server error also becomes the connection status."""
@@ -18,6 +20,7 @@ def fail_text(exc: Exception) -> str:
 
 
 def _fail(op, exc: Exception):
+    """Report ``exc`` once, as full sentences, in the Info log (and Blender's error popup)."""
     op.report({"ERROR"}, fail_text(exc))
     return {"CANCELLED"}
 
@@ -173,6 +176,51 @@ class STYLEHEAT_OT_prepare(_NeedsRig, bpy.types.Operator):
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
         self.report({"INFO"}, f"Portrait prepared ({obj.styleheat.identity})")
+        if not obj.styleheat.has_base:
+            self.report({"WARNING"}, "StyleHEAT: the server measured no expression on this portrait ("
+                        + (obj.styleheat.base_note or "no details").rstrip(".") + "), so the sliders start from "
+                        "a neutral face")
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_open_output(_NeedsRig, bpy.types.Operator):
+    bl_idname = "styleheat.open_output"
+    bl_label = "Open Output Folder"
+    bl_description = "Open the folder the rendered frames of this face rig go to (//styleheat/<rig>/) in the file browser"
+
+    def execute(self, context):
+        obj = rig_mod.find_rig(context)
+        try:
+            folder = R.output_dir(obj)
+        except R.UserError as exc:
+            return _fail(self, exc)
+        if not os.path.isdir(folder):
+            return _fail(self, R.UserError(f"Nothing was rendered for {obj.name} yet, so {folder} does not exist; "
+                                           "press Render Face Animation first."))
+        try:
+            result = bpy.ops.wm.path_open(filepath=folder)
+        except RuntimeError as exc:
+            result = {"CANCELLED", str(exc)}
+        if "FINISHED" not in result:
+            return _fail(self, R.UserError(f"Blender could not open {folder}; open it in your file manager."))
+        return {"FINISHED"}
+
+
+class STYLEHEAT_OT_match_resolution(_NeedsRig, bpy.types.Operator):
+    bl_idname = "styleheat.match_resolution"
+    bl_label = "Match Scene Resolution"
+    bl_description = ("Set the scene's render resolution to the size of this face rig's rendered frames (100%), so "
+                      "the image strip fills the output")
+
+    def execute(self, context):
+        obj = rig_mod.find_rig(context)
+        try:
+            w, h = R.rendered_size(context.scene, obj)
+        except R.UserError as exc:
+            return _fail(self, exc)
+        r = context.scene.render
+        r.resolution_x, r.resolution_y, r.resolution_percentage = w, h, 100
+        self.report({"INFO"}, f"StyleHEAT: scene resolution set to {w} x {h}")
         return {"FINISHED"}
 
 
@@ -182,10 +230,13 @@ class STYLEHEAT_OT_preview(_NeedsRig, bpy.types.Operator):
     bl_description = "Render the current frame at the preview size into the 'StyleHEAT Preview' image"
     def execute(self, context):
         s = preferences.settings(context)
+        warnings = []
         try:
-            R.preview_frame(context.scene, rig_mod.find_rig(context), s.address, s.timeout)
+            R.preview_frame(context.scene, rig_mod.find_rig(context), s.address, s.timeout, warnings=warnings)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
+        for w in warnings:
+            self.report({"WARNING"}, f"StyleHEAT: {w}")
         return {"FINISHED"}
 
 
@@ -200,11 +251,26 @@ class STYLEHEAT_OT_render(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
     # blocking path: scripts, --background, bpy-as-a-module
     def execute(self, context):
         s = preferences.settings(context)
+        obj = rig_mod.find_rig(context)
         try:
-            session = R.render_range(context.scene, rig_mod.find_rig(context), s.address, s.timeout, force=self.force,
-                                     frame_timeout=s.frame_timeout)
+            session = start_session(context, obj, s, force=self.force)
         except (ClientError, R.UserError) as exc:
             return _fail(self, exc)
+        while step_session(context, session, 0.2):
+            pass
+        err = finish_session(context, session)
+        if isinstance(err, ServerError) and err.code == "unknown_identity" and not session.written:
+            # the server restarted and forgot the portrait: prepare it again and retry once
+            try:
+                R.ensure_identity(connection.get_client(s.address, s.timeout), obj, force=True)
+                session = start_session(context, obj, s, force=self.force)
+            except (ClientError, R.UserError) as exc:
+                return _fail(self, exc)
+            while step_session(context, session, 0.2):
+                pass
+            err = finish_session(context, session)
+        if err is not None:
+            return _fail(self, err)
         for w in session.plan.warnings:
             self.report({"WARNING"}, f"StyleHEAT: {w}")
         self.report({"INFO"}, f"StyleHEAT: rendered {len(session.written)} frame(s), "
@@ -252,7 +318,7 @@ def start_session(context, obj, s: preferences.Settings, force: bool = False) ->
     session = R.start_render(context.scene, obj, s.address, s.timeout, force=force, frame_timeout=s.frame_timeout,
                              info=info)
     session.scene_name = context.scene.name
-    connection.progress["text"] = session.status()
+    connection.set_progress(session.status())
     return session
 
 
@@ -278,7 +344,10 @@ def finish_session(context, session: R.RenderSession):
     scene = bpy.data.scenes.get(getattr(session, "scene_name", ""), context.scene)
     obj = bpy.data.objects.get(session.plan.obj_name)
     R.update_strip(scene, session.plan, obj.styleheat.strip_channel if obj else 0)
-    connection.progress["text"] = ("Cancelled at " if session.cancelled else "") + session.status()
+    if session.error is not None:
+        connection.set_progress(session.status(), failed=True, message=connection.failure_text(session.error))
+    else:
+        connection.set_progress(("Cancelled at " if session.cancelled else "") + session.status())
     return session.error
 
 
@@ -346,6 +415,7 @@ class STYLEHEAT_OT_bake_video(_ModalJob, _NeedsIdleRig, bpy.types.Operator):
             bake = self._start(context)
             bake.run()
         except (ClientError, R.UserError) as exc:
+            connection.set_progress("Bake failed", failed=True, message=connection.failure_text(exc))
             return _fail(self, exc)
         return self._report(bake)
 
@@ -443,7 +513,7 @@ class STYLEHEAT_OT_bake_audio(_NeedsIdleRig, bpy.types.Operator):
 
 def start_video_bake(context, obj, s: preferences.Settings, **kw) -> B.VideoBake:
     bake = B.start_video_bake(context.scene, obj, s.address, s.timeout, frame_timeout=s.frame_timeout, **kw)
-    connection.progress["text"] = bake.status()
+    connection.set_progress(bake.status())
     return bake
 
 
@@ -458,7 +528,7 @@ def finish_video_bake(context, bake: B.VideoBake):
     """Write the keys (unless cancelled or failed); returns the error to report, or None."""
     _status_bar(context, None)
     if bake.error is not None:
-        connection.progress["text"] = "Bake failed"
+        connection.set_progress("Bake failed", failed=True, message=connection.failure_text(bake.error))
         return bake.error
     if bake.cancelled:
         connection.progress["text"] = "Bake cancelled"
@@ -476,5 +546,5 @@ def menu_add(self, context):
 
 
 CLASSES = (STYLEHEAT_OT_connect, STYLEHEAT_OT_server_start, STYLEHEAT_OT_server_restart, STYLEHEAT_OT_server_stop, STYLEHEAT_OT_add_rig,
-           STYLEHEAT_OT_prepare, STYLEHEAT_OT_preview, STYLEHEAT_OT_render, STYLEHEAT_OT_bake_video,
+           STYLEHEAT_OT_prepare, STYLEHEAT_OT_preview, STYLEHEAT_OT_open_output, STYLEHEAT_OT_match_resolution, STYLEHEAT_OT_render, STYLEHEAT_OT_bake_video,
            STYLEHEAT_OT_bake_audio)

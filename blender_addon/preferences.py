@@ -82,16 +82,21 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
             if code is not None:
                 row.label(text=f"Exited with code {code}", icon="ERROR")
             row.operator("styleheat.server_start", icon="PLAY")
-        draw_status(layout)
+        draw_status(layout, context)
 
 
-def draw_status(layout) -> None:
+def draw_status(layout, context=None) -> None:
+    """The connection status; a long message (an error) is split into lines that fit the region."""
     status = connection.status
     box = layout.box()
     row = box.row()
     icon = {"ok": "CHECKMARK", "error": "ERROR"}.get(status["state"], "QUESTION")
-    row.label(text=status["text"], icon=icon)
+    region = getattr(context or bpy.context, "region", None)
+    lines = connection.wrap(status["text"], (getattr(region, "width", 0) or 300) - 70)
+    row.label(text=lines[0], icon=icon)
     row.operator("styleheat.connect", text="", icon="FILE_REFRESH")
+    for line in lines[1:]:
+        box.label(text=line, icon="BLANK1")
     if status["dead"] and connection.can_restart_local():
         box.operator("styleheat.server_restart", icon="FILE_REFRESH")
     if status["state"] == "ok":

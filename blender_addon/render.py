@@ -50,6 +50,38 @@ def pick_size(info: dict, want: int | None) -> int | None:
     return bigger[0] if bigger else sizes[-1]
 
 
+def max_size(info: dict) -> int | None:
+    """The largest output side the server renders (its hello's ``sizes``, else ``native_size``); None: unknown."""
+    sizes = [int(x) for x in (info_field(info, "sizes", None) or [])]
+    if sizes:
+        return max(sizes)
+    native = info_field(info, "native_size", None)
+    return int(native) if native else None
+
+
+def size_warning(info: dict, want: int | None, what: str = "Size") -> str | None:
+    """A sentence when ``want`` (the rig's Size or Preview Size) is more than the server renders."""
+    top = max_size(info)
+    if not want or top is None or want <= top:
+        return None
+    return (f"{what} {want} is more than this server renders ({info_field(info, 'model', 'its model')} makes at "
+            f"most {top} px), so the frames come out {top} x {top} px; set {what} to {top} or less, or use a server "
+            f"with larger weights")
+
+
+PRESETS_MISSING = ("this server has no expression presets (the --tiny-random demo server has none), so {names} "
+                   "change nothing; start the server with --presets FILE (or real weights) to use them")
+
+
+def presets_warning(presets: dict, used: set) -> str | None:
+    """A sentence when keyed/set expression sliders (``used``: preset names, "blink") have no preset to act on."""
+    missing = sorted(n for n in used if (n if n != "blink" else "eyes") not in presets)
+    if not missing:
+        return None
+    names = ", ".join(n.capitalize() for n in missing)
+    return PRESETS_MISSING.format(names=f"the {names} slider{'s' if len(missing) > 1 else ''}")
+
+
 def pick_quality(info: dict, want: str) -> str | None:
     """The render quality to send: ``want`` ("preview" / "full") when the server lists it in its hello's
     ``qualities``, else None (the server's default, full; older servers know no other)."""
@@ -90,6 +122,8 @@ def ensure_identity(client: Client, obj, force: bool = False) -> str:
     if isinstance(coeffs, dict):
         coeffs = P.decode_array(coeffs, "coefficients", (73,))
     rig_mod.set_base(rig, coeffs if coeffs is not None else None)
+    note = reply.get("coefficient_note")
+    rig.base_note = "" if coeffs is not None else str(note or "the server measured no expression on it")[:400]
     rig.identity = identity
     rig.identity_source = source
     return identity
@@ -133,12 +167,16 @@ class RenderPlan:
 
 
 def plan_render(scene, obj, identity: str, info: dict, start: int, end: int, directory: str | None,
-                size: int | None = None, force: bool = False) -> RenderPlan:
+                size: int | None = None, force: bool = False, requested_size: int | None = None,
+                size_name: str = "Size") -> RenderPlan:
     rig = obj.styleheat
     presets = sync_presets(scene, info)
     clip = rig_mod.sample_clip(scene, obj, start, end, presets)
     pcm = None
-    warnings = []
+    warnings = [w for w in (size_warning(info, requested_size, size_name),
+                            presets_warning(presets, clip.used_presets)) if w]
+    for name, (lo, hi) in sorted(clip.clamped.items()):
+        warnings.append(f"the {name} values go beyond the server's range {lo:g}..{hi:g}; they are clamped to it")
     known = info_field(info, "attributes", None)
     if isinstance(known, dict):
         unknown = sorted(n for n in clip.attributes if n not in known)
@@ -205,6 +243,9 @@ class RenderSession:
         return self.stream is None or self.stream.finished or self.error is not None
 
     def status(self) -> str:
+        if self.error is not None:
+            n = len(self.written)
+            return f"Failed at {n + 1}/{self.total} \u2014 {n} frame{'s' if n != 1 else ''} kept"
         return f"Frame {len(self.written)}/{self.total}"
 
     def step(self, timeout: float = 0.0) -> bool:
@@ -330,6 +371,30 @@ def update_strip(scene, plan: RenderPlan, channel: int = 0):
     return strip
 
 
+def _png_size(path: str) -> tuple[int, int] | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def rendered_size(scene, obj) -> tuple[int, int]:
+    """(width, height) of the rig's rendered frames (its image strip's first file); UserError when none."""
+    require_rig(obj)
+    strip = next((s for s in compat.all_strips(scene) if s.name == strip_name(obj.name) and s.type == "IMAGE"), None)
+    if strip is None or not len(strip.elements):
+        raise UserError(f"{obj.name} has no rendered image strip yet; press Render Face Animation first.")
+    path = os.path.join(bpy.path.abspath(strip.directory), strip.elements[0].filename)
+    size = _png_size(path)
+    if size is None:
+        raise UserError(f"The strip's first frame {path} is missing or not a PNG; render again.")
+    return size
+
+
 def show_preview(rgb: np.ndarray, name: str = PREVIEW_IMAGE):
     """Put an (H, W, 3) uint8 frame into an image datablock and show it in open Image Editors."""
     h, w = rgb.shape[:2]
@@ -366,7 +431,8 @@ def start_render(scene, obj, address: str, timeout: float = 5.0, start: int | No
     rig_mod.ensure_attributes(obj.styleheat, info_field(info, "attributes", {}))
     identity = ensure_identity(client, obj)
     plan = plan_render(scene, obj, identity, info, s0 if start is None else start, e0 if end is None else end,
-                       output_dir(obj), size=pick_size(info, obj.styleheat.size), force=force)
+                       output_dir(obj), size=pick_size(info, obj.styleheat.size), force=force,
+                       requested_size=obj.styleheat.size)
     return RenderSession(client, plan, frame_timeout=frame_timeout, on_frame=on_frame)
 
 
@@ -405,7 +471,8 @@ def start_preview(scene, obj, address: str, timeout: float = 5.0, frame: int | N
     else:
         identity = prepared_identity(obj)
     plan = plan_render(scene, obj, identity, info, frame, frame, None,
-                       size=pick_size(info, obj.styleheat.preview_size))
+                       size=pick_size(info, obj.styleheat.preview_size), requested_size=obj.styleheat.preview_size,
+                       size_name="Preview Size")
     quality = pick_quality(info, "preview" if obj.styleheat.preview_quality == "PREVIEW" else "full")
     return RenderSession(client, plan, encoding="raw", quality=quality)
 
@@ -419,10 +486,13 @@ def prepared_identity(obj) -> str:
     return rig.identity
 
 
-def preview_frame(scene, obj, address: str, timeout: float = 5.0, frame: int | None = None):
-    """Render one frame at the rig's preview size into the preview image (blocking); returns the image."""
+def preview_frame(scene, obj, address: str, timeout: float = 5.0, frame: int | None = None, warnings=None):
+    """Render one frame at the rig's preview size into the preview image (blocking); returns the image.
+    ``warnings``: a list that receives the plan's warnings (size reduced, no presets, ...)."""
     frame = scene.frame_current if frame is None else frame
     session = start_preview(scene, obj, address, timeout, frame).run()
+    if warnings is not None:
+        warnings.extend(session.plan.warnings)
     if frame not in session.images:
         raise ClientError("the server finished without sending the preview frame")
     return show_preview(session.images[frame])

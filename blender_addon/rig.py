@@ -25,8 +25,38 @@ ANIMATED_PREFIXES = ("rotation_euler", "rotation_quaternion", "rotation_axis_ang
 def _preset_prop(name: str, what: str):
     return FloatProperty(
         name=name.capitalize(), default=0.0, min=-2.0, max=2.0, soft_min=0.0, soft_max=1.0,
-        description=f"Blend towards the official '{name}' intuitive-edit preset ({what}); "
-                    f"0 = the portrait's own expression, 1 = the preset")
+        description=f"{what}: 0 = the portrait's own expression, 1 = fully {what.lower()} (the server's "
+                    f"'{name}' expression preset; a server without presets ignores this slider)")
+
+
+#: the head controls the main panel draws: (object property, index, label, tooltip). Rotation X is the
+#: head's pitch (first 3DMM angle), Z its yaw (second), Y its roll (third) -- see frames.rows_from_samples
+HEAD_ROTATION = (("rotation_euler", 0, "Nod", "Nod (rotation X): tips the head up or down"),
+                 ("rotation_euler", 2, "Turn", "Turn (rotation Z): the head turns left / right"),
+                 ("rotation_euler", 1, "Tilt", "Tilt (rotation Y): the head leans towards a shoulder"))
+HEAD_OFFSET = (("location", 0, "Sideways", "Move the face sideways (location X)"),
+               ("location", 2, "Up / Down", "Move the face up or down (location Z)"),
+               ("location", 1, "Away", "Move the face away from the camera (location Y; negative: closer)"))
+#: what one unit of the rig's location means (the 3D face model's unit, not a metre)
+OFFSET_UNIT = ("Offsets are in face-model units, not metres (Blender still shows 'm'): 1 unit is about 10 cm "
+               "on a real head; 0.1 sideways moves the face by about 4.5% of the frame width")
+
+
+def attribute_range_text(item) -> str:
+    return f"{item.min:g}..{item.max:g}"
+
+
+def _clamp_attribute(item, context) -> None:
+    if item.max > item.min and not (item.min <= item.value <= item.max):
+        item.value = min(max(item.value, item.min), item.max)
+
+
+def _attribute_value_prop(lo: float = -5.0, hi: float = 5.0):
+    return FloatProperty(
+        name="Strength", default=0.0, soft_min=lo, soft_max=hi, update=_clamp_attribute,
+        description=f"How strongly the server applies this edit at this frame (keyframable); 0 = unchanged. "
+                    f"The connected server allows {lo:g} to {hi:g} overall; each edit's own range is shown next "
+                    f"to its name and values beyond it are clamped")
 
 
 #: functions called with the scene when a rig's Live Preview is switched; the live preview (scrub.py)
@@ -42,8 +72,7 @@ def _live_preview_toggled(rig, context) -> None:
 
 class StyleHEATAttribute(bpy.types.PropertyGroup):
     # ``name`` (inherited) is the server's attribute name (from its hello), e.g. "age", "beard"
-    value: FloatProperty(name="Strength", default=0.0, soft_min=-5.0, soft_max=5.0,
-                         description="Attribute-edit strength sent to the server for this frame (keyframable)")
+    value: _attribute_value_prop()
     min: FloatProperty(name="Min", default=-5.0, options={"HIDDEN"})
     max: FloatProperty(name="Max", default=5.0, options={"HIDDEN"})
 
@@ -51,9 +80,11 @@ class StyleHEATAttribute(bpy.types.PropertyGroup):
 class StyleHEATRig(bpy.types.PropertyGroup):
     is_rig: BoolProperty(name="Is StyleHEAT Rig", default=False, options={"HIDDEN"})
     portrait: StringProperty(name="Portrait", subtype="FILE_PATH", default="",
-                             description="Source portrait (PNG/JPEG, one face); the server aligns and inverts it once")
+                             description="The photo to animate (PNG or JPEG, one clearly visible face); the server "
+                                         "prepares it once when you press Prepare Portrait or render")
     align: BoolProperty(name="Align Face", default=True,
-                        description="Let the server detect and FFHQ-align the face (off: the image is already aligned)")
+                        description="Let the server find the face and crop the photo around it (off: the photo is "
+                                    "already a square crop centred on the face, as the model expects)")
     identity: StringProperty(name="Identity", default="", options={"HIDDEN"},
                              description="Server identity id of the prepared portrait")
     identity_source: StringProperty(default="", options={"HIDDEN"})
@@ -64,30 +95,36 @@ class StyleHEATRig(bpy.types.PropertyGroup):
                                    default=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
                                    description="Portrait angles (3), translation (3), crop (3)")
     has_base: BoolProperty(default=False, options={"HIDDEN"})
+    base_note: StringProperty(default="", options={"HIDDEN"},
+                              description="Why the server measured no expression on the prepared portrait")
+    show_coefficients: BoolProperty(name="Raw Coefficients (Expert)", default=False,
+                                    description="Show the 64 raw expression numbers the sliders are built from")
 
-    mouth: _preset_prop("mouth", "open mouth")
-    eyebrow: _preset_prop("eyebrow", "raised eyebrows")
-    eyes: _preset_prop("eyes", "eyes")
-    center: _preset_prop("center", "neutral centre expression")
+    mouth: _preset_prop("mouth", "Open mouth")
+    eyebrow: _preset_prop("eyebrow", "Raised eyebrows")
+    eyes: _preset_prop("eyes", "Closed eyes")
+    center: _preset_prop("center", "Relaxed, neutral face")
 
     blink: FloatProperty(
         name="Blink", default=0.0, min=-1.0, max=2.0, soft_min=0.0, soft_max=1.0,
-        description="Eye closing: adds this weight times ('eyes' preset - 'center' preset) to the expression; "
-                    "1 = eyes fully closed (what Bake Audio's blinks key)")
+        description="Closes the eyes without changing the rest of the face: 0 = open, 1 = fully closed (what "
+                    "Bake Audio's blinks key; needs the server's expression presets)")
     expression: FloatVectorProperty(
         name="Expression Coefficients", size=(2, 32), default=[[0.0] * 32] * 2, soft_min=-3.0, soft_max=3.0,
-        description="Raw Deep3D expression offsets (64 = 2 x 32), added to the portrait's own expression")
+        description="Expert: the 64 raw numbers of the face model's expression, added to the portrait's own "
+                    "expression (the sliders above are combinations of them)")
     attributes: CollectionProperty(type=StyleHEATAttribute, name="Attribute Edits")
     use_audio: BoolProperty(name="Lip Sync From Sound Strips", default=True,
                             description="Send what the sequencer's sound strips play to the server to drive the lips")
     size: IntProperty(name="Size", default=0, min=0, max=4096,
-                      description="Output side in pixels (0 = the model's native size)")
+                      description="Side of the rendered square frames in pixels (0 = the largest the server makes; "
+                                  "larger values come out at the server's largest size, with a warning)")
     preview_size: IntProperty(name="Preview Size", default=256, min=16, max=1024,
-                              description="Side of the preview image")
+                              description="Side of the preview image in pixels (at most the server's largest size)")
     preview_quality: EnumProperty(
         name="Preview Quality", default="PREVIEW",
-        items=[("PREVIEW", "Fast", "Scrub quality: skips the calibration network (the warp repair) and caches "
-                                   "frames already seen; several times cheaper than a full frame"),
+        items=[("PREVIEW", "Fast", "Scrub quality: skips the final clean-up pass and reuses frames already "
+                                   "seen; several times cheaper than a full frame"),
                ("FULL", "Full", "Exactly the frame a render gives (every network)")],
         description="What Preview Frame and Live Preview render")
     live_preview: BoolProperty(
@@ -181,7 +218,9 @@ def base_coefficients(rig) -> np.ndarray:
 
 
 def ensure_attributes(rig, spec: dict) -> None:
-    """Make sure the rig has one keyframable item per attribute the server reports."""
+    """Make sure the rig has one keyframable item per attribute the server reports, with the server's
+    range (each item's min/max: the panel shows it, values beyond it are clamped), and the Strength
+    slider's soft range set to what the server allows (:func:`apply_attribute_ranges`)."""
     for name, info in (spec or {}).items():
         item = rig.attributes.get(name)
         if item is None:
@@ -190,6 +229,25 @@ def ensure_attributes(rig, spec: dict) -> None:
         if isinstance(info, dict):
             item.min = float(info.get("min", item.min))
             item.max = float(info.get("max", item.max))
+            _clamp_attribute(item, None)
+    apply_attribute_ranges(spec)
+
+
+def apply_attribute_ranges(spec: dict) -> tuple[float, float] | None:
+    """RNA keeps one soft range per property (not per item), so the Strength property is defined again
+    with the server's overall range (lowest min .. highest max of its hello's attributes); values and
+    keys stay. Returns that range (None: the server sent no ranges)."""
+    lims = [(float(v["min"]), float(v["max"])) for v in (spec or {}).values()
+            if isinstance(v, dict) and "min" in v and "max" in v]
+    if not lims:
+        return None
+    lo, hi = min(a for a, _ in lims), max(b for _, b in lims)
+    if hi <= lo:
+        return None
+    prop = StyleHEATAttribute.bl_rna.properties["value"]
+    if (prop.soft_min, prop.soft_max) != (lo, hi):
+        StyleHEATAttribute.value = _attribute_value_prop(lo, hi)
+    return lo, hi
 
 
 # --- presets (stored in the .blend) -----------------------------------------------------------
@@ -265,12 +323,17 @@ def sample_frames(scene, obj, lo: int, hi: int) -> list[RigSample]:
 
 
 class Clip:
-    """What one render request needs from the rig: rows for scene frames first..last."""
+    """What one render request needs from the rig: rows for scene frames first..last; ``used_presets``:
+    the preset sliders (and "blink") that are not 0 somewhere in the clip; ``clamped``: {attribute:
+    (min, max)} for attributes whose values went beyond the server's range (and were clamped)."""
 
-    def __init__(self, first: int, rows: np.ndarray, attributes: dict[str, np.ndarray]):
+    def __init__(self, first: int, rows: np.ndarray, attributes: dict[str, np.ndarray],
+                 used_presets: set | None = None, clamped: dict | None = None):
         self.first = first
         self.rows = rows
         self.attributes = attributes
+        self.used_presets = set(used_presets or ())
+        self.clamped = dict(clamped or {})
 
     @property
     def last(self) -> int:
@@ -287,9 +350,17 @@ def sample_clip(scene, obj, start: int, end: int, presets: dict | None = None) -
     rows = rows_from_samples(samples, base_coefficients(obj.styleheat), presets)
     names = sorted({n for s in samples for n in s.attributes})
     attrs = {n: np.asarray([s.attributes.get(n, 0.0) for s in samples], dtype=np.float32) for n in names}
+    clamped = {}
+    for n, v in attrs.items():   # keys beyond the server's range (update callbacks do not run for animation)
+        item = obj.styleheat.attributes.get(n)
+        if item is not None and item.max > item.min and (v.min() < item.min or v.max() > item.max):
+            clamped[n] = (item.min, item.max)
+            attrs[n] = np.clip(v, item.min, item.max).astype(np.float32)
     # attributes that are 0 everywhere change nothing: leave them out of the request and the hash
     attrs = {n: v for n, v in attrs.items() if np.any(v != 0.0)}
-    return Clip(lo, rows, attrs)
+    used = {n for s in samples for n, w in s.presets.items() if w} | ({"blink"} if any(s.blink for s in samples)
+                                                                       else set())
+    return Clip(lo, rows, attrs, used, clamped)
 
 
 def degrees(rad: float) -> float:

@@ -58,8 +58,8 @@ def test_install_enable_register_unregister(tmp_path, addon_zip):
         bpy.ops.preferences.addon_disable(module="styleheat")
         OUT["legacy_disabled"] = hasattr(bpy.types.Object, "styleheat")
     """, addon_zip)
-    expected_ops = ["add_rig", "bake_audio", "bake_video", "connect", "prepare_portrait", "preview", "render",
-                    "server_restart", "server_start", "server_stop"]
+    expected_ops = ["add_rig", "bake_audio", "bake_video", "connect", "match_resolution", "open_output",
+                    "prepare_portrait", "preview", "render", "server_restart", "server_start", "server_stop"]
     expected_panels = ["STYLEHEAT_PT_advanced", "STYLEHEAT_PT_attributes", "STYLEHEAT_PT_bake",
                        "STYLEHEAT_PT_expression", "STYLEHEAT_PT_main", "STYLEHEAT_PT_output"]
     for state in ("enabled", "reenabled"):
@@ -337,6 +337,7 @@ def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path,
                 bpy.ops.styleheat.add_rig()
                 rig = ctx.active_object.styleheat
                 sub("rig").ensure_attributes(rig, {"age": {"min": -10, "max": 10}})
+                rig.show_coefficients = True      # the raw coefficients panel is behind this expert toggle
             for name in sorted(n for n in dir(bpy.types) if n.startswith("STYLEHEAT_PT_")):
                 cls = getattr(bpy.types, name)
                 OUT.setdefault("parents", {})[name] = getattr(cls, "bl_parent_id", "")
@@ -362,7 +363,8 @@ def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path,
     for expected in ("styleheat.render", "styleheat.preview", "styleheat.prepare_portrait", "styleheat.add_rig",
                      "mouth", "expression", "portrait", "value", "rotation_euler", "location",
                      "server_address", "curve_dir", "styleheat.server_start", "styleheat.connect",
-                     "styleheat.bake_video", "styleheat.bake_audio"):
+                     "styleheat.bake_video", "styleheat.bake_audio", "styleheat.open_output",
+                     "styleheat.match_resolution", "show_coefficients"):
         assert expected in out["seen"]
 
 
