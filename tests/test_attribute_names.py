@@ -14,7 +14,7 @@ from server.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 # every place a user or client reads attribute names from, besides hello itself
-TEXTS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md", REPO / "server" / "motion.py",
+TEXTS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md", REPO / "server" / "preprocessing" / "motion.py",
                                                 REPO / "blender_addon" / "rig.py"]
 USES = [
     re.compile(r'"attributes":\s*\{\s*"([A-Za-z_]\w*)"'),       # JSON / msgpack examples
