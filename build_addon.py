@@ -69,6 +69,76 @@ def bpy_validator() -> Path:
     return hits[-1]
 
 
+#: sha256 of every wheel the zip may bundle: the digests PyPI publishes for pyzmq 27.3.0 and msgpack 1.2.4 (checked
+#: against its simple index when pinned). A wheel that is not listed, or whose bytes differ, is refused: a
+#: changed version pin in pyproject.toml needs this table regenerated (sha256sum of the downloaded wheels,
+#: compared with the registry's published hashes).
+WHEEL_SHA256 = {
+    "msgpack-1.2.4-cp311-cp311-macosx_10_9_x86_64.whl":
+        "1095b1ebcc8c9d3e70c51240b7160d8e9da66044e0a45c3ef8403d3a9ef0c5ad",
+    "msgpack-1.2.4-cp311-cp311-macosx_11_0_arm64.whl":
+        "a4b47ec7422bef149223786a87df80067ac65bfc7c0565e5cf1dfbdc40acee50",
+    "msgpack-1.2.4-cp311-cp311-manylinux2014_aarch64.manylinux_2_17_aarch64.manylinux_2_28_aarch64.whl":
+        "0c75cfda0d3ccb1f6abc20e0608ad6b226e11f317b5ac297721504d2509e2bd9",
+    "msgpack-1.2.4-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl":
+        "a45ceb5f199d5e388f28b550ba881096a3740d4bda10e661d77f59d9a2e8187a",
+    "msgpack-1.2.4-cp311-cp311-win_amd64.whl":
+        "9db832747bd05834530189e564a3fe31e2617547dc1f3a005f835eafc2b8e048",
+    "msgpack-1.2.4-cp311-cp311-win_arm64.whl":
+        "deb1730c4c0c1a8c975be2f43efea6ee4834d35031a39075f78917d0ba8b3c04",
+    "msgpack-1.2.4-cp313-cp313-macosx_10_13_x86_64.whl":
+        "fb811ac3d463a75013b234d2aae56b9f0bdb0105caf4dd2ee65305b6a8a6078d",
+    "msgpack-1.2.4-cp313-cp313-macosx_11_0_arm64.whl":
+        "36258fd0909e1bf26e94604439108846432abe4ffa9a23c9dc2f6f1c60f94b60",
+    "msgpack-1.2.4-cp313-cp313-manylinux2014_aarch64.manylinux_2_17_aarch64.manylinux_2_28_aarch64.whl":
+        "e9c5ba0f053a7e98f013f083c9d1b2dffb26cad8c897c533d8286e44ed24c669",
+    "msgpack-1.2.4-cp313-cp313-manylinux2014_x86_64.manylinux_2_17_x86_64.manylinux_2_28_x86_64.whl":
+        "7fabd415c41e62006c6641fcdf5b3e866f581c4e11c58328c0d0f69584b9577d",
+    "msgpack-1.2.4-cp313-cp313-win_amd64.whl":
+        "318d4e634d2b320be10decd9968ad1ae0be1d80cba23b5528c37b429eeb0e3e0",
+    "msgpack-1.2.4-cp313-cp313-win_arm64.whl":
+        "bec3e34749b90cfcf116149aad11295c720ff4a74a7d0a35abdb968a396c1524",
+    "pyzmq-27.3.0-cp311-cp311-macosx_10_15_universal2.whl":
+        "86fb4408797aabb54a31e147176ae0f2474d99f1715a36a4564089eca9ef9ce8",
+    "pyzmq-27.3.0-cp311-cp311-manylinux_2_26_aarch64.manylinux_2_28_aarch64.whl":
+        "f3d14fc8a7b85156c67e3f6ebbe8f2af2f89da2a407997a66e2a578e1bdabf6a",
+    "pyzmq-27.3.0-cp311-cp311-manylinux_2_26_x86_64.manylinux_2_28_x86_64.whl":
+        "477b8ad30d66fc905c5388351e83b9ac25824b00e82c0d052b72ea6392636dfd",
+    "pyzmq-27.3.0-cp311-cp311-win_amd64.whl":
+        "df98c790f86b6aa2378b4bb94dec7b85b0adb195b880b41e429a4990aed2a8c9",
+    "pyzmq-27.3.0-cp311-cp311-win_arm64.whl":
+        "652d68fb398e714540d8a577cef81c548c61394c721bc1b996b5a4028e89f73d",
+    "pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl":
+        "15155fd8f308d3bd47f67a8f6cc809f9db90abbf63c514c384a17622e2cf080f",
+    "pyzmq-27.3.0-cp312-abi3-manylinux_2_26_aarch64.manylinux_2_28_aarch64.whl":
+        "ad8b828407caee77ff3ab0bdb2984ee8d48922328b226e8fda7c84a71a55dbb4",
+    "pyzmq-27.3.0-cp312-abi3-manylinux_2_26_x86_64.manylinux_2_28_x86_64.whl":
+        "858fe25231e0fd8612da142efde019faa5ef63fa150a821a27870e791b38c798",
+    "pyzmq-27.3.0-cp312-abi3-win_amd64.whl":
+        "3ea8e8fa5c097e68fef91d70b150fda96f307758103868018fc4deeb9c214122",
+    "pyzmq-27.3.0-cp312-abi3-win_arm64.whl":
+        "2187a5ca80691a5edb30690f02d9fb714e2c32d3dfdeb652e159ff5da2dd4283",
+}
+
+
+def check_wheel(path: Path) -> None:
+    """BuildError unless ``path`` is a pinned wheel with its pinned sha256 (downloaded or from --wheel-cache)."""
+    import hashlib
+
+    want = WHEEL_SHA256.get(path.name)
+    if want is None:
+        raise BuildError(f"{path.name} is not a pinned wheel (build_addon.WHEEL_SHA256 lists the wheels the add-on "
+                         f"may bundle); if pyproject.toml's pyzmq/msgpack pins changed, regenerate that table")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != want:
+        raise BuildError(f"{path} has sha256 {h.hexdigest()[:16]}..., not the pinned {want[:16]}... of "
+                         f"{path.name}: the file was changed or corrupted; delete it (and the --wheel-cache copy) "
+                         f"and build again")
+
+
 def pinned_versions() -> dict[str, str]:
     """pyzmq and msgpack versions pinned in pyproject.toml (the tested combination)."""
     text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
@@ -150,6 +220,7 @@ def _wheels_for(tag: str, python: str, versions: dict[str, str], cache: Path | N
         for pkg, ver in versions.items():
             cached = _cached(cache, pkg, ver, tag, python)
             if cached is not None:
+                check_wheel(cached)
                 names.append(cached)
                 continue
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
@@ -172,6 +243,7 @@ def _wheels_for(tag: str, python: str, versions: dict[str, str], cache: Path | N
             got = sorted(tmp.glob(f"{pkg}-*.whl"))
             if not got:
                 return None
+            check_wheel(got[-1])
             store.mkdir(parents=True, exist_ok=True)
             shutil.copy2(got[-1], store / got[-1].name)
             names.append(store / got[-1].name)

@@ -143,6 +143,37 @@ def test_full_build_bundles_wheels_for_every_platform(tmp_path):
         assert f'"./wheels/{w}"' in manifest
     for plat in build_addon.REQUIRED_PLATFORMS:
         assert f'"{plat}"' in manifest
+    # every bundled wheel is a pinned one, byte for byte
+    assert set(wheels) <= set(build_addon.WHEEL_SHA256)
+    with zipfile.ZipFile(out) as z:
+        for n in z.namelist():
+            if n.endswith(".whl"):
+                p = tmp_path / n.split("/")[-1]
+                p.write_bytes(z.read(n))
+                build_addon.check_wheel(p)
+
+
+def test_a_changed_or_unpinned_wheel_is_refused(tmp_path):
+    """A wheel in --wheel-cache whose bytes differ from the pinned sha256 (a tampered or corrupted download) stops
+    the build with a message naming the file; so does a wheel the table does not list. No network is used: the
+    cache answers first, and the check runs before anything is copied into the add-on."""
+    versions = build_addon.pinned_versions()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    names = {"pyzmq": f"pyzmq-{versions['pyzmq']}-cp311-cp311-manylinux_2_26_x86_64.manylinux_2_28_x86_64.whl",
+             "msgpack": f"msgpack-{versions['msgpack']}-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64."
+                        f"manylinux_2_28_x86_64.whl"}
+    for name in names.values():
+        assert name in build_addon.WHEEL_SHA256
+        (cache / name).write_bytes(b"PK\x03\x04 not the published wheel")
+    with pytest.raises(build_addon.BuildError, match="not the pinned") as e:
+        build_addon.download_wheels(tmp_path / "w", cache=cache)
+    assert any(n in str(e.value) for n in names.values())
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+    odd = tmp_path / "msgpack-9.9.9-cp311-cp311-win_amd64.whl"
+    odd.write_bytes(b"x")
+    with pytest.raises(build_addon.BuildError, match="not a pinned wheel"):
+        build_addon.check_wheel(odd)
 
 
 def test_unreachable_registry_fails_clearly(tmp_path, monkeypatch):
