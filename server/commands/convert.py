@@ -20,6 +20,10 @@ DESCRIPTION = ("Read StyleHEAT_visual.pt, hfgi.pth, Encoder_e4e.pth, StyleGAN_e4
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_arguments(parser, bundle=False)
     parser.add_argument("--out", required=True, metavar="BUNDLE", help="bundle file to write (.safetensors)")
+    parser.add_argument("--tiny-random", action="store_true",
+                        help="bundle the tiny seeded-random demo model instead of the official files (a weight-free "
+                             "trial: 'styleheat render --bundle' then renders what '--tiny-random' renders)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --tiny-random (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +32,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if reject_output_file(NAME, out, ".safetensors", "bundle file"):
         return 2
+    if args.tiny_random:
+        if args.checkpoints or args.config:
+            print("styleheat convert: --tiny-random takes no --checkpoints or --config", file=sys.stderr)
+            return 2
+        from server.engine import Engine
+
+        model = Engine.tiny_random(seed=args.seed, device="cpu", precision="float32").model
+        try:
+            weights.save_bundle(out, model, sources={"tiny-random": f"seed {args.seed}"})
+        except OSError as e:
+            print(f"styleheat convert: cannot write {out} ({e.strerror or e})", file=sys.stderr)
+            return 1
+        print(f"wrote {out} (tiny random model, seed {args.seed})")
+        return 0
     directory, origin = checkpoint_dir(args.checkpoints)
     t0 = time.time()
     try:

@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: keep the video's rate)")
     parser.add_argument("--max-frames", type=int, default=None, metavar="N", help="only the first N frames")
     parser.add_argument("--device", default="cpu", help="torch device for the regressor (cpu, cuda, ...)")
+    parser.add_argument("--tiny-random", action="store_true",
+                        help="a tiny Deep3D regressor with seeded random weights instead of epoch_20.pth (a weight-free "
+                             "trial: real face tracking, meaningless coefficients; the same as the server's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --tiny-random (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -56,10 +60,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"styleheat extract: --smooth and --landmark-sigma must be finite numbers >= 0 (frames), got "
               f"{args.smooth:g} and {args.landmark_sigma:g}", file=sys.stderr)
         return 2
-    root, origin = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
+    if args.tiny_random and args.checkpoints:
+        print("styleheat extract: --tiny-random takes no --checkpoints", file=sys.stderr)
+        return 2
+    root, origin = (None, "--tiny-random") if args.tiny_random else resolve_checkpoint_dir(
+        args.checkpoints, option="--checkpoints")
     try:
         probe_video(args.video)  # fail early on a missing or undecodable file
-        tracker = load_tracker(root, device=args.device, landmark_sigma=args.landmark_sigma)
+        if args.tiny_random:
+            from server.preprocessing.tracking import DlibDeep3DTracker, require_dlib
+            from server.service.bake_models import tiny_deep3d
+
+            require_dlib()
+            tracker = DlibDeep3DTracker(tiny_deep3d(args.seed, args.device), landmark_sigma=args.landmark_sigma,
+                                        description=f"dlib + tiny random Deep3D (seed {args.seed})")
+        else:
+            tracker = load_tracker(root, device=args.device, landmark_sigma=args.landmark_sigma)
     except (VideoError, CheckpointError, RuntimeError) as exc:
         print(f"styleheat extract: {exc}", file=sys.stderr)
         if isinstance(exc, CheckpointError):

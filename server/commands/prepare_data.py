@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-audio", action="store_true", help="ignore audio files next to the videos")
     parser.add_argument("--skip-existing", action="store_true", help="skip videos whose clip is already in the dataset")
     parser.add_argument("--device", default="cpu", help="torch device for the Deep3D regressor")
+    parser.add_argument("--tiny-random", action="store_true",
+                        help="a tiny Deep3D regressor with seeded random weights instead of epoch_20.pth (a weight-free "
+                             "trial of the pipeline; the coefficients mean nothing)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,9 +53,18 @@ def run(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         print(f"styleheat prepare-data: {exc}", file=sys.stderr)
         return 2
-    root, origin = resolve_checkpoint_dir(args.checkpoints, option="--checkpoints")
+    if args.tiny_random and args.checkpoints:
+        print("styleheat prepare-data: --tiny-random takes no --checkpoints", file=sys.stderr)
+        return 2
+    root, origin = (None, "--tiny-random") if args.tiny_random else resolve_checkpoint_dir(
+        args.checkpoints, option="--checkpoints")
     try:
-        tracker = load_tracker(root, device=args.device)
+        if args.tiny_random:
+            from server.service.bake_models import tiny_tracker
+
+            tracker = tiny_tracker(0, args.device)
+        else:
+            tracker = load_tracker(root, device=args.device)
     except (CheckpointError, RuntimeError) as exc:
         print(f"styleheat prepare-data: {exc}\n(checkpoint directory {root}, from {origin}; "
               "`styleheat download` fetches the weights)", file=sys.stderr)
