@@ -24,9 +24,9 @@ def _load():
     from . import deps
 
     deps.ensure()  # legacy zip: unpack the bundled wheels for this platform when zmq is missing
-    from . import operators, panels, preferences, rig, scrub
+    from . import farm, operators, panels, preferences, rig, scrub
 
-    return (rig, preferences, operators, panels, scrub)
+    return (rig, preferences, operators, panels, scrub, farm)
 
 
 def register():
@@ -34,9 +34,9 @@ def register():
 
     global _modules
     _modules = _load()
-    rig, preferences, operators, panels, scrub = _modules
+    rig, preferences, operators, panels, scrub, farm = _modules
     rig.register()
-    for cls in preferences.CLASSES + operators.CLASSES + panels.CLASSES:
+    for cls in preferences.CLASSES + operators.CLASSES + farm.classes() + panels.CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_MT_add.append(operators.menu_add)
     scrub.register()
@@ -48,13 +48,13 @@ def unregister():
     global _modules
     if _modules is None:
         return
-    rig, preferences, operators, panels, scrub = _modules
+    rig, preferences, operators, panels, scrub, farm = _modules
     from . import connection
 
     scrub.unregister()
     connection.close_clients()
     bpy.types.VIEW3D_MT_add.remove(operators.menu_add)
-    for cls in reversed(preferences.CLASSES + operators.CLASSES + panels.CLASSES):
+    for cls in reversed(preferences.CLASSES + operators.CLASSES + farm.classes() + panels.CLASSES):
         bpy.utils.unregister_class(cls)
     rig.unregister()
     _modules = None

@@ -9,6 +9,12 @@ Blender binary::
 
     python -m styleheat.headless scene.blend --server tcp://127.0.0.1:5555 [--start 1 --end 250] [--curve-dir KEYS]
 
+On a Ray render farm instead of one server (``styleheat farm render`` run with the server's Python;
+docs/farm.md "From Blender")::
+
+    blender -b scene.blend --python-expr "import styleheat.headless as h; h.main()" -- --farm HEAD:6379 --server-python /venv/bin/python
+    ... -- --farm local        # a local Ray cluster on this machine
+
 or from Python: ``styleheat.headless.render_blend("scene.blend", server=...)``. Exit code 0 when
 every rig rendered, 1 on a user/server error (the message says what to do), 2 on bad arguments.
 """
@@ -46,10 +52,13 @@ def ensure_registered() -> None:
 
 def render_blend(blend_path: str | None = None, *, server: str | None = None, rigs: list[str] | None = None,
                  start: int | None = None, end: int | None = None, force: bool = False,
-                 timeout: float | None = None, curve_dir: str | None = None, log=print) -> dict:
+                 timeout: float | None = None, curve_dir: str | None = None, farm: str | None = None,
+                 server_python: str | None = None, tiny_random: bool = False, workers: int | None = None,
+                 log=print) -> dict:
     """Open ``blend_path`` (None: the current file), render every face rig (or the named ones) over
     start..end (default the scene/preview range), update their image strips and save the .blend.
-    Returns {rig name: number of frames rendered}."""
+    Returns {rig name: number of frames rendered}. ``farm``: a Ray head address or "local": render on the farm
+    (``server_python``: the Python with the server installed, default the add-on preference)."""
     import bpy
 
     if blend_path:
@@ -73,6 +82,21 @@ def render_blend(blend_path: str | None = None, *, server: str | None = None, ri
         raise render.UserError(f"no StyleHEAT face rig {'named ' + ', '.join(rigs) if rigs else ''} in scene "
                                f"{scene.name!r}; add one with Add > StyleHEAT Face Rig")
     done = {}
+    if farm:
+        farm_mod = importlib.import_module(f"{__package__}.farm")
+        for obj in objs:
+            run = farm_mod.render_on_farm(scene, obj, farm, python=server_python or s.server_python,
+                                          command="" if server_python else s.server_command, start=start, end=end,
+                                          tiny_random=tiny_random, workers=workers,
+                                          on_progress=lambda r: log(f"StyleHEAT {r.status()}"))
+            done[obj.name] = len(run.written)
+            for w in run.warnings:
+                log(f"StyleHEAT: warning: {w}")
+            log(f"StyleHEAT: {obj.name}: rendered on the farm {run.done}, imported {len(run.written)}, "
+                f"unchanged {run.total - len(run.written)}")
+        if bpy.data.filepath:
+            bpy.ops.wm.save_mainfile()
+        return done
     for obj in objs:
         session = render.render_range(scene, obj, address, timeout, start=start, end=end, force=force,
                                       frame_timeout=s.frame_timeout,
@@ -99,6 +123,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the server to answer")
     p.add_argument("--curve-dir", default=None,
                    help="CURVE keys for a remote server (server.key, client.key_secret from --make-keys)")
+    p.add_argument("--farm", default=None, metavar="ADDRESS",
+                   help="render on a Ray cluster with 'styleheat farm render' (ADDRESS: its head, or 'local' for a "
+                        "local cluster on this machine) instead of a server")
+    p.add_argument("--server-python", default=None,
+                   help="with --farm: the Python where the server is installed (default: the add-on preference)")
+    p.add_argument("--workers", type=int, default=None, help="with --farm: number of farm workers")
+    p.add_argument("--tiny-random", action="store_true", help="with --farm: tiny random weights (tests, demos)")
     return p.parse_args(argv)
 
 
@@ -114,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     connection = importlib.import_module(f"{__package__}.connection")
     try:
         render_blend(args.blend, server=args.server, rigs=args.rig, start=args.start, end=args.end,
-                     force=args.force, timeout=args.timeout, curve_dir=args.curve_dir)
+                     force=args.force, timeout=args.timeout, curve_dir=args.curve_dir, farm=args.farm,
+                     server_python=args.server_python, tiny_random=args.tiny_random, workers=args.workers)
     except (ClientError, render.UserError, FileNotFoundError) as exc:
         print(f"styleheat: {connection.failure_text(exc)}", file=sys.stderr)
         return 1

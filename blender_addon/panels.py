@@ -181,6 +181,7 @@ class STYLEHEAT_PT_output(_RigChild, bpy.types.Panel):
         row = layout.row()
         row.operator("styleheat.preview", icon="IMAGE_DATA")
         row.operator("styleheat.render", icon="RENDER_ANIMATION")
+        layout.operator("styleheat.render_farm", icon="NETWORK_DRIVE")
         row = layout.row()
         row.operator("styleheat.open_output", icon="FILE_FOLDER")
         row.operator("styleheat.match_resolution", icon="FULLSCREEN_ENTER")

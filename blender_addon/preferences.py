@@ -24,6 +24,9 @@ class Settings:
         self.timeout = float(getattr(prefs, "timeout", 5.0))
         self.frame_timeout = float(getattr(prefs, "frame_timeout", 300.0))
         self.curve_dir = bpy.path.abspath(getattr(prefs, "curve_dir", "")) if getattr(prefs, "curve_dir", "") else ""
+        self.server_python = getattr(prefs, "server_python", "")
+        self.server_command = getattr(prefs, "server_command", "")
+        self.farm_address = getattr(prefs, "farm_address", "local") or "local"
         connection.set_curve_keys_dir(self.curve_dir)
 
 
@@ -58,6 +61,10 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
     server_args: StringProperty(name="Extra Arguments", default="",
                                 description="More command-line arguments for the server")
 
+    farm_address: StringProperty(name="Farm Address", default="local",
+                                 description="Ray cluster head for Render on Farm (e.g. 10.0.0.5:6379), or 'local' "
+                                             "for a local cluster on this machine (docs/farm.md)")
+
     def draw(self, context):
         layout = self.layout
         col = layout.column()
@@ -73,6 +80,7 @@ class StyleHEATPreferences(bpy.types.AddonPreferences):
         box.prop(self, "checkpoint_dir")
         box.prop(self, "device")
         box.prop(self, "server_args")
+        layout.prop(self, "farm_address")
         row = box.row()
         if localserver.running():
             row.label(text=f"Running (pid {localserver.pid()})", icon="PLAY")

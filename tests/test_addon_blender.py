@@ -59,7 +59,8 @@ def test_install_enable_register_unregister(tmp_path, addon_zip):
         OUT["legacy_disabled"] = hasattr(bpy.types.Object, "styleheat")
     """, addon_zip)
     expected_ops = ["add_rig", "bake_audio", "bake_video", "connect", "match_resolution", "open_output",
-                    "prepare_portrait", "preview", "render", "server_restart", "server_start", "server_stop"]
+                    "prepare_portrait", "preview", "render", "render_farm", "server_restart", "server_start",
+                    "server_stop"]
     expected_panels = ["STYLEHEAT_PT_advanced", "STYLEHEAT_PT_attributes", "STYLEHEAT_PT_bake",
                        "STYLEHEAT_PT_expression", "STYLEHEAT_PT_main", "STYLEHEAT_PT_output"]
     for state in ("enabled", "reenabled"):
@@ -364,7 +365,7 @@ def test_panels_and_preferences_draw_only_existing_props_and_operators(tmp_path,
                      "mouth", "expression", "portrait", "value", "rotation_euler", "location",
                      "server_address", "curve_dir", "styleheat.server_start", "styleheat.connect",
                      "styleheat.bake_video", "styleheat.bake_audio", "styleheat.open_output",
-                     "styleheat.match_resolution", "show_coefficients"):
+                     "styleheat.match_resolution", "show_coefficients", "styleheat.render_farm", "farm_address"):
         assert expected in out["seen"]
 
 

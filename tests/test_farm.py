@@ -326,6 +326,37 @@ def test_resume_renders_only_missing_and_changed_frames(clip, farmed, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["planned"] == []
 
 
+def test_start_end_render_only_that_range_with_json_progress(clip, tmp_path):
+    """--start/--end are scene frames (first_frame + row): rows outside are context only; --progress-json prints
+    machine-readable lines (what the add-on's Render on Farm reads); the report describes the engine."""
+    from server.preprocessing.motion import write_motion
+
+    d, rows = clip
+    motion = tmp_path / "shifted.json"
+    write_motion(motion, rows, first_frame=100)
+    out = tmp_path / "range"
+    rc, output, _, _ = farm("--tiny-random", "--source", str(d / "face.png"), "--motion", str(motion),
+                            "--out", str(out), "--workers", "1", "--chunk", "4", "--quiet", "--start", "110",
+                            "--end", "117", "--progress-json", "--report", str(tmp_path / "r.json"))
+    assert rc == 0, output
+    events = [json.loads(ln) for ln in output.splitlines() if ln.startswith("{")]
+    assert events[0] == {"event": "start", "total": 8, "frames": 8}
+    assert [e["done"] for e in events if e["event"] == "progress"] == [4, 8]
+    assert events[-1]["event"] == "done" and events[-1]["status"] == 0 and events[-1]["done"] == 8
+    assert sorted(p.name for p in out.glob("frame_*.png")) == [f"frame_{i:05d}.png" for i in range(10, 18)]
+    for i in range(10, 18):   # the same pixels as those rows of the whole clip (same windows)
+        diff = np.abs(cv2.imread(str(out / f"frame_{i:05d}.png")).astype(int)
+                      - cv2.imread(str(d / "ref" / f"frame_{i:05d}.png")).astype(int)).max()
+        assert diff <= 1, i
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(int(r) for r in report["hashes"]) == list(range(10, 18))
+    assert report["engine"]["model"] == "tiny-random (seed 0)" and report["engine"]["real_weights"] is False
+    assert report["engine"]["first_frame"] == 100 and report["engine"]["sizes"] == [128, 64]
+    rc, output, _, _ = farm("--tiny-random", "--source", str(d / "face.png"), "--motion", str(motion),
+                            "--out", str(out), "--start", "90", "--end", "117")
+    assert rc == 2 and "scene frames 100..159" in output, output
+
+
 @pytest.mark.parametrize("case", ["row_width", "missing_portrait", "bad_chunk", "bad_size"])
 def test_bad_input_is_a_clear_error_and_starts_no_cluster(clip, tmp_path, case):
     d, rows = clip

@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="restarts of a dead worker (and retries of its chunk) before the job fails (default 2)")
     p.add_argument("--report", metavar="JSON", default=None,
                    help="write a JSON summary: planned rows, chunks, per-worker counters, cluster pids")
+    p.add_argument("--start", type=int, default=None, metavar="FRAME",
+                   help="first scene frame to render (the motion's first_frame + row; default: its first row); "
+                        "rows outside --start..--end are only the windows' context")
+    p.add_argument("--end", type=int, default=None, metavar="FRAME",
+                   help="last scene frame to render (default: the motion's last row)")
+    p.add_argument("--progress-json", action="store_true",
+                   help="print one JSON object per line on stdout as frames finish (event start/progress/done; "
+                        "for the Blender add-on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(_farm_parser=p)
     parser.set_defaults(_farm_top=parser)
@@ -69,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, checkpoints=args.checkpoints, bundle=args.bundle, config=args.config,
                        size=args.size, precision=args.precision, batch_size=args.batch_size,
                        max_restarts=args.max_restarts, quiet=args.quiet, report=args.report,
-                       output=args.output, align=args.align, seam=args.seam)
+                       output=args.output, align=args.align, seam=args.seam,
+                       start=args.start, end=args.end, progress_json=args.progress_json)
     return run_farm(opts)

@@ -57,6 +57,9 @@ class FarmOptions:
     output: str = "crop"          # crop | composite | matte (server/shots/compositing.py)
     align: str = "auto"           # auto | yes | no (server/shots/source.py)
     seam: str = "feather"
+    start: int | None = None      # scene frames (the motion's first_frame + row) to render; None: the clip's ends
+    end: int | None = None
+    progress_json: bool = False   # one JSON object per line on stdout: start, progress, done (for the add-on)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Job:
     manifest: Manifest
     planned: list[int]
     chunks: list[list[int]] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)   # model name, real_weights, sizes, identity: as a server's hello
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -110,6 +114,27 @@ def _engine_spec(o: FarmOptions) -> tuple[dict, str, str]:
     spec["precision"] = precision
     extra = f"precision={precision or 'default'}|config={json.dumps(spec.get('config'), sort_keys=True)}"
     return spec, model, extra
+
+
+def _engine_description(spec: dict) -> dict:
+    """What a server with this model says in its hello (model name, real_weights, native size, sizes), so the
+    add-on hashes farm frames exactly as frames a server rendered (server/engine.py names the models)."""
+    from models.styleheat import StyleHEATConfig
+
+    if spec["kind"] == "tiny":
+        desc = {"model": f"tiny-random (seed {spec['seed']})", "real_weights": False,
+                "native_size": StyleHEATConfig.tiny().size}
+    elif spec["kind"] == "bundle":
+        desc = {"model": f"StyleHEAT (bundle {Path(spec['path']).name})", "real_weights": True, "native_size": None}
+    else:
+        native = (StyleHEATConfig.from_dict(spec["config"]) if spec.get("config") else StyleHEATConfig()).size
+        desc = {"model": "StyleHEAT (official checkpoints)", "real_weights": True, "native_size": native}
+    sizes, s = [], desc["native_size"]
+    while s and s >= max(64, desc["native_size"] // 4):
+        sizes.append(s)
+        s //= 2
+    desc["sizes"] = sizes
+    return desc
 
 
 def _check_size(o: FarmOptions, spec: dict) -> None:
@@ -195,13 +220,21 @@ def prepare(o: FarmOptions) -> Job:
         samples_per_frame = sr / motion.fps
     rows = np.asarray(motion.rows, dtype=np.float32)
     attributes = {k: np.asarray(v) for k, v in (motion.attributes or {}).items()}
-    hashes = protocol.frame_hashes(portrait_identity(portrait), model, int(o.size or 0), rows, range(n),
+    first, last = motion.first_frame, motion.first_frame + n - 1
+    lo = first if o.start is None else o.start
+    hi = last if o.end is None else o.end
+    if not first <= lo <= hi <= last:
+        raise FarmError(f"--start {lo} / --end {hi}: the motion's rows cover scene frames {first}..{last} "
+                        f"(first_frame {first}, {n} rows); pick a range inside them", 2)
+    hashes = protocol.frame_hashes(portrait_identity(portrait), model, int(o.size or 0), rows,
+                                   range(lo - first, hi - first + 1),
                                    audio=pcm, samples_per_frame=samples_per_frame, attributes=attributes or None,
                                    extra=extra)
     manifest = Manifest.load(out)
     planned = frames_to_render(manifest, out, hashes)
     job = Job(options=o, out=out, spec=spec, portrait=portrait, rows=rows, attributes=attributes, mel=mel,
-              placing=placing, hashes=hashes, manifest=manifest, planned=planned, chunks=make_chunks(planned, o.chunk))
+              placing=placing, hashes=hashes, manifest=manifest, planned=planned, chunks=make_chunks(planned, o.chunk),
+              engine=dict(_engine_description(spec), identity=portrait_identity(portrait), first_frame=first))
     manifest.info = {"model": model, "source": str(Path(o.source).resolve()),
                      "motion": str(Path(o.motion).resolve()), "audio": o.audio and str(Path(o.audio).resolve()),
                      "size": o.size, "precision": o.precision, "frames": n, "output": o.output}
@@ -277,12 +310,15 @@ def run(o: FarmOptions, log=print) -> int:
         return e.code
     n = len(job.hashes)
     report: dict[str, Any] = {"frames_total": n, "planned": job.planned, "chunks": job.chunks, "rendered": [],
-                              "workers": [], "restarts": 0, "cluster": {}}
+                              "workers": [], "restarts": 0, "cluster": {}, "engine": job.engine,
+                              "hashes": {str(r): h for r, h in sorted(job.hashes.items())}}
+    progress(o, "start", total=len(job.planned), frames=n)
     say(f"{len(job.planned)} of {n} frames to render in {len(job.chunks)} chunks "
         f"({n - len(job.planned)} already current in {job.out})")
     if not job.planned:
         _write_report(o, report)
         log(f"nothing to do: all {n} frames in {job.out} are current")
+        progress(o, "done", done=0, total=0, status=0)
         return 0
     ray = None
     status = 1
@@ -304,7 +340,14 @@ def run(o: FarmOptions, log=print) -> int:
                 pass
         _remove_temporaries(job.out)
         _write_report(o, report)
+        progress(o, "done", done=len(report["rendered"]), total=len(job.planned), status=status)
     return status
+
+
+def progress(o: FarmOptions, event: str, **fields) -> None:
+    """--progress-json: one JSON object per line on stdout ({"event": "start" | "progress" | "done", ...})."""
+    if o.progress_json:
+        print(json.dumps(dict(event=event, **fields)), flush=True)
 
 
 def _farm(ray, job: Job, report: dict, say, log) -> int:
@@ -370,6 +413,8 @@ def _farm(ray, job: Job, report: dict, say, log) -> int:
                 job.manifest.save(job.out)
                 report["rendered"].extend(frames)
                 bar.update(len(frames))
+                progress(o, "progress", done=len(report["rendered"]), total=len(job.planned),
+                         fps=round(len(report["rendered"]) / max(time.time() - t0, 1e-9), 3))
                 submit(i)
     except BaseException:
         for ref in pending:
