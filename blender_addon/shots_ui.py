@@ -1,10 +1,10 @@
-"""The *Dub Movie Strip* operator (sequencer: Strip menu and the StyleHEAT sidebar tab); the work is in shots.py."""
+"""The *Dub Movie Strip* operator (sequencer: Strip menu and the StyleHEAT sidebar tab); the work is in dubbing.py."""
 from __future__ import annotations
 
 import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 
-from . import connection, preferences, shots as S
+from . import connection, dubbing as S, preferences
 from .client import ClientError
 from .operators import _fail, _ModalJob
 

@@ -4,7 +4,6 @@ re-render keys) and Dub Movie Strip on a generated plate (frame count and size, 
 warnings, bad input)."""
 from __future__ import annotations
 
-import json
 import math
 import wave
 from pathlib import Path
@@ -204,7 +203,7 @@ def test_dub_movie_strip(tmp_path, addon_zip, server, fixtures_dir):
         scene.frame_start, scene.frame_end = 1, {N}
         scene.render.resolution_x, scene.render.resolution_y = {W}, {H}
         bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})
-        compat = sub("compat"); shots = sub("shots")
+        compat = sub("compat"); shots = sub("dubbing")
         scene.sequence_editor_create()
         strips = compat.top_strips(scene)
         movie = strips.new_movie("plate", {str(plate)!r}, 1, 1)
