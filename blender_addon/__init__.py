@@ -24,9 +24,9 @@ def _load():
     from . import deps
 
     deps.ensure()  # legacy zip: unpack the bundled wheels for this platform when zmq is missing
-    from . import farm, operators, panels, preferences, rig, scrub
+    from . import farm, operators, panels, preferences, rig, scrub, shots_ui
 
-    return (rig, preferences, operators, panels, scrub, farm)
+    return (rig, preferences, operators, panels, scrub, farm, shots_ui)
 
 
 def register():
@@ -34,12 +34,13 @@ def register():
 
     global _modules
     _modules = _load()
-    rig, preferences, operators, panels, scrub, farm = _modules
+    rig, preferences, operators, panels, scrub, farm, shots_ui = _modules
     rig.register()
     for cls in preferences.CLASSES + operators.CLASSES + farm.classes() + panels.CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_MT_add.append(operators.menu_add)
     scrub.register()
+    shots_ui.register()
 
 
 def unregister():
@@ -48,9 +49,10 @@ def unregister():
     global _modules
     if _modules is None:
         return
-    rig, preferences, operators, panels, scrub, farm = _modules
+    rig, preferences, operators, panels, scrub, farm, shots_ui = _modules
     from . import connection
 
+    shots_ui.unregister()
     scrub.unregister()
     connection.close_clients()
     bpy.types.VIEW3D_MT_add.remove(operators.menu_add)

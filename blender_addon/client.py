@@ -82,13 +82,14 @@ class Frame:
     total: int
     width: int
     height: int
-    encoding: str              # "png" (data = PNG bytes) or "raw" (data = RGB8 bytes)
+    encoding: str              # "png" (data = PNG bytes) or "raw" (data = RGB8 / RGBA8 bytes)
     data: bytes
+    channels: int = 3          # 3 RGB; 4 straight-alpha RGBA (a matte)
 
     def rgb(self) -> np.ndarray:
-        """(H, W, 3) uint8, top row first (raw encoding only)."""
-        return P.decode_raw_frame({"encoding": self.encoding, "width": self.width, "height": self.height},
-                                  self.data)
+        """(H, W, 3) uint8 RGB or (H, W, 4) RGBA, top row first (raw encoding only)."""
+        return P.decode_raw_frame({"encoding": self.encoding, "width": self.width, "height": self.height,
+                                   "channels": self.channels}, self.data)
 
 
 _ids = itertools.count(1)
@@ -276,9 +277,11 @@ class Client:
     def render(self, identity: str, rows: np.ndarray, first_frame: int, frames: Sequence[int], *,
                size: int | None = None, encoding: str = "png", credit: int = P.DEFAULT_CREDIT,
                attributes: Mapping[str, np.ndarray] | None = None, audio: Mapping[str, Any] | None = None,
-               frame_timeout: float = 300.0, quality: str | None = None) -> "RenderStream":
+               frame_timeout: float = 300.0, quality: str | None = None,
+               output: str | None = None) -> "RenderStream":
         """Start a render; ``audio`` is {"samples": (S,) float32, "sample_rate", "fps", "frame_offset"}.
-        ``quality``: one of the hello's ``qualities`` (None: the server's default, full)."""
+        ``quality``: one of the hello's ``qualities`` (None: the server's default, full); ``output``: one of
+        the hello's ``outputs`` (None: not sent, the face crop)."""
         rid = _new_id("render")
         parts: list = []
         fields: dict[str, Any] = {
@@ -290,6 +293,8 @@ class Client:
             fields["size"] = int(size)
         if quality is not None:
             fields["quality"] = str(quality)
+        if output is not None:
+            fields["output"] = str(output)
         if attributes:
             fields["attributes"] = {k: P.array_field(np.asarray(v, dtype=np.float32)) for k, v in attributes.items()}
         if audio is not None:
@@ -322,6 +327,26 @@ class Client:
             self._close_route(rid)
             raise
         return job
+
+    def dub(self, samples: np.ndarray, sample_rate: int, *, path: str | None = None, video: bytes | None = None,
+            output: str = "composite", size: int | None = None, credit: int = P.DEFAULT_CREDIT,
+            frame_timeout: float = 300.0) -> "DubStream":
+        """Dub a filmed plate (``path`` on a loopback server, or the file's ``video`` bytes) with the speech
+        ``samples`` (mono float32; sample 0 plays with plate frame 0). Returns a stream of plate-size PNG
+        frames; ``stream.dubbed`` holds the terminal reply (warnings, frames without a face) at the end."""
+        if (path is None) == (video is None):
+            raise ClientError("dub needs exactly one of a plate path or the plate's bytes")
+        rid = _new_id("dub")
+        header, parts = P.dub_request(rid, samples, sample_rate, video=video, path=path, output=output, size=size,
+                                      encoding="png", credit=credit)
+        q = self._open_route(rid)
+        stream = DubStream(self, rid, q, 0, frame_timeout)
+        try:
+            self._send(header, parts, errq=q)
+        except ClientError:
+            self._close_route(rid)
+            raise
+        return stream
 
     def audio2exp(self, audio: Mapping[str, Any], fps: float, n_frames: int, ref_exp: np.ndarray,
                   offset_frames: float = 0.0, timeout: float = 300.0) -> np.ndarray:
@@ -544,7 +569,7 @@ class RenderStream(_ReplyStream):
                 self.accepted = header
             elif t == P.PROGRESS:
                 self.progress = header
-            elif t == P.DONE:
+            elif t in (P.DONE, P.DUBBED):
                 self.done = header
                 self._finish()
             elif t == P.FRAME:
@@ -561,7 +586,7 @@ class RenderStream(_ReplyStream):
                     self._try_send(P.request(P.CREDIT, self.id, frames=1))
                 return Frame(int(header["frame"]), int(header.get("index", self.received - 1)),
                              int(header.get("total", self.total)), int(header["width"]), int(header["height"]),
-                             str(header.get("encoding", "raw")), bytes(parts[0]))
+                             str(header.get("encoding", "raw")), bytes(parts[0]), int(header.get("channels", 3)))
         return None
 
     def __iter__(self) -> Iterator[Frame]:
@@ -592,3 +617,12 @@ class RenderStream(_ReplyStream):
             self.done = {"type": P.DONE, "id": self.id, "incomplete": True}
 
     _end = _finish
+
+
+class DubStream(RenderStream):
+    """Frames of one ``dub`` request (every plate frame, in order); :attr:`dubbed` is its terminal ``dubbed``
+    reply (None when cancelled), :attr:`progress` the latest tracking ``progress``."""
+
+    @property
+    def dubbed(self) -> dict | None:
+        return self.done if self.done is not None and self.done.get("type") == P.DUBBED else None

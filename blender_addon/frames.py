@@ -146,6 +146,12 @@ def _digest(h, arr: np.ndarray) -> None:
     h.update(arr.tobytes())
 
 
+def output_hash_extra(output: str | None) -> str:
+    """The ``extra`` key text of a render output (``server.protocol.output_hash_extra``): "" for the face
+    crop (sidecars written before outputs existed stay valid), ``output=<name>`` otherwise."""
+    return "" if not output or output == "crop" else f"output={output}"
+
+
 def frame_hashes(identity: str, model: str, size: int, rows: np.ndarray, frames: Iterable[int],
                  audio: np.ndarray | None = None, samples_per_frame: float = 0.0,
                  attributes: Mapping[str, np.ndarray] | None = None,

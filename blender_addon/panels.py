@@ -160,6 +160,7 @@ class STYLEHEAT_PT_output(_RigChild, bpy.types.Panel):
         rig = rig_mod.find_rig(context).styleheat
         layout = self.layout
         layout.prop(rig, "use_audio")
+        layout.prop(rig, "output")
         row = layout.row()
         row.prop(rig, "size")
         row.prop(rig, "preview_size")

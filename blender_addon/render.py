@@ -19,7 +19,7 @@ import bpy
 import numpy as np
 
 from . import audio as audio_mod
-from . import compat, frames as F, rig as rig_mod
+from . import compat, frames as F, rig as rig_mod, shots
 from . import protocol as P
 from . import connection
 from .client import Client, ClientError, ServerError
@@ -160,6 +160,7 @@ class RenderPlan:
     todo: list[int]                         # scene frames to (re-)render
     sidecar: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    output: str | None = None               # the render's ``output`` (None: the face crop, not sent)
 
     @property
     def frames(self) -> list[int]:
@@ -168,7 +169,7 @@ class RenderPlan:
 
 def plan_render(scene, obj, identity: str, info: dict, start: int, end: int, directory: str | None,
                 size: int | None = None, force: bool = False, requested_size: int | None = None,
-                size_name: str = "Size") -> RenderPlan:
+                size_name: str = "Size", output: str | None = None) -> RenderPlan:
     rig = obj.styleheat
     presets = sync_presets(scene, info)
     clip = rig_mod.sample_clip(scene, obj, start, end, presets)
@@ -199,14 +200,14 @@ def plan_render(scene, obj, identity: str, info: dict, start: int, end: int, dir
     idx = [clip.index(f) for f in range(start, end + 1)]
     by_index = F.frame_hashes(identity, model, int(resolved), clip.rows, idx,
                               audio=pcm["samples"] if pcm else None, samples_per_frame=spf,
-                              attributes=clip.attributes)
+                              attributes=clip.attributes, extra=shots.hash_extra(output))
     hashes = {clip.first + i: h for i, h in by_index.items()}
     prefix = bpy.path.clean_name(obj.name)
     sidecar = F.load_sidecar(directory) if directory else {}
     todo = [f for f in range(start, end + 1)
             if force or not directory or not F.is_current(sidecar, directory, f, hashes[f])]
     return RenderPlan(obj.name, start, end, directory or "", prefix, identity, model, size or None, clip, pcm,
-                      hashes, todo, sidecar, warnings)
+                      hashes, todo, sidecar, warnings, output)
 
 
 # --- execution -----------------------------------------------------------------------------
@@ -232,7 +233,8 @@ class RenderSession:
                 os.makedirs(plan.directory, exist_ok=True)
             self.stream = client.render(plan.identity, plan.clip.rows, plan.clip.first, plan.todo, size=plan.size,
                                         encoding=encoding, credit=credit, attributes=plan.clip.attributes or None,
-                                        audio=plan.audio, frame_timeout=frame_timeout, quality=quality)
+                                        audio=plan.audio, frame_timeout=frame_timeout, quality=quality,
+                                        output=plan.output)
 
     @property
     def total(self) -> int:
@@ -360,7 +362,7 @@ def update_strip(scene, plan: RenderPlan, channel: int = 0):
         first = bpy.path.relpath(first)
     except ValueError:  # different drive on Windows
         pass
-    strip = strips.new_image(name, first, channel, plan.start, fit_method="FIT")
+    strip = strips.new_image(name, first, channel, plan.start, fit_method=shots.fit_method(plan.output))
     for n in names[1:]:
         strip.elements.append(n)
     for k, v in keep.items():
@@ -368,6 +370,7 @@ def update_strip(scene, plan: RenderPlan, channel: int = 0):
             setattr(strip, k, v)
         except (AttributeError, TypeError):
             pass
+    shots.configure_strip(strip, plan.output)
     return strip
 
 
@@ -432,7 +435,7 @@ def start_render(scene, obj, address: str, timeout: float = 5.0, start: int | No
     identity = ensure_identity(client, obj)
     plan = plan_render(scene, obj, identity, info, s0 if start is None else start, e0 if end is None else end,
                        output_dir(obj), size=pick_size(info, obj.styleheat.size), force=force,
-                       requested_size=obj.styleheat.size)
+                       requested_size=obj.styleheat.size, output=shots.render_output(info, obj.styleheat))
     return RenderSession(client, plan, frame_timeout=frame_timeout, on_frame=on_frame)
 
 

@@ -131,6 +131,14 @@ class StyleHEATRig(bpy.types.PropertyGroup):
         name="Live Preview", default=False, update=_live_preview_toggled,
         description="Re-render the preview image whenever the current frame changes (scrubbing), at the preview "
                     "size and quality, without blocking Blender; frames already seen come from the server's cache")
+    output: EnumProperty(
+        name="Output", default="CROP",
+        items=[("CROP", "Face Crop", "The aligned square face crop (Size x Size)"),
+               ("COMPOSITE", "Composite", "The face pasted back into the portrait photo, at the photo's own size"),
+               ("MATTE", "Matte", "The face at the photo's size as an RGBA matte (straight alpha), laid over lower "
+                                  "channels with Alpha Over")],
+        description="What Render writes: the face crop, the face composited into the photo, or an RGBA matte "
+                    "(Live Preview always shows the crop)")
     strip_channel: IntProperty(name="Strip Channel", default=0, min=0, max=128,
                                description="Sequencer channel of the rendered image strip (0 = first free)")
 

@@ -90,7 +90,8 @@ HEARTBEAT = "heartbeat"
 SHUTDOWN = "shutdown"
 EXTRACT = "extract"                # driving video -> 3DMM rows (bake)
 AUDIO2EXP = "audio2exp"            # audio -> 64 expression coefficients per frame (bake)
-REQUEST_TYPES = (HELLO, PREPARE, RENDER, CREDIT, CANCEL, FORGET, HEARTBEAT, SHUTDOWN, EXTRACT, AUDIO2EXP)
+DUB = "dub"                        # a filmed plate + speech -> every plate frame with the face pasted back
+REQUEST_TYPES = (HELLO, PREPARE, RENDER, CREDIT, CANCEL, FORGET, HEARTBEAT, SHUTDOWN, EXTRACT, AUDIO2EXP, DUB)
 
 # server -> client (HELLO and HEARTBEAT are also replies)
 PREPARED = "prepared"
@@ -103,8 +104,9 @@ BYE = "bye"
 ERROR = "error"
 EXTRACTED = "extracted"            # answer to extract
 EXPRESSIONS = "expressions"        # answer to audio2exp
+DUBBED = "dubbed"                  # the terminal reply of dub (after its frames)
 REPLY_TYPES = (HELLO, PREPARED, ACCEPTED, PROGRESS, FRAME, DONE, FORGOTTEN, HEARTBEAT, BYE, ERROR,
-               EXTRACTED, EXPRESSIONS)
+               EXTRACTED, EXPRESSIONS, DUBBED)
 
 # --------------------------------------------------------------------------------------------
 # Error codes (``error`` replies carry ``code`` and a sentence in ``message``)
@@ -150,6 +152,7 @@ REQUEST_FIELDS: dict[str, tuple[str, ...]] = {
     EXTRACT: ("video", "path", "smooth", "fps"),
     AUDIO2EXP: ("audio", "fps", "n_frames", "offset_frames", "ref_exp", "pose", "pose_style", "pose_scale", "seed",
                 "ref_pose", "blinks", "blink_rate", "blink_seed"),
+    DUB: ("video", "path", "audio", "output", "size", "encoding", "credit", "follow_face"),
 }
 REPLY_FIELDS: dict[str, tuple[str, ...]] = {
     HELLO: ("protocol", "server", "device", "model", "real_weights", "tiny_random", "sizes", "native_size",
@@ -167,10 +170,14 @@ REPLY_FIELDS: dict[str, tuple[str, ...]] = {
     ERROR: ("code", "message"),
     EXTRACTED: ("fps", "rows", "warnings"),
     EXPRESSIONS: ("rows", "pose", "blinks"),
+    DUBBED: ("sent", "total", "width", "height", "fps", "output", "render_size", "identity_frame",
+             "frames_without_face", "warnings"),
 }
 LIMIT_FIELDS = ("max_message_bytes", "max_header_bytes", "max_part_bytes", "max_parts", "max_rows", "max_frames",
                 "max_credit", "default_credit", "max_image_side", "max_jobs", "max_jobs_per_client", "batch_size")
 PROGRESS_STAGES = ("queued", "rendering", "oom_retry") + EXTRACT_STAGES
+#: outputs of dub (the plate frame with the face pasted back, or that placement as straight-alpha RGBA)
+DUB_OUTPUTS = ("composite", "matte")
 
 
 class ProtocolError(Exception):
@@ -827,6 +834,83 @@ def audio2exp_request(id_: str, samples: np.ndarray, sample_rate: int, fps: floa
     return request(AUDIO2EXP, id_, **fields), parts
 
 
+@dataclass
+class DubRequest:
+    id: str
+    video: bytes | None          # the plate file's bytes (from a part or inline), or None with ``path``
+    path: str | None             # a plate file on the server machine (loopback servers only), or None
+    audio: AudioInput            # the speech; samples[0] plays with plate frame 0 (fps/frame_offset unused)
+    output: str = "composite"    # one of DUB_OUTPUTS
+    size: int | None = None      # render size of the face crop (None: the model's native size)
+    encoding: str = "png"        # frames: "png" (PNG file bytes) or "raw" (RGB8 / RGBA8 pixels)
+    credit: int = DEFAULT_CREDIT
+    follow_face: bool = True     # the mask ellipse follows the face inside the fixed crop (False: centred)
+
+
+def validate_dub(h: Mapping, parts: Sequence = ()) -> DubRequest:
+    """``dub``: exactly one of ``video`` (the plate's bytes, usually ``{"part": 0}``) or ``path`` (a file on
+    the server machine), the speech in ``audio`` as in audio2exp ({samples, sample_rate}), and options."""
+    _no_extra(h, _BASE | set(REQUEST_FIELDS[DUB]), "dub")
+    rid = check_id(_get(h, "id"))
+    video, path = h.get("video"), h.get("path")
+    if (video is None) == (path is None):
+        raise ProtocolError(E_BAD_FIELD, "dub: send exactly one of 'video' (the plate file's bytes, usually "
+                                         "{'part': 0}) or 'path' (a plate file on the server machine)")
+    data = None
+    if video is not None:
+        data = _part_bytes(video, "video", parts)
+    elif not isinstance(path, str) or not path or len(path) > MAX_PATH_LENGTH or "\0" in path:
+        raise ProtocolError(E_BAD_FIELD, f"path must be a non-empty string of at most {MAX_PATH_LENGTH} "
+                                         f"characters naming a video file on the server machine")
+    if "audio" not in h:
+        raise ProtocolError(E_BAD_FIELD, "dub: missing field 'audio' (the speech: {samples, sample_rate})")
+    audio = decode_audio(h["audio"], parts, fps_required=False)
+    output = h.get("output", "composite")
+    if output not in DUB_OUTPUTS:
+        raise ProtocolError(E_BAD_FIELD, f"dub: output must be one of {list(DUB_OUTPUTS)}, got {output!r:.40}")
+    size = h.get("size")
+    if size is not None:
+        size = check_int(size, "size", 1, 4096)
+    enc = h.get("encoding", "png")
+    if enc not in ENCODINGS:
+        raise ProtocolError(E_BAD_FIELD, f"encoding must be one of {list(ENCODINGS)}, got {enc!r:.40}")
+    credit = check_int(h.get("credit", DEFAULT_CREDIT), "credit", 0, MAX_CREDIT)
+    follow = check_bool(h.get("follow_face", True), "follow_face")
+    return DubRequest(id=rid, video=data, path=path if data is None else None, audio=audio, output=output,
+                      size=size, encoding=enc, credit=credit, follow_face=follow)
+
+
+def dub_request(id_: str, samples: np.ndarray, sample_rate: int, *, video: bytes | None = None,
+                path: str | None = None, output: str = "composite", size: int | None = None,
+                encoding: str = "png", credit: int = DEFAULT_CREDIT,
+                follow_face: bool = True) -> tuple[dict, list]:
+    """Client side: (header, parts) of a ``dub`` request (the plate's bytes in part 0 when sent, then the
+    speech's float32 PCM)."""
+    parts: list = []
+    fields: dict[str, Any] = {}
+    if video is not None:
+        fields["video"] = {"part": 0}
+        parts.append(bytes(video))
+    if path is not None:
+        fields["path"] = str(path)
+    fields["audio"] = {"samples": array_field(np.asarray(samples, dtype=np.float32).reshape(-1), parts),
+                       "sample_rate": int(sample_rate)}
+    fields.update(output=str(output), encoding=str(encoding), credit=int(credit), follow_face=bool(follow_face))
+    if size is not None:
+        fields["size"] = int(size)
+    return request(DUB, id_, **fields), parts
+
+
+def dubbed_reply(id_: str, *, sent: int, total: int, width: int, height: int, fps: float, output: str,
+                 render_size: int, identity_frame: int, frames_without_face: Sequence[int],
+                 warnings: Sequence[str] = ()) -> dict:
+    """The terminal ``dubbed`` reply of a dub, after its ``total`` frames."""
+    return reply(DUBBED, id_, sent=int(sent), total=int(total), width=int(width), height=int(height),
+                 fps=float(fps), output=str(output), render_size=int(render_size),
+                 identity_frame=int(identity_frame), frames_without_face=[int(i) for i in frames_without_face],
+                 warnings=[str(w) for w in warnings])
+
+
 def validate_credit(h: Mapping, parts: Sequence = ()) -> tuple[str, int]:
     _no_extra(h, _BASE | set(REQUEST_FIELDS[CREDIT]), "credit")
     return check_id(_get(h, "id")), check_int(_get(h, "frames"), "frames", 1, MAX_CREDIT)
@@ -969,6 +1053,12 @@ def _hash_array(h, arr: np.ndarray) -> None:
     h.update(str(arr.dtype).encode())
     h.update(str(arr.shape).encode())
     h.update(arr.tobytes())
+
+
+def output_hash_extra(output: str | None) -> str:
+    """The ``extra`` key text of a render ``output``: "" for the crop (keys of older sidecars stay valid),
+    ``output=<name>`` otherwise, so changing a rig's Output renders its frames again."""
+    return "" if not output or output == "crop" else f"output={output}"
 
 
 def frame_hashes(identity: str, model: str, size: int, rows: np.ndarray, frames: Iterable[int],

@@ -58,7 +58,7 @@ def test_install_enable_register_unregister(tmp_path, addon_zip):
         bpy.ops.preferences.addon_disable(module="styleheat")
         OUT["legacy_disabled"] = hasattr(bpy.types.Object, "styleheat")
     """, addon_zip)
-    expected_ops = ["add_rig", "bake_audio", "bake_video", "connect", "match_resolution", "open_output",
+    expected_ops = ["add_rig", "bake_audio", "bake_video", "connect", "dub_movie_strip", "match_resolution", "open_output",
                     "prepare_portrait", "preview", "render", "render_farm", "server_restart", "server_start",
                     "server_stop"]
     expected_panels = ["STYLEHEAT_PT_advanced", "STYLEHEAT_PT_attributes", "STYLEHEAT_PT_bake",

@@ -39,7 +39,7 @@ from server.service.bake_models import BakeModels, find_aligner, find_audio_conv
 from server.service.curve_keys import is_loopback_address, is_loopback_endpoint, load_server_keys, make_keys
 from server.service.images import check_image_size
 from server.service.scheduler import Job, Scheduler
-from server.service.worker import Worker, WorkerSetup
+from server.service.worker import Worker, WorkerSetup, do_dub
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -422,6 +422,28 @@ class Server:
             self.ctx.term()
 
 
+def on_dub(server: Server, client: bytes, header: dict, parts: list) -> None:
+    """``dub`` (main thread): validate, check what this server can do, queue it (the worker's :func:`do_dub`)."""
+    req = P.validate_dub(header, parts)
+    if server.bake.tracker is None:
+        raise P.ProtocolError(P.E_UNSUPPORTED, f"dub is not available: it tracks the plate's face and "
+                                               f"{server.bake.extract_note}")
+    if not server.info.get("audio_warper") and server.bake.audio2exp is None:
+        raise P.ProtocolError(P.E_UNSUPPORTED, "dub is not available: nothing can move the lips (the model has no "
+                                               "audio warper and the server no Audio2Exp model)")
+    sizes = [int(s) for s in server.info.get("sizes", [])]
+    if req.size is not None and sizes and req.size not in sizes:
+        raise P.ProtocolError(P.E_BAD_FIELD, f"size {req.size} is not available; choose one of {sizes}")
+    if req.path is not None:
+        if not server.allow_path:
+            raise P.ProtocolError(P.E_UNSUPPORTED, "dub by 'path' is only allowed when the server is bound to a "
+                                                   "loopback address; send the plate's bytes in 'video'")
+        if not os.path.isfile(req.path):
+            raise P.ProtocolError(P.E_BAD_VIDEO, f"plate not found on the server machine: {req.path!r:.300}; "
+                                                 f"give an existing file's path or send its bytes in 'video'")
+    server.sched.submit(Job(client, req.id, "dub", req, credit=req.credit))
+
+
 @dataclass(frozen=True)
 class Handler:
     """One request type. ``accept`` runs on the main thread: it validates the message and answers it or
@@ -442,6 +464,7 @@ HANDLERS: dict[str, Handler] = {
     P.CANCEL: Handler(Server.on_cancel),
     P.FORGET: Handler(Server.on_forget, Worker.do_forget),
     P.SHUTDOWN: Handler(Server.on_shutdown),
+    P.DUB: Handler(on_dub, do_dub),
 }
 assert set(HANDLERS) == set(P.REQUEST_TYPES), "every request type needs a handler"
 

@@ -85,7 +85,7 @@ class Scheduler:
     def grant(self, client: bytes, rid: str, n: int) -> None:
         with self.cv:
             job = self.jobs.get((client, rid))
-            if job is None or job.kind != "render":
+            if job is None or job.kind not in ("render", "dub"):
                 return
             job.granted = min(job.granted + n, job.produced + P.MAX_CREDIT)
             job.last_credit = self.clock()

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("styleheat.server")
 
 #: the replies that end a request (everything else the worker sends is a frame or progress)
-TERMINAL_TYPES = frozenset((P.DONE, P.ERROR, P.PREPARED, P.EXTRACTED, P.EXPRESSIONS, P.FORGOTTEN))
+TERMINAL_TYPES = frozenset((P.DONE, P.ERROR, P.PREPARED, P.EXTRACTED, P.EXPRESSIONS, P.FORGOTTEN, P.DUBBED))
+
+#: seconds a dub waits for the client's credit before it is dropped (as a render's --stall-timeout)
+DUB_STALL_TIMEOUT = 600.0
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -566,6 +569,125 @@ class Worker(threading.Thread):
         self._close_gen(job)
         self.sched.finish(job)
         self.send(job.client, P.error_reply(job.id, code, message))
+
+
+class _DubFailed(Exception):
+    """A dub that ends with an error reply: ``code`` and ``message``."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def do_dub(worker: "Worker", job: Job) -> None:
+    """The ``dub`` request: :func:`server.shots.dub.dub` on the uploaded (or loopback path) plate and the speech,
+    every plate-size frame sent as a ``frame`` message (credit-paced), then ``dubbed`` with the warnings.
+
+    The whole dub is one worker step (like ``extract``): other requests wait until it ends. Cancel, a vanished
+    client and shutdown stop it at the next tracked or written frame."""
+    import tempfile
+
+    from server.shots.dub import DubError, dub
+
+    req: P.DubRequest = job.payload
+    setup, sched = worker.setup, worker.sched
+    stop = lambda: job.abort is not None  # noqa: E731
+    last = [0.0]
+    frames_total = [0]             # the plate's frame count, known once tracking reports it
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        frames_total[0] = max(frames_total[0], int(total or 0))
+        if stage == "render":      # the frames themselves show how far it is
+            return
+        if done <= 1 or (total > 0 and done >= total) or now - last[0] >= 0.25:
+            last[0] = now
+            what = {"landmarks": "landmarks", "3dmm": "3DMM"}.get(stage, stage)
+            worker.send(job.client, P.reply(P.PROGRESS, job.id, stage=stage, done=int(done), total=int(total),
+                                            message=f"tracking the plate, {what}: {done}/{total or '?'} frames"))
+
+    def write(index: int, image: np.ndarray) -> None:
+        with sched.cv:     # credit: at most ``credit`` frames in flight, as a render
+            sched.cv.wait_for(lambda: job.abort is not None or job.granted > job.produced, DUB_STALL_TIMEOUT)
+            if job.abort is None and job.granted <= job.produced:
+                job.abort = ("error", P.E_STALLED, f"no credit granted for {DUB_STALL_TIMEOUT:.0f} s; the dub was "
+                                                   f"dropped (send 'credit' messages as frames arrive)")
+        if job.abort is not None:
+            raise Cancelled("dub stopped")
+        img = np.ascontiguousarray(image)
+        data = encode_png(img) if req.encoding == "png" else memoryview(img).cast("B")
+        worker.send(job.client, P.frame_reply(job.id, frame=int(index), index=int(index), total=frames_total[0],
+                                              width=int(img.shape[1]), height=int(img.shape[0]),
+                                              encoding=req.encoding, channels=int(img.shape[2])), (data,))
+        sched.produced_one(job)
+
+    engine = worker.engine
+    ids = getattr(engine, "identity_ids", None)
+    before = set(ids()) if callable(ids) else set()
+    tmp = None
+    try:
+        try:
+            if req.video is not None:
+                fd, tmp = tempfile.mkstemp(prefix="styleheat-dub-", suffix=_video_suffix(req.video))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(req.video)
+                plate = tmp
+            else:
+                plate = req.path
+            report = dub(plate, (req.audio.samples, req.audio.sample_rate), engine=engine,
+                         tracker=setup.bake.tracker, write=write, audio2exp=setup.bake.audio2exp,
+                         presets=dict(setup.bake.presets), output=req.output, size=req.size,
+                         batch_size=setup.batch_size, follow_face=req.follow_face, progress=progress,
+                         should_stop=stop)
+        except Cancelled:
+            raise
+        except DubError as exc:
+            msg = str(exc).replace(str(tmp), "the uploaded plate") if tmp is not None else str(exc)
+            code = (P.E_BAD_FIELD if msg.startswith("the speech") else
+                    P.E_UNSUPPORTED if msg.startswith("nothing can move") else P.E_BAD_VIDEO)
+            raise _DubFailed(code, f"dub: {msg}") from None
+        except VideoError as exc:
+            msg = str(exc).replace(str(tmp), "the uploaded plate") if tmp is not None else str(exc)
+            raise _DubFailed(P.E_BAD_VIDEO, f"dub: {msg}") from None
+        except ValueError as exc:   # the engine refusing a value (size, ...)
+            raise _DubFailed(P.E_BAD_FIELD, f"dub: {exc}") from None
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            release_device_memory()
+            raise _DubFailed(P.E_OUT_OF_MEMORY, "dub: the device ran out of memory; dub at a smaller size or "
+                                                "free GPU memory") from None
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    log.warning("could not delete the temporary plate %s", tmp)
+            # the plate's face was inverted as an identity of its own: do not let it push out prepared portraits
+            if callable(ids):
+                for ident in set(ids()) - before:
+                    engine.forget_identity(ident)
+                worker._sync_identities()
+    except Cancelled:
+        sched.finish(job)
+        if job.abort == ("cancelled",):
+            worker.send(job.client, P.reply(P.DONE, job.id, sent=job.produced, total=frames_total[0], cancelled=True))
+        elif job.abort is not None:
+            worker._report_abort(job)
+        return
+    except _DubFailed as exc:
+        if not worker._finish_or_abort(job):
+            worker.send(job.client, P.error_reply(job.id, exc.code, exc.message))
+        return
+    if worker._finish_or_abort(job):
+        return
+    warnings = list(report.warnings)
+    if setup.tiny_random:
+        warnings.append("tiny random weights: the pasted face is noise, not the plate's face")
+    worker.send(job.client, P.dubbed_reply(
+        job.id, sent=job.produced, total=report.frames, width=report.width, height=report.height, fps=report.fps,
+        output=report.output, render_size=report.render_size, identity_frame=report.identity_frame,
+        frames_without_face=report.frames_without_face, warnings=warnings))
 
 
 class _Unsupported(Exception):
