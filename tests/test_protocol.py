@@ -71,7 +71,7 @@ def test_docs_match_the_schema_both_ways():
     import re
 
     tables = _doc_tables(doc)
-    for t in (P.RENDER, P.EXTRACT, P.AUDIO2EXP):  # sections with a request-field table
+    for t in (P.RENDER, P.EXTRACT, P.AUDIO2EXP, P.DUB):  # sections with a request-field table
         section = next(k for k in tables if re.match(rf"`{t}`(\s|$)", k))
         listed = set(tables[section]) - {"id"}
         assert listed == set(P.REQUEST_FIELDS[t]), (t, sorted(listed ^ set(P.REQUEST_FIELDS[t])))
