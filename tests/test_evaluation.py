@@ -24,6 +24,17 @@ from server.parity.reference import load_layout, seeded_part
 RNG = np.random.RandomState(0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One torch thread for this module. On a 2-core machine shared with other jobs, two OpenMP threads wait
+    on each other at every layer: the whole file took 138 s with 2 threads and 19 s with 1 here (the
+    numbers do not depend on the thread count). The command itself never raises the count it is given."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- closed forms
 
 def test_psnr_of_a_known_error():
