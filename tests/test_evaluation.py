@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
+import types
+import warnings
 
 import cv2
 import numpy as np
@@ -18,6 +22,17 @@ from server.evaluation import networks as N
 from server.parity.reference import load_layout, seeded_part
 
 RNG = np.random.RandomState(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One torch thread for this module. On a 2-core machine shared with other jobs, two OpenMP threads wait
+    on each other at every layer: the whole file took 138 s with 2 threads and 19 s with 1 here (the
+    numbers do not depend on the thread count). The command itself never raises the count it is given."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -66,6 +81,25 @@ def test_frechet_distance_closed_forms():
     a, b = RNG.randn(6, 20), RNG.randn(7, 20) + 0.3
     full = M.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert M.fid_from_features(a, b) == pytest.approx(full, rel=1e-6)
+
+
+def test_frechet_distance_of_singular_covariances_is_quiet_and_exact():
+    """scipy's sqrtm warns "Matrix is singular" on these; the distance passes no warning on and stays exact."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s, t = np.diag([1.0, 2.0, 0.0, 0.0]), np.diag([3.0, 0.0, 1.0, 0.0])
+        want = (1 - math.sqrt(3)) ** 2 + (math.sqrt(2) - 0) ** 2 + (0 - 1) ** 2
+        assert M.frechet_distance(np.zeros(4), s, np.zeros(4), t) == pytest.approx(want, rel=1e-9)
+        # more samples than dimensions, but features that are always 0 (dead ReLUs): rank-deficient
+        a, b = RNG.randn(40, 8), RNG.randn(30, 8) + 0.2
+        a[:, 3] = 0
+        b[:, [3, 5]] = 0
+        ca, cb = a - a.mean(0), b - b.mean(0)
+        tr = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / math.sqrt(39 * 29)  # Tr sqrt(S1 S2), exact
+        diff = a.mean(0) - b.mean(0)
+        want = diff @ diff + np.trace(np.cov(a, rowvar=False)) + np.trace(np.cov(b, rowvar=False)) - 2 * tr
+        got = M.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        assert got == pytest.approx(want, rel=1e-6)
 
 
 def test_cosine_and_motion_distances():
@@ -155,6 +189,108 @@ def test_lpips_matches_the_formula_on_seeded_files(weight_files):
     assert net(a, a).abs().max() < 1e-6
 
 
+def _standin_torchvision(built: list):
+    """Module objects to register as ``torchvision`` / ``torchvision.models``: only ``alexnet``, built with
+    torch.nn layers in torchvision's AlexNet layout (``features`` 0..12, ``avgpool``, ``classifier`` 0..6),
+    randomly initialised and never downloading. Each model built is appended to ``built``."""
+
+    class AlexNet(torch.nn.Module):
+        def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
+            super().__init__()
+            nn = torch.nn
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=3, stride=2),
+                nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=3, stride=2),
+                nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=3, stride=2))
+            self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+            self.classifier = nn.Sequential(
+                nn.Dropout(p=dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+                nn.Dropout(p=dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Linear(4096, num_classes))
+
+    def alexnet(pretrained: bool = False, weights=None, progress: bool = True, **kwargs):
+        if pretrained or weights is not None:
+            raise RuntimeError("the stand-in torchvision downloads nothing; load the backbone weights yourself")
+        with torch.device("meta"):  # the classifier (58M parameters) is part of the layout, unused by LPIPS
+            model = AlexNet(**kwargs)
+        model.features.to_empty(device="cpu")
+        built.append(model)
+        return model
+
+    models = types.ModuleType("torchvision.models")
+    models.alexnet = alexnet
+    tv = types.ModuleType("torchvision")
+    tv.models = models
+    tv.__doc__ = "stand-in (tests/test_evaluation.py): torchvision 0.28.0 does not import beside this torch build"
+    return tv, models
+
+
+@pytest.fixture
+def lpips_package():
+    """The lpips package's own code (lpips==0.1.4, the test extra), imported beside the stand-in torchvision;
+    sys.modules is restored afterwards. Yields (lpips module, list of AlexNets it built)."""
+    from server.commands.evaluate import installed_lpips_heads
+
+    if installed_lpips_heads() is None:
+        pytest.fail("lpips==0.1.4 is not installed (test extra); `pip install --no-deps lpips==0.1.4`")
+    ours = lambda k: k.split(".")[0] in ("lpips", "torchvision")  # noqa: E731
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
+    for k in saved:
+        del sys.modules[k]
+    built: list = []
+    sys.modules["torchvision"], sys.modules["torchvision.models"] = _standin_torchvision(built)
+    try:
+        import lpips
+
+        yield lpips, built
+    finally:
+        for k in [k for k in sys.modules if ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_lpips_equals_the_lpips_package(weight_files, lpips_package, fixtures_dir):
+    """Our LPIPSAlex against ``lpips.LPIPS(net='alex')`` -- the lpips package's own network, scaling layer,
+    normalisation, heads and averaging -- on the same weights: the linear heads the package ships
+    (lpips/weights/v0.1/alex.pth, loaded by lpips itself and by us from the same file) and the seeded
+    AlexNet backbone file.
+
+    Stood in: only ``torchvision.models.alexnet``. torchvision 0.28.0 (the only release for torch 2.13.0)
+    does not import beside this CPU torch build, and lpips needs nothing else from it. The stand-in
+    builds torchvision's AlexNet layout from torch.nn layers without weights (``pnet_rand=True``: lpips
+    asks for no pretrained download); the seeded ``features.*`` tensors are then loaded strictly into the
+    model lpips built, as the real ImageNet file would be."""
+    from server.commands.evaluate import installed_lpips_heads
+
+    lpips, built = lpips_package
+    ref = lpips.LPIPS(net="alex", version="0.1", pnet_rand=True, verbose=False)
+    assert len(built) == 1
+    alex = torch.load(weight_files / "alexnet-owt-7be5be79.pth", weights_only=True)
+    built[0].features.load_state_dict({k.removeprefix("features."): v for k, v in alex.items()
+                                       if k.startswith("features.")}, strict=True)
+    # lpips' slices hold the very modules loaded above; its heads are the shipped file
+    torch.testing.assert_close(ref.net.slice1[0].weight, alex["features.0.weight"], rtol=0, atol=0)
+    heads_file = installed_lpips_heads()
+    shipped = torch.load(heads_file, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(ref.lin2.model[1].weight, shipped["lin2.model.1.weight"], rtol=0, atol=0)
+
+    ours = N.LPIPSAlex.from_files(weight_files / "alexnet-owt-7be5be79.pth", heads_file)
+    face = np.asarray(Image.open(fixtures_dir / "portrait_40.jpg").convert("RGB").resize((96, 96)))
+    g = torch.Generator().manual_seed(5)
+    a = torch.cat([N.uint8_to_pm1(face), torch.rand(2, 3, 96, 96, generator=g) * 2 - 1])
+    b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    for x, y in ((a, b), (a[:, :, :77, :90], b[:, :, :77, :90])):  # and an odd, non-square size
+        want = ref(x, y).view(-1)
+        got = ours(x, y)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        assert (got > 0).all()
+    assert ours(a, a).abs().max() < 1e-6
+
+
 def test_inception_and_arcface_load_seeded_files(weight_files):
     inc = N.FIDInception.from_file(weight_files / "pt_inception-2015-12-05-6726825d.pth")
     imgs = RNG.randint(0, 256, (3, 64, 64, 3)).astype(np.uint8)
@@ -188,9 +324,12 @@ def test_missing_and_wrong_weight_files_name_the_file(weight_files, tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
+# Kept short on purpose (2 CPU cores): 3-frame videos, 2 driving frames, 64² renders, and each command
+# run once per module (the same-id run is shared by the output checks and the resume check).
 
 SIZE = 192
-PATH = [(0, 0), (3, 1), (6, 2), (8, 4), (10, 5)]  # (dx, dy) per frame: the face moves along a path
+PATH = [(0, 0), (4, 2), (8, 4)]  # (dx, dy) per frame: the face moves along a path
+FRAMES = 2                       # driving frames (same-id: frame 0 is the source, frames 1..2 drive)
 
 
 def _video(path, base, offsets):
@@ -206,54 +345,120 @@ def _video(path, base, offsets):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, fixtures_dir, reference_dir, weight_files):
     root = tmp_path_factory.mktemp("eval")
-    videos = root / "videos"
+    videos, sources = root / "videos", root / "sources"
     videos.mkdir()
+    sources.mkdir()
     for name, fixture, offsets in (("a.avi", "portrait_100.jpg", PATH), ("b.avi", "portrait_40.jpg", PATH[::-1])):
         base = np.asarray(Image.open(fixtures_dir / fixture).convert("RGB").resize((SIZE, SIZE)))
         _video(videos / name, base, offsets)
+    for name, fixture in (("s1.png", "portrait_40.jpg"), ("s2.png", "portrait_100.jpg")):
+        Image.open(fixtures_dir / fixture).convert("RGB").resize((96, 96)).save(sources / name)
     ckpt = root / "ckpt"
     (ckpt / "Deep3D").mkdir(parents=True)
     state = seeded_part(load_layout(reference_dir / "deep3d_checkpoints.json"), "checkpoints/Deep3D/epoch_20.pth",
                         "net_recon", seed=0)
     torch.save({"net_recon": state}, ckpt / "Deep3D" / "epoch_20.pth")
-    return {"videos": videos, "ckpt": ckpt, "weights": weight_files, "root": root}
+    return {"videos": videos, "sources": sources, "ckpt": ckpt, "weights": weight_files, "root": root}
 
 
-def _evaluate(setup, out, *extra):
-    return main(["evaluate", "same-id", "--videos", str(setup["videos"]), "--frames", "3", "--size", "64",
-                 "--tiny-random", "--checkpoints", str(setup["ckpt"]), "--eval-weights", str(setup["weights"]),
-                 "--out", str(out), "--quiet", *extra])
+def _evaluate(setup, out, *extra, protocol="same-id"):
+    more = ["--sources", str(setup["sources"])] if protocol == "cross-id" else []
+    return main(["evaluate", protocol, "--videos", str(setup["videos"]), *more, "--frames", str(FRAMES),
+                 "--size", "64", "--tiny-random", "--checkpoints", str(setup["ckpt"]),
+                 "--eval-weights", str(setup["weights"]), "--out", str(out), "--quiet", *extra])
 
 
-def test_same_id_end_to_end_and_resume(setup, capsys):
-    full = setup["root"] / "full"
-    assert _evaluate(setup, full) == 0
-    doc = json.loads((full / "metrics.json").read_text())
+@pytest.fixture(scope="module")
+def same_id(setup):
+    """One uninterrupted same-id run over both videos (all seven metrics)."""
+    out = setup["root"] / "full"
+    assert _evaluate(setup, out) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_same_id_end_to_end(same_id):
+    out, doc = same_id
     assert set(doc["summary"]) == {"psnr", "ssim", "lpips", "fid", "csim", "aed", "apd"}
     assert all(v is not None and math.isfinite(v) for v in doc["summary"].values()), doc["summary"]
-    assert doc["frames_total"] == 6 and len(doc["pairs"]) == 2
-    assert len(doc["pairs"][0]["psnr_per_frame"]) == 3
-    report = (full / "report.md").read_text()
+    assert doc["frames_total"] == 2 * FRAMES and [p["video"] for p in doc["pairs"]] == ["a.avi", "b.avi"]
+    assert all(len(p[f"{m}_per_frame"]) == FRAMES for p in doc["pairs"] for m in ("psnr", "lpips", "csim", "aed"))
+    # the summary is the mean over every frame of every pair
+    psnr = [v for p in doc["pairs"] for v in p["psnr_per_frame"]]
+    assert doc["summary"]["psnr"] == pytest.approx(np.mean(psnr), rel=1e-12)
+    report = (out / "report.md").read_text()
     assert "| StyleHEAT (paper, Table 2) | 18.02 | 0.1729 | 31.21 |" in report
     assert "Tiny random model" in report
-    png = cv2.imread(str(full / "report.png"))
+    png = cv2.imread(str(out / "report.png"))
     assert png is not None and png.shape[0] > 100
+    assert len(list((out / "cache").glob("*.npz"))) == 2
 
-    # interrupted run: only the first video finished, then the run is started again over both
-    part = setup["root"] / "part"
-    assert _evaluate(setup, part, "--num-videos", "1") == 0
-    first = sorted((part / "cache").glob("a-*.npz"))
-    assert len(first) == 1
-    mtime = first[0].stat().st_mtime_ns
-    assert _evaluate(setup, part) == 0
-    assert first[0].stat().st_mtime_ns == mtime  # reused from the cache, not recomputed
-    resumed = json.loads((part / "metrics.json").read_text())
+
+def test_same_id_interrupted_and_resumed_gives_the_same_numbers(setup, same_id, tmp_path):
+    """The cache a run killed while on video b leaves behind: a's finished entry and b's half-written
+    temporary file. The resumed run reuses a's entry, computes b, and reports the uninterrupted run's numbers."""
+    full, doc = same_id
+    (a_entry,) = (full / "cache").glob("a-*.npz")
+    (b_entry,) = (full / "cache").glob("b-*.npz")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy2(a_entry, cache / a_entry.name)
+    (cache / f".{b_entry.name}.tmp").write_bytes(b"PK\x03\x04 cut off")
+    mtime = (cache / a_entry.name).stat().st_mtime_ns
+    assert _evaluate(setup, tmp_path) == 0
+    assert (cache / a_entry.name).stat().st_mtime_ns == mtime  # reused, not recomputed
+    assert (cache / b_entry.name).is_file()                     # same key: same inputs and options
+    with np.load(cache / b_entry.name) as got, np.load(b_entry) as want:
+        for k in ("psnr", "ssim", "lpips", "csim", "aed", "apd", "fid_gen", "fid_real"):
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-9, err_msg=k)
+    resumed = json.loads((tmp_path / "metrics.json").read_text())
     for k, v in doc["summary"].items():
         assert resumed["summary"][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
-    # a different option is a different cache entry
-    assert _evaluate(setup, part, "--metrics", "psnr,aed", "--num-videos", "1") == 0
-    assert len(list((part / "cache").glob("a-*.npz"))) == 2
-    capsys.readouterr()
+
+
+def test_cache_key_follows_the_inputs_and_options(setup, tmp_path):
+    from server.evaluation.protocol import Options, cache_key
+
+    video = tmp_path / "v.avi"
+    shutil.copy(setup["videos"] / "a.avi", video)
+    base = Options(frames=2, size=64, metrics=("psnr", "aed"), model_id="m")
+    key = cache_key("same-id", base, video)
+    assert cache_key("same-id", Options(frames=2, size=64, metrics=("aed", "psnr"), model_id="m"), video) == key
+    for other in (Options(frames=3, size=64, metrics=("psnr", "aed"), model_id="m"),
+                  Options(frames=2, size=128, metrics=("psnr", "aed"), model_id="m"),
+                  Options(frames=2, size=64, metrics=("psnr",), model_id="m"),
+                  Options(frames=2, size=64, metrics=("psnr", "aed"), distance="l2", model_id="m"),
+                  Options(frames=2, size=64, metrics=("psnr", "aed"), model_id="other"),
+                  Options(frames=2, size=64, metrics=("psnr", "aed"), model_id="m",
+                          weights={"arcface": str(setup["weights"] / "model_ir_se50.pth")})):
+        assert cache_key("same-id", other, video) != key, other
+    assert cache_key("cross-id", base, video) != key
+    video.write_bytes(video.read_bytes() + b"\0")  # the video changed
+    assert cache_key("same-id", base, video) != key
+
+
+def test_cross_id_end_to_end(setup, tmp_path):
+    """2 sources x 1 video: FID against the sources, CSIM against the source, AED/APD against the video."""
+    from server.evaluation.protocol import read_source
+
+    out = tmp_path / "cross"
+    assert _evaluate(setup, out, "--num-videos", "1", protocol="cross-id") == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert set(doc["summary"]) == {"fid", "csim", "aed", "apd"}
+    assert all(v is not None and math.isfinite(v) for v in doc["summary"].values()), doc["summary"]
+    assert [(p["source"], p["video"]) for p in doc["pairs"]] == [("s1.png", "a.avi"), ("s2.png", "a.avi")]
+    assert doc["frames_total"] == 2 * FRAMES and all(len(p["aed_per_frame"]) == FRAMES for p in doc["pairs"])
+    assert all(-1 <= v <= 1 for p in doc["pairs"] for v in p["csim_per_frame"])
+    # FID's real set is the source portraits: recompute it from the cached generated features
+    entries = [out / "cache" / p["cache"] for p in doc["pairs"]]
+    assert [e.name.split("-")[0] for e in entries] == ["s1__a", "s2__a"]
+    gen = np.concatenate([np.load(e)["fid_gen"] for e in entries])
+    inc = N.FIDInception.from_file(setup["weights"] / "pt_inception-2015-12-05-6726825d.pth")
+    real = inc.features(np.stack([read_source(setup["sources"] / s, 64) for s in ("s1.png", "s2.png")]))
+    assert doc["summary"]["fid"] == pytest.approx(M.fid_from_features(gen, real), rel=1e-6)
+    report = (out / "report.md").read_text()
+    assert "| method | ×FID↓ | ×CSIM↑ | ×AED↓ | ×APD↓ |" in report
+    assert "| StyleHEAT (paper, Table 2) | 91.28 | 0.4890 | 0.2630 | 0.03484 |" in report
+    assert cv2.imread(str(out / "report.png")) is not None
 
 
 def test_evaluate_errors_name_what_is_wrong(setup, tmp_path, capsys):
@@ -262,16 +467,29 @@ def test_evaluate_errors_name_what_is_wrong(setup, tmp_path, capsys):
     assert rc == 1 and "missing.pth: file not found" in err and "model_ir_se50.pth" in err
     rc = _evaluate(setup, tmp_path / "o", "--metrics", "psnr,bogus")
     assert rc == 2 and "unknown bogus" in capsys.readouterr().err
+    rc = _evaluate(setup, tmp_path / "o", "--metrics", "psnr", protocol="cross-id")
+    assert rc == 2 and "need ground-truth frames" in capsys.readouterr().err
     rc = main(["evaluate", "same-id", "--videos", str(tmp_path), "--out", str(tmp_path / "o"), "--tiny-random",
                "--checkpoints", str(setup["ckpt"])])
     assert rc == 2 and "no videos in it" in capsys.readouterr().err
-    rc = _evaluate(setup, tmp_path / "o", "--frames", "40")
-    assert rc == 2 and "only 5 frames" in capsys.readouterr().err
-    # without weight files the default metrics are those that need none, and the skipped ones are named
-    rc = main(["evaluate", "same-id", "--videos", str(setup["videos"]), "--frames", "2", "--size", "64",
+    # without weight files the metrics needing none are chosen and the skipped ones named (before any work)
+    rc = main(["evaluate", "same-id", "--videos", str(setup["videos"]), "--frames", "40", "--size", "64",
                "--num-videos", "1", "--tiny-random", "--checkpoints", str(setup["ckpt"]),
                "--eval-weights", str(tmp_path), "--out", str(tmp_path / "o2"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 0 and "FID skipped" in err and "--inception-weights" in err
-    assert set(json.loads((tmp_path / "o2" / "metrics.json").read_text())["summary"]) <= {
-        "psnr", "ssim", "aed", "apd", "lpips"}
+    assert rc == 2 and "only 3 frames" in err and "lower --frames" in err
+    assert "FID skipped" in err and "--inception-weights" in err and "CSIM skipped" in err
+
+
+def test_default_metrics_are_those_with_weights(weight_files, tmp_path):
+    from server.commands.evaluate import choose_metrics
+
+    everything = {"alexnet": 1, "lpips_heads": 1, "inception": 1, "arcface": 1}
+    assert choose_metrics(None, "same-id", everything) == (["psnr", "ssim", "lpips", "fid", "csim", "aed", "apd"], [])
+    assert choose_metrics(None, "cross-id", everything) == (["fid", "csim", "aed", "apd"], [])
+    chosen, notes = choose_metrics(None, "same-id", {"lpips_heads": 1, "arcface": 1})
+    assert chosen == ["psnr", "ssim", "csim", "aed", "apd"]
+    assert [n.split(":")[0] for n in notes] == ["LPIPS skipped", "FID skipped"]
+    assert "--alexnet-weights" in notes[0] and "--lpips-heads" not in notes[0]
+    # an explicit list is kept (loading then names the missing file)
+    assert choose_metrics("fid,psnr,fid", "same-id", {}) == (["fid", "psnr"], [])

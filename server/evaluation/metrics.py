@@ -19,6 +19,9 @@ DATA_RANGE = 255.0
 EXP = slice(0, 64)      # columns of a 73-value motion row
 POSE = slice(64, 70)    # angle (3) + translation (3)
 
+SQRTM_TOLERANCE = 1e-5  # relative residual ||R R - S1 S2|| / ||S1 S2|| accepted from scipy's sqrtm
+REGULARISATION = 1e-6   # diagonal offset added to both covariances when it is not met
+
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a), np.asarray(b)
@@ -51,22 +54,44 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _sqrtm_checked(m: np.ndarray) -> tuple[np.ndarray, float]:
+    """scipy's sqrtm of ``m`` without its warnings, and the relative residual ||R R - m|| / ||m||."""
+    import warnings
+
+    from scipy import linalg
+
+    with warnings.catch_warnings():
+        # "Matrix is singular ...": covariances of fewer samples than dimensions, or of features that are
+        # always 0 (dead ReLUs), are singular; the residual below says whether the root is usable.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        root = linalg.sqrtm(m)
+    if not np.isfinite(root).all():
+        return root, float("inf")
+    scale = max(float(np.linalg.norm(m)), 1e-300)
+    return root, float(np.linalg.norm(root @ root - m) / scale)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) (Heusel et al. 2017), sqrtm from scipy.linalg.
 
-    A singular product gets a small diagonal offset (1e-6) as in the reference implementations;
-    the imaginary part left by round-off is dropped.
+    Singular covariances (fewer frames than feature dimensions, features that are always 0) make
+    scipy warn "Matrix is singular"; that warning is not passed on. Instead the root is checked
+    (relative residual of R R against S1 S2 below 1e-5) and, when it fails, computed again with a
+    small diagonal offset (1e-6, as the reference implementations do). The imaginary part left by
+    round-off is dropped.
     """
-    from scipy import linalg
-
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched statistics: {mu1.shape} {s1.shape} vs {mu2.shape} {s2.shape}")
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        eps = 1e-6 * np.eye(s1.shape[0])
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean, residual = _sqrtm_checked(s1 @ s2)
+    if residual > SQRTM_TOLERANCE:
+        eps = REGULARISATION * np.eye(s1.shape[0])
+        covmean, residual = _sqrtm_checked((s1 + eps) @ (s2 + eps))
+        if not np.isfinite(covmean).all():
+            raise ValueError("Frechet distance: the covariance product has no usable square root even with a "
+                             f"{REGULARISATION:g} diagonal offset (are the features finite?)")
     covmean = np.real(covmean)
     diff = mu1 - mu2
     return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean), 0.0))

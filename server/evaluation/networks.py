@@ -168,7 +168,7 @@ class LPIPSAlex(nn.Module):
 
 def uint8_to_pm1(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) or (H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    x = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: the input may be read-only
     if x.dim() == 3:
         x = x[None]
     return x.permute(0, 3, 1, 2) / 127.5 - 1.0
