@@ -859,6 +859,10 @@ def validate_dub(h: Mapping, parts: Sequence = ()) -> DubRequest:
     data = None
     if video is not None:
         data = _part_bytes(video, "video", parts)
+        if video_container(data) is None:   # as extract: no playlists or lists that make FFmpeg open other files
+            raise ProtocolError(E_BAD_FIELD, "video: the bytes are not a video file (MP4/MOV, AVI or "
+                                             "Matroska/WebM); playlists, concat lists and other text are "
+                                             "refused -- send the plate file itself")
     elif not isinstance(path, str) or not path or len(path) > MAX_PATH_LENGTH or "\0" in path:
         raise ProtocolError(E_BAD_FIELD, f"path must be a non-empty string of at most {MAX_PATH_LENGTH} "
                                          f"characters naming a video file on the server machine")
@@ -867,13 +871,13 @@ def validate_dub(h: Mapping, parts: Sequence = ()) -> DubRequest:
     audio = decode_audio(h["audio"], parts, fps_required=False)
     output = h.get("output", "composite")
     if output not in DUB_OUTPUTS:
-        raise ProtocolError(E_BAD_FIELD, f"dub: output must be one of {list(DUB_OUTPUTS)}, got {output!r:.40}")
+        raise ProtocolError(E_BAD_FIELD, f"dub: output must be one of {list(DUB_OUTPUTS)}, got {_brief(output)}")
     size = h.get("size")
     if size is not None:
         size = check_int(size, "size", 1, 4096)
     enc = h.get("encoding", "png")
     if enc not in ENCODINGS:
-        raise ProtocolError(E_BAD_FIELD, f"encoding must be one of {list(ENCODINGS)}, got {enc!r:.40}")
+        raise ProtocolError(E_BAD_FIELD, f"encoding must be one of {list(ENCODINGS)}, got {_brief(enc)}")
     credit = check_int(h.get("credit", DEFAULT_CREDIT), "credit", 0, MAX_CREDIT)
     follow = check_bool(h.get("follow_face", True), "follow_face")
     return DubRequest(id=rid, video=data, path=path if data is None else None, audio=audio, output=output,

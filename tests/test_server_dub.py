@@ -166,10 +166,12 @@ def test_dub_matte_by_loopback_path_raw(client, plate):
 
 def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client, plate, tmp_path):
     cases = []
-    _, _, end = run_dub(client, "bad1", video=b"RIFF not a video at all" * 10)
+    _, _, end = run_dub(client, "bad0", video=b"RIFF not a video at all" * 10)
+    assert end["type"] == P.ERROR and end["code"] == P.E_BAD_FIELD and "not a video file" in end["message"], end
+    _, _, end = run_dub(client, "bad1", video=b"RIFF\x00\x10\x00\x00AVI LIST" + b"\x07" * 300)  # AVI, undecodable
     cases.append(end)
     assert end["type"] == P.ERROR and end["code"] == P.E_BAD_VIDEO, end
-    assert "cannot be decoded" in end["message"] and "styleheat-dub-" not in end["message"]
+    assert "cannot" in end["message"] and "decode" in end["message"] and "styleheat-dub-" not in end["message"]
     faceless = tmp_path / "empty.avi"
     write_plate(faceless, None, n=8)
     _, _, end = run_dub(client, "bad2", video=faceless.read_bytes())
@@ -182,6 +184,26 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client, plate, 
     assert end["type"] == P.ERROR and end["code"] == P.E_BAD_FIELD and "composite" in end["message"], end
     _, _, end = run_dub(client, "bad6", video=plate.read_bytes(), size=100)
     assert end["type"] == P.ERROR and end["code"] == P.E_BAD_FIELD and "size" in end["message"], end
+    # a playlist naming a file on the server machine is refused as extract refuses it: the plate is never read
+    playlist = b"#EXTM3U\n#EXTINF:1,\n" + str(plate).encode() + b"\n#EXT-X-ENDLIST\n"
+    _, _, end = run_dub(client, "bad7", video=playlist)
+    assert end["type"] == P.ERROR and end["code"] == P.E_BAD_FIELD and "not a video file" in end["message"], end
+    assert_serving(client)
+
+
+def test_a_plate_over_the_frame_limit_is_refused_before_work(client, tmp_path, monkeypatch):
+    """The dub plate meets extract's limits (frames, duration, pixels) from its header: an MJPG .avi of
+    more frames than MAX_EXTRACT_FRAMES would be refused at once -- checked here with a wide plate instead
+    (over MAX_EXTRACT_PIXELS), which is cheap to make."""
+    w, h = 4096, 2176
+    assert w * h > P.MAX_EXTRACT_PIXELS
+    big = tmp_path / "wide.avi"
+    vw = cv2.VideoWriter(str(big), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (w, h))
+    vw.write(np.zeros((h, w, 3), np.uint8))
+    vw.release()
+    _, progress, end = run_dub(client, "wide", video=big.read_bytes())
+    assert end["type"] == P.ERROR and end["code"] == P.E_BAD_VIDEO and "downscale" in end["message"], end
+    assert not progress            # refused before any tracking
     assert_serving(client)
 
 

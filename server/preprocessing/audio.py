@@ -128,6 +128,29 @@ def _config_from_state(sd: Mapping[str, Any]):
     return Audio2ExpConfig(widths=widths, exp_dim=exp_dim)
 
 
+def _read_sadtalker_checkpoint(path: Path, part: str, expected: str) -> dict:
+    """Tensors of a SadTalker checkpoint: from a ``.safetensors`` bundle only the keys naming ``part``
+    (``audio2exp`` / ``audio2pose``), else ``torch.load(..., weights_only=True)`` (never code from a file)."""
+    import torch
+
+    what = str(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names = list(f.keys())
+                wanted = [k for k in names if part in k]
+                return {k: f.get_tensor(k) for k in (wanted or names)}
+        except Exception as e:  # noqa: BLE001
+            raise AudioError(f"{what}: not a readable safetensors file ({e})") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise AudioError(f"{what}: cannot load it as a PyTorch checkpoint with weights_only=True ({e}); "
+                         f"is it {expected}, complete and undamaged?") from None
+
+
 def load_audio2exp(path: str | os.PathLike, device: str = "cpu"):
     """Build :class:`models.audio2exp.Audio2Exp` from a SadTalker checkpoint file (or a directory
     holding one), strictly: any missing / unexpected / mis-shaped key -> one error listing them.
@@ -135,8 +158,6 @@ def load_audio2exp(path: str | os.PathLike, device: str = "cpu"):
     ``.safetensors``: only the ``audio2exp`` tensors are read. Other files: ``torch.load(...,
     map_location='cpu', weights_only=True)`` (no code is ever loaded from a checkpoint).
     """
-    import torch
-
     from models.audio2exp import Audio2Exp, load_state_dict_strict
 
     path = Path(path)
@@ -145,22 +166,7 @@ def load_audio2exp(path: str | os.PathLike, device: str = "cpu"):
     if not path.is_file():
         raise AudioError(f"{path}: Audio2Exp checkpoint not found; check the path")
     what = str(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                names = list(f.keys())
-                wanted = [k for k in names if "audio2exp" in k]
-                raw = {k: f.get_tensor(k) for k in (wanted or names)}
-        except Exception as e:  # noqa: BLE001
-            raise AudioError(f"{what}: not a readable safetensors file ({e})") from None
-    else:
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise AudioError(f"{what}: cannot load it as a PyTorch checkpoint with weights_only=True ({e}); "
-                             f"is it a SadTalker .pth file, complete and undamaged?") from None
+    raw = _read_sadtalker_checkpoint(path, "audio2exp", "a SadTalker .pth file")
     sd = audio2exp_state_dict(raw, what)
     model = Audio2Exp(_config_from_state(sd))
     load_state_dict_strict(model, sd, what)
@@ -324,8 +330,6 @@ def load_audio2pose(path: str | os.PathLike, device: str = "cpu"):
     """Build :class:`models.audio2pose.Audio2Pose` from a SadTalker checkpoint file (or a directory
     holding one), strictly. ``.safetensors``: only the ``audio2pose`` tensors are read; other files:
     ``torch.load(..., weights_only=True)``."""
-    import torch
-
     from models.audio2exp import load_state_dict_strict
     from models.audio2pose import Audio2Pose
 
@@ -339,22 +343,7 @@ def load_audio2pose(path: str | os.PathLike, device: str = "cpu"):
     if not path.is_file():
         raise AudioError(f"{path}: Audio2Pose checkpoint not found; check the path")
     what = str(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                names = list(f.keys())
-                wanted = [k for k in names if "audio2pose" in k]
-                raw = {k: f.get_tensor(k) for k in (wanted or names)}
-        except Exception as e:  # noqa: BLE001
-            raise AudioError(f"{what}: not a readable safetensors file ({e})") from None
-    else:
-        try:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise AudioError(f"{what}: cannot load it as a PyTorch checkpoint with weights_only=True ({e}); "
-                             f"is it SadTalker's auido2pose_00140-model.pth, complete and undamaged?") from None
+    raw = _read_sadtalker_checkpoint(path, "audio2pose", "SadTalker's auido2pose_00140-model.pth")
     sd = audio2pose_state_dict(raw, what)
     model = Audio2Pose(_pose_config_from_state(sd))
     try:

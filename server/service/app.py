@@ -439,7 +439,7 @@ def on_dub(server: Server, client: bytes, header: dict, parts: list) -> None:
             raise P.ProtocolError(P.E_UNSUPPORTED, "dub by 'path' is only allowed when the server is bound to a "
                                                    "loopback address; send the plate's bytes in 'video'")
         if not os.path.isfile(req.path):
-            raise P.ProtocolError(P.E_BAD_VIDEO, f"plate not found on the server machine: {req.path!r:.300}; "
+            raise P.ProtocolError(P.E_BAD_VIDEO, f"plate not found on the server machine: {P._brief(req.path, 300)}; "
                                                  f"give an existing file's path or send its bytes in 'video'")
     server.sched.submit(Job(client, req.id, "dub", req, credit=req.credit))
 

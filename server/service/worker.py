@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,15 @@ def _video_suffix(data: bytes) -> str:
 
 # FFmpeg (behind OpenCV) may read only local files: no network protocols, whatever a container says
 os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "protocol_whitelist;file")
+
+
+def upload_to_temp(data: bytes, prefix: str) -> str:
+    """An uploaded video's bytes in a private temporary file (named with its container's suffix); the caller
+    deletes it before any reply leaves."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=_video_suffix(data))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return tmp
 
 
 def check_extract_video(path: str) -> None:
@@ -301,8 +311,6 @@ class Worker(threading.Thread):
         return True
 
     def do_extract(self, job: Job) -> None:
-        import tempfile
-
         from server.preprocessing.tracking import resample_rows
 
         req: P.ExtractRequest = job.payload
@@ -320,10 +328,7 @@ class Worker(threading.Thread):
         try:
             try:
                 if req.video is not None:
-                    fd, tmp = tempfile.mkstemp(prefix="styleheat-extract-", suffix=_video_suffix(req.video))
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(req.video)
-                    path = tmp
+                    path = tmp = upload_to_temp(req.video, "styleheat-extract-")
                 else:
                     path = req.path
                 check_extract_video(path)
@@ -585,8 +590,6 @@ def do_dub(worker: "Worker", job: Job) -> None:
 
     The whole dub is one worker step (like ``extract``): other requests wait until it ends. Cancel, a vanished
     client and shutdown stop it at the next tracked or written frame."""
-    import tempfile
-
     from server.shots.dub import DubError, dub
 
     req: P.DubRequest = job.payload
@@ -628,12 +631,10 @@ def do_dub(worker: "Worker", job: Job) -> None:
     try:
         try:
             if req.video is not None:
-                fd, tmp = tempfile.mkstemp(prefix="styleheat-dub-", suffix=_video_suffix(req.video))
-                with os.fdopen(fd, "wb") as f:
-                    f.write(req.video)
-                plate = tmp
+                plate = tmp = upload_to_temp(req.video, "styleheat-dub-")
             else:
                 plate = req.path
+            check_extract_video(plate)   # the same frame, duration and pixel limits as extract, before any work
             report = dub(plate, (req.audio.samples, req.audio.sample_rate), engine=engine,
                          tracker=setup.bake.tracker, write=write, audio2exp=setup.bake.audio2exp,
                          presets=dict(setup.bake.presets), output=req.output, size=req.size,
