@@ -196,7 +196,8 @@ def test_rig_channels_invert_the_row_mapping(addon):
 
 def test_extract_and_audio2exp_calls(client, tmp_path, fixtures_dir):
     """extract with the video's bytes (what a remote server gets): progress n/N then (N, 73) rows at
-    the requested rate; cancel stops it; a file that is not a video is a bad_video error.
+    the requested rate; cancel stops it; bytes that are not a video container are a bad_field error, an
+    undecodable video a bad_video error.
     audio2exp returns (n_frames, 64); the socket never blocks a send for longer than the timeout."""
     import zmq
     from styleheat.client import ServerError
@@ -227,8 +228,11 @@ def test_extract_and_audio2exp_calls(client, tmp_path, fixtures_dir):
     job = client.extract(video=path.read_bytes())
     job.cancel()
     assert job.finished and job.cancelled and job.result is None
-    with pytest.raises(ServerError) as e:
+    with pytest.raises(ServerError) as e:   # not a video container: refused from its first bytes
         client.extract(video=b"not a video at all").wait(60)
+    assert e.value.code == "bad_field" and "not a video file" in e.value.message
+    with pytest.raises(ServerError) as e:   # an AVI header the decoder cannot open
+        client.extract(video=b"RIFF\x00\x01\x00\x00AVI LIST" + b"\x05" * 500).wait(60)
     assert e.value.code == "bad_video"
     samples = np.sin(np.arange(16000) / 16000 * 2 * np.pi * 200).astype(np.float32)
     rows = client.audio2exp({"samples": samples, "sample_rate": 16000, "fps": 25.0, "frame_offset": 0.0},

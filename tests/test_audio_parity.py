@@ -104,7 +104,8 @@ def test_generator_reproduces_the_shared_seed0_file(reference_dir):
     """The case generator is the reference rule: with seed 0 and 51200 samples it rebuilds the shared file."""
     mine = arc.make_audio_vectors(reference_dir, 0, 51200)
     with np.load(reference_dir / "vectors_audio_seed0.npz") as z:
-        ref = {k: z[k] for k in mine if k not in ("meta_json", "wave_recipe_json")}
+        # keys the generator adds beyond the shared file (e.g. pose_official_fails) have nothing to compare with
+        ref = {k: z[k] for k in mine if k not in ("meta_json", "wave_recipe_json") and k in z.files}
     exact = [k for k in ref if ref[k].dtype.kind in "iu"] + ["waveform", "waveform_used", "indiv_mels", "ratio_gt",
                                                             "first_coeff", "ref", "mel_basis"]
     for k in exact:

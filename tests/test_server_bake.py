@@ -221,10 +221,15 @@ def test_extract_cancel(client, tmp_path, base_frame):
     assert h["type"] == P.HELLO and h["jobs"] == 0
 
 
-@pytest.mark.parametrize("kind", ["garbage", "no_face"])
+@pytest.mark.parametrize("kind", ["garbage", "broken_avi", "no_face"])
 def test_bad_video_then_the_server_keeps_serving(client, tmp_path, kind, video):
-    if kind == "garbage":
+    code = P.E_BAD_VIDEO
+    if kind == "garbage":   # not a video container at all: refused from its first bytes, before any decoder
         data = np.random.default_rng(3).integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+        words, code = "not a video file", P.E_BAD_FIELD
+    elif kind == "broken_avi":   # an AVI header over garbage: the decoder cannot open it
+        data = b"RIFF\x00\x10\x00\x00AVI LIST" + np.random.default_rng(4).integers(0, 256, 20_000,
+                                                                                  dtype=np.uint8).tobytes()
         words = "cannot open"
     else:
         gray = np.full((VIDEO_SIDE, VIDEO_SIDE, 3), 128, np.uint8)
@@ -233,7 +238,7 @@ def test_bad_video_then_the_server_keeps_serving(client, tmp_path, kind, video):
     h, parts = P.extract_request(f"bad-{kind}", data)
     client.send(h, parts)
     _, (end, _) = until_terminal(client, f"bad-{kind}")
-    assert end["type"] == P.ERROR and end["code"] == P.E_BAD_VIDEO, end
+    assert end["type"] == P.ERROR and end["code"] == code, end
     assert words in end["message"]
     h, _ = client.call(P.request(P.HELLO, f"alive-{kind}"))
     assert h["type"] == P.HELLO
@@ -248,7 +253,7 @@ def test_extract_request_errors(client, tmp_path):
     assert e["code"] == P.E_BAD_VIDEO and "not found" in e["message"]
     e, _ = client.call(P.request(P.EXTRACT, "xe2"))
     assert e["code"] == P.E_BAD_FIELD and e["id"] == "xe2"
-    e, _ = client.call(P.request(P.EXTRACT, "xe3", video={"part": 0}, smooth=-1), [b"x"])
+    e, _ = client.call(P.request(P.EXTRACT, "xe3", video={"part": 0}, smooth=-1), [b"RIFF\x00\x00\x00\x00AVI "])
     assert e["code"] == P.E_BAD_FIELD and "smooth" in e["message"]
 
 
