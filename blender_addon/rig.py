@@ -252,6 +252,11 @@ def apply_attribute_ranges(spec: dict) -> tuple[float, float] | None:
     lo, hi = min(a for a, _ in lims), max(b for _, b in lims)
     if hi <= lo:
         return None
+    if bpy.app.version < (4, 3, 0):
+        # Blender 4.2 crashes at exit (in its own teardown, after Python) once a registered property was
+        # defined again at run time (seen with the bpy 4.2.23 module: headless render exit -11). There the
+        # slider keeps its default range; the label shows the server's range and values are clamped to it.
+        return lo, hi
     prop = StyleHEATAttribute.bl_rna.properties["value"]
     if (prop.soft_min, prop.soft_max) != (lo, hi):
         StyleHEATAttribute.value = _attribute_value_prop(lo, hi)

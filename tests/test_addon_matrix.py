@@ -76,7 +76,10 @@ def test_installed_zip_works_on_this_blender(tmp_path, server, fixtures_dir):
             compat.top_strips(scene).new_sound("line", {str(tmp_path / 'line.wav')!r}, channel=1, frame_start=2)
         try:
             OUT["bake"] = sorted(bpy.ops.styleheat.bake_audio(strip="line"))
-            fc = compat.find_fcurve(obj, "styleheat.expression", 0)
+            # the bake writes its own layer (an NLA track named after the strip), not the rig's action
+            layers = sub("layers")
+            fc = next(f for f in layers.layer_fcurves(obj, "Audio: line")
+                      if f.data_path == "styleheat.expression" and f.array_index == 0)
             OUT["keyed"] = [kp.co[0] for kp in fc.keyframe_points]
         except RuntimeError as exc:
             OUT["bake"] = str(exc)
