@@ -312,13 +312,17 @@ class Server:
         if self.bake.tracker is None:
             raise P.ProtocolError(P.E_UNSUPPORTED, f"extract is not available: {self.bake.extract_note}")
         if req.path is not None:
-            if not self.allow_path:
-                raise P.ProtocolError(P.E_UNSUPPORTED, "extract by 'path' is only allowed when the server is bound "
-                                                       "to a loopback address; send the video bytes in 'video'")
-            if not os.path.isfile(req.path):
-                raise P.ProtocolError(P.E_BAD_VIDEO, f"video not found on the server machine: {P._brief(req.path, 300)}; "
-                                                     f"give an existing file's path or send its bytes in 'video'")
+            self.check_server_path(req.path, "extract", "video")
         self.submit(Job(client, req.id, "extract", req))
+
+    def check_server_path(self, path: str, request: str, noun: str) -> None:
+        """A video named by ``path`` (extract, dub): only on a loopback-bound server, and it must exist."""
+        if not self.allow_path:
+            raise P.ProtocolError(P.E_UNSUPPORTED, f"{request} by 'path' is only allowed when the server is bound "
+                                                   f"to a loopback address; send the {noun}'s bytes in 'video'")
+        if not os.path.isfile(path):
+            raise P.ProtocolError(P.E_BAD_VIDEO, f"{noun} not found on the server machine: {P._brief(path, 300)}; "
+                                                 f"give an existing file's path or send its bytes in 'video'")
 
     def on_audio2exp(self, client, header, parts):
         req = P.validate_audio2exp(header, parts)
@@ -441,12 +445,7 @@ def on_dub(server: Server, client: bytes, header: dict, parts: list) -> None:
     if req.size is not None and sizes and req.size not in sizes:
         raise P.ProtocolError(P.E_BAD_FIELD, f"size {req.size} is not available; choose one of {sizes}")
     if req.path is not None:
-        if not server.allow_path:
-            raise P.ProtocolError(P.E_UNSUPPORTED, "dub by 'path' is only allowed when the server is bound to a "
-                                                   "loopback address; send the plate's bytes in 'video'")
-        if not os.path.isfile(req.path):
-            raise P.ProtocolError(P.E_BAD_VIDEO, f"plate not found on the server machine: {P._brief(req.path, 300)}; "
-                                                 f"give an existing file's path or send its bytes in 'video'")
+        server.check_server_path(req.path, "dub", "plate")
     server.sched.submit(Job(client, req.id, "dub", req, credit=req.credit))
 
 
