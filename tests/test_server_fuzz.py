@@ -78,7 +78,7 @@ def templates(r: random.Random) -> dict:
     rows = np.random.default_rng(r.randint(0, 9)).normal(size=(4, 73)).astype(np.float32)
     parts_r: list = []
     render = P.request(P.RENDER, "r", identity="0" * 20, rows=P.array_field(rows, parts_r), frames=[0, 1],
-                       first_frame=0, size=64, encoding="raw", credit=4,
+                       first_frame=0, size=64, encoding="raw", credit=4, output=r.choice(P.OUTPUTS),
                        attributes={"age": [0.0] * 4},
                        audio={"samples": [0.0] * 160, "sample_rate": 16000, "fps": 25.0, "frame_offset": 0.0})
     a_parts: list = []
@@ -95,6 +95,9 @@ def templates(r: random.Random) -> dict:
         P.HEARTBEAT: (P.request(P.HEARTBEAT, "b"), []),
         P.EXTRACT: (P.request(P.EXTRACT, "x", video={"part": 0}, smooth=0.0), [r.randbytes(r.randint(1, 300))]),
         P.AUDIO2EXP: (a2e, a_parts),
+        # random bytes as the plate: refused by the container check before anything is decoded or tracked
+        P.DUB: (P.request(P.DUB, "d", video={"part": 0}, output="composite",
+                          audio={"samples": [0.0] * 160, "sample_rate": 16000}), [r.randbytes(r.randint(1, 300))]),
     }
 
 
