@@ -86,8 +86,9 @@ class ServerProcess:
 
     def __init__(self, *args: str, block_imports: tuple[str, ...] = (), env: dict | None = None):
         self.argv = server_command(*args, block_imports=block_imports)
+        # errors="replace": the decoder libraries may log bytes of a broken upload (not UTF-8)
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     cwd=REPO, env=env, preexec_fn=_die_with_parent)
+                                     errors="replace", cwd=REPO, env=env, preexec_fn=_die_with_parent)
         self.lines: queue.Queue = queue.Queue()
         self.stdout: list[str] = []
         self.stderr: list[str] = []
