@@ -56,3 +56,27 @@ def checkpoint_dir(explicit: str | None) -> tuple[Path, str]:
     from server.checkpoints.paths import resolve_checkpoint_dir
 
     return resolve_checkpoint_dir(explicit, option="--checkpoints")
+
+
+class OptionConflict(ValueError):
+    """Options that cannot go together (a usage error, exit status 2), as opposed to weights that do not load."""
+
+
+def load_engine(args: argparse.Namespace):
+    """The Engine the command's options name: ``--tiny-random`` (``--seed``), ``--bundle`` or ``--checkpoints``
+    (with ``--config``), on ``--device`` in ``--precision``. OptionConflict for options that exclude each other;
+    the loaders' WeightsError / ValueError for files that do not load."""
+    from server.engine import Engine
+
+    options = precision_option(args)
+    bundle = getattr(args, "bundle", None)
+    if getattr(args, "tiny_random", False):
+        if bundle or args.checkpoints or args.config:
+            raise OptionConflict("--tiny-random takes no --checkpoints, --bundle or --config")
+        return Engine.tiny_random(seed=args.seed, device=args.device, **options)
+    if bundle:
+        if args.checkpoints:
+            raise OptionConflict("give --checkpoints or --bundle, not both")
+        return Engine.from_bundle(bundle, device=args.device, **options)
+    directory, _ = checkpoint_dir(args.checkpoints)
+    return Engine.from_checkpoints(directory, device=args.device, config=read_config(args.config), **options)

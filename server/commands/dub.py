@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from server.frame_files import write_bytes_atomic, write_png_atomic
-from server.model_options import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
-                                         precision_option, read_config)
+from server.model_options import (OptionConflict, add_checkpoint_arguments, add_precision_argument,
+                                  checkpoint_dir, load_engine)
 
 NAME = "dub"
 HELP = "dub a filmed shot: the plate's face and head motion, lips from new speech, pasted back into the plate"
@@ -56,27 +56,19 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _load_models(args):
     """(engine, tracker, audio2exp or None, presets {} , notes) or raise ValueError / RuntimeError."""
-    from server.engine import Engine
-
     notes = []
     presets: dict = {}
+    engine = load_engine(args)
     if args.tiny_random:
         from server.service.bake_models import tiny_audio2exp, tiny_tracker
 
-        engine = Engine.tiny_random(seed=args.seed, device=args.device, audio=True,
-                                    **({"precision": args.precision} if args.precision else {}))
         tracker = tiny_tracker(args.seed, "cpu")
         a2e = tiny_audio2exp(args.seed, "cpu") if not args.audio2exp else None
         root = None
     else:
         from server.preprocessing.tracking import load_tracker
 
-        root, _ = checkpoint_dir(args.checkpoints)
-        if args.bundle:
-            engine = Engine.from_bundle(args.bundle, device=args.device, **precision_option(args))
-        else:
-            engine = Engine.from_checkpoints(root, device=args.device, config=read_config(args.config),
-                                             **precision_option(args))
+        root, _ = checkpoint_dir(args.checkpoints)   # the tracker's and Audio2Exp's folder, also with --bundle
         tracker = load_tracker(root, device=str(engine.device))
         a2e = None
     if args.audio2exp or root is not None:
@@ -124,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         engine, tracker, a2e, presets, notes = _load_models(args)
+    except OptionConflict as exc:
+        return _fail(str(exc))
     except (weights.WeightsError, CheckpointError, ValueError, RuntimeError, OSError) as exc:
         return _fail(str(exc), 1)
     if args.size is not None and args.size not in engine.sizes:

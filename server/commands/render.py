@@ -9,8 +9,7 @@ from pathlib import Path
 from server.frame_files import read_portrait, write_png_atomic
 from server.shots.compositing import OUTPUTS, SEAMS
 from server.shots.source import ALIGN_MODES
-from server.model_options import (add_checkpoint_arguments, add_precision_argument, checkpoint_dir,
-                                         precision_option, read_config)
+from server.model_options import OptionConflict, add_checkpoint_arguments, add_precision_argument, load_engine
 
 NAME = "render"
 HELP = "render a talking-face frame sequence from a portrait and a motion file"
@@ -54,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from models import weights
-    from server.engine import Engine
     from server.preprocessing.motion import MotionError, read_motion
     from server.shots.compositing import place
     from server.shots.source import portrait_from_photo
@@ -73,20 +71,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.time()
     try:
-        if getattr(args, "tiny_random", False):
-            if args.bundle or args.checkpoints or args.config:
-                print("styleheat render: --tiny-random takes no --checkpoints, --bundle or --config", file=sys.stderr)
-                return 2
-            engine = Engine.tiny_random(seed=args.seed, device=args.device, **precision_option(args))
-        elif args.bundle:
-            if args.checkpoints:
-                print("styleheat render: give --checkpoints or --bundle, not both", file=sys.stderr)
-                return 2
-            engine = Engine.from_bundle(args.bundle, device=args.device, **precision_option(args))
-        else:
-            directory, origin = checkpoint_dir(args.checkpoints)
-            engine = Engine.from_checkpoints(directory, device=args.device, config=read_config(args.config),
-                                             **precision_option(args))
+        engine = load_engine(args)
+    except OptionConflict as e:
+        print(f"styleheat render: {e}", file=sys.stderr)
+        return 2
     except (weights.WeightsError, ValueError) as e:
         print(f"styleheat render: {e}", file=sys.stderr)
         return 1
