@@ -4,7 +4,6 @@ re-render keys) and Dub Movie Strip on a generated plate (frame count and size, 
 warnings, bad input)."""
 from __future__ import annotations
 
-import math
 import wave
 from pathlib import Path
 
@@ -14,13 +13,11 @@ import pytest
 from PIL import Image
 
 from test_addon_helpers import Server, build_zip, require_audio, run_bpy
+from plates import BLANK, FACE, FPS, H, N, W, decode, write_plate
 
 pytestmark = pytest.mark.blender
 
 PW, PH = 320, 240            # the rig's photo: a face inside a larger textured frame
-W, H, N, FPS = 160, 120, 30, 25.0
-FACE = 96
-BLANK = (12, 13)
 
 
 @pytest.fixture(scope="module")
@@ -150,36 +147,6 @@ def test_matte_strip_over_a_colour_strip_and_output_in_the_keys(tmp_path, addon_
 
 
 # ------------------------------------------------------------------ Dub Movie Strip
-def path(k: int) -> tuple[int, int]:
-    return 32 + int(round(6 * math.sin(2 * math.pi * k / N))), 12 + int(round(3 * math.sin(4 * math.pi * k / N)))
-
-
-def write_plate(file, face, n=N, blank=BLANK) -> None:
-    writer = cv2.VideoWriter(str(file), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (W, H))
-    assert writer.isOpened()
-    yy, xx = np.mgrid[:H, :W]
-    bg = np.stack([xx * 255 // W, yy * 255 // H, np.full_like(xx, 120)], -1).astype(np.uint8)
-    for k in range(n):
-        frame = bg.copy()
-        if face is not None:
-            x, y = path(k)
-            frame[y:y + FACE, x:x + FACE] = 128 if k in blank else face
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-
-
-def decode(file) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(file))
-    out = []
-    while len(out) < 500:
-        ok, f = cap.read()
-        if not ok:
-            break
-        out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return out
-
-
 def write_sine(file, seconds: float, rate: int = 16000) -> None:
     t = np.arange(int(seconds * rate)) / rate
     with wave.open(str(file), "wb") as w:

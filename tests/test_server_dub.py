@@ -8,7 +8,6 @@ face and 0 samples are clear errors and the server goes on serving; cancel ends 
 """
 from __future__ import annotations
 
-import math
 
 import cv2
 import numpy as np
@@ -18,12 +17,8 @@ from PIL import Image
 from conftest import FIXTURES
 from server import protocol as P
 from server_helpers import Client, ctx, serve_tiny  # noqa: F401
+from plates import BLANK, FACE, FPS, H, N, W, decode, path, write_plate
 
-W, H = 160, 120
-N = 30
-FPS = 25.0
-FACE = 96
-BLANK = (12, 13)
 SR = 16000
 
 
@@ -37,36 +32,6 @@ def client(server, ctx):
     c = Client(server.endpoint, ctx)
     yield c
     c.close()
-
-
-def path(k: int) -> tuple[int, int]:
-    return 32 + int(round(6 * math.sin(2 * math.pi * k / N))), 12 + int(round(3 * math.sin(4 * math.pi * k / N)))
-
-
-def write_plate(file, face: np.ndarray | None, n: int = N, blank=BLANK) -> None:
-    writer = cv2.VideoWriter(str(file), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (W, H))
-    assert writer.isOpened()
-    yy, xx = np.mgrid[:H, :W]
-    bg = np.stack([xx * 255 // W, yy * 255 // H, np.full_like(xx, 120)], -1).astype(np.uint8)
-    for k in range(n):
-        frame = bg.copy()
-        if face is not None:
-            x, y = path(k)
-            frame[y:y + FACE, x:x + FACE] = 128 if k in blank else face
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-
-
-def decode(file) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(file))
-    out = []
-    while len(out) < 500:
-        ok, f = cap.read()
-        if not ok:
-            break
-        out.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return out
 
 
 def sine(seconds: float) -> np.ndarray:
