@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -23,7 +21,7 @@ import pytest
 pytest.importorskip("ray")
 
 from test_addon_helpers import BPY_PY, PY, Server, blender_env, build_staged  # noqa: E402
-from test_farm import _alive, _descendants  # noqa: E402
+from test_farm import _alive, follow  # noqa: E402
 
 pytestmark = pytest.mark.blender
 
@@ -61,30 +59,7 @@ def run_followed(argv: list[str], env: dict, timeout: float = RUN_TIMEOUT) -> tu
     """Run a bpy process, recording the pids of all its descendants (farm CLI, Ray cluster); fails if it overruns
     or leaves any of them (killed by pid then)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    pids: set[int] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"exceeded {timeout} s: {' '.join(argv)}")
-            pids |= _descendants(proc.pid)
-            time.sleep(0.25)
-        output = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            pids |= _descendants(proc.pid)
-            proc.kill()
-            proc.wait(10)
-        end = time.monotonic() + 15
-        while any(_alive(p) for p in pids) and time.monotonic() < end:
-            time.sleep(0.2)
-        left = sorted(p for p in pids if _alive(p))
-        for p in left:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
-    assert not left, f"processes left behind: {left}"
+    output, pids = follow(proc, "bpy run", timeout)
     return proc.returncode, output, pids
 
 

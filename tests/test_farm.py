@@ -63,6 +63,41 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def follow(proc: subprocess.Popen, what: str, timeout: float, tick=None) -> tuple[str, set[int]]:
+    """Wait for ``proc``, recording the pids of all its descendants (``tick(pids now)`` each round); then
+    (its output, every pid seen). Fails if it overruns ``timeout`` or leaves any descendant running: those
+    are given 15 s to exit and then killed by pid."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} exceeded {timeout} s")
+            now = _descendants(proc.pid)
+            pids |= now
+            if tick is not None:
+                tick(now)
+            time.sleep(0.25)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            pids |= _descendants(proc.pid)
+            proc.kill()
+            proc.wait(10)
+        # shutdown is bounded: give the cluster a few seconds to exit, then kill what we started, by pid
+        end = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.2)
+        left = sorted(p for p in pids if _alive(p))
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+    assert not left, f"processes left after the {what}: {left}"
+    return output, pids
+
+
 def _listen_table() -> dict[str, str]:
     """socket inode -> listening local address 'ip:port' (IPv4 and IPv6) of this network namespace."""
     out = {}
@@ -114,37 +149,16 @@ def farm(*args: str, timeout: float = RUN_TIMEOUT, interrupt_when=None) -> tuple
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_AUTH_MODE", None)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-    pids: set[int] = set()
     listening: set[str] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"farm run exceeded {timeout} s: {' '.join(argv)}")
-            if interrupt_when is not None and interrupt_when():
-                proc.send_signal(signal.SIGINT)
-                interrupt_when = None
-            now = _descendants(proc.pid)
-            pids |= now
-            listening |= _listening(now)
-            time.sleep(0.25)
-        output = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            pids |= _descendants(proc.pid)
-            proc.kill()
-            proc.wait(10)
-        # shutdown is bounded: give the cluster a few seconds to exit, then kill what we started, by pid
-        end = time.monotonic() + 15
-        while any(_alive(p) for p in pids) and time.monotonic() < end:
-            time.sleep(0.2)
-        left = sorted(p for p in pids if _alive(p))
-        for p in left:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
-    assert not left, f"processes left after the farm run: {left}"
+
+    def tick(now: set[int]) -> None:
+        nonlocal interrupt_when
+        if interrupt_when is not None and interrupt_when():
+            proc.send_signal(signal.SIGINT)
+            interrupt_when = None
+        listening.update(_listening(now))
+
+    output, pids = follow(proc, f"farm run {' '.join(argv)}", timeout, tick)
     return proc.returncode, output, pids, listening
 
 
