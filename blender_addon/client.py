@@ -596,6 +596,19 @@ class RenderStream(_ReplyStream):
                 return
             yield f
 
+    def drain(self, handle, timeout: float = 0.0) -> None:
+        """Hand every frame that arrives within ``timeout`` s to ``handle(frame)``; return when none is waiting,
+        the stream has ended or the time is up (the body of a UI timer: it never blocks longer). Raises what
+        :meth:`next` raises."""
+        deadline = time.monotonic() + timeout
+        while not self.finished:
+            fr = self.next(timeout=max(0.0, deadline - time.monotonic()))
+            if fr is None:
+                return
+            handle(fr)
+            if time.monotonic() >= deadline:
+                return
+
     def cancel(self, wait: float = 0.0) -> None:
         """Ask the server to stop; with ``wait`` > 0, drain until its ``done`` (or the wait ends)."""
         if self.finished or self.cancelled:

@@ -133,15 +133,8 @@ class DubSession:
     def step(self, timeout: float = 0.0) -> bool:
         if self.done:
             return False
-        deadline = time.monotonic() + timeout
         try:
-            while not self.stream.finished:
-                fr = self.stream.next(timeout=max(0.0, deadline - time.monotonic()))
-                if fr is None:
-                    break
-                self._store(fr)
-                if time.monotonic() >= deadline:
-                    break
+            self.stream.drain(self._store, timeout)
         except ClientError as exc:
             self.error = exc
             return False

@@ -254,15 +254,8 @@ class RenderSession:
         """Handle the frames that have arrived (waiting at most ``timeout`` s); False when over."""
         if self.done:
             return False
-        deadline = time.monotonic() + timeout
         try:
-            while not self.stream.finished:
-                fr = self.stream.next(timeout=max(0.0, deadline - time.monotonic()))
-                if fr is None:
-                    break
-                self._store(fr)
-                if time.monotonic() >= deadline:
-                    break
+            self.stream.drain(self._store, timeout)
         except ClientError as exc:
             self.error = exc
             self.flush()
